@@ -1,0 +1,5 @@
+"""`python -m qmpprobe` runs the command line."""
+
+from qmpprobe.cli import main
+
+raise SystemExit(main())
