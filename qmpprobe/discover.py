@@ -1,0 +1,292 @@
+"""Discovery: ask the QEMU binary what it is and what it has, before any CPU is probed.
+
+One QEMU (`-machine none`, the run's accelerator) answers `query-version`, `query-target`,
+`query-machines`, `query-cpu-definitions`, `query-commands` and `query-kvm`; the same process
+is fingerprinted from /proc, and teaches us QEMU's feature-flag aliases by expanding `base`
+with one flag on at a time. Nothing here is known in advance: it all comes from the binary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from qmpprobe.errors import InputError
+from qmpprobe.host import kvm_usable, qemu_fingerprint
+from qmpprobe.qemu import LaunchOptions, QemuProcess
+
+#: Seconds discovery may take before the binary is declared unresponsive.
+DISCOVERY_TIMEOUT = 60.0
+X86_TARGETS = {"x86_64", "i386"}
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A machine type as `query-machines` describes it."""
+
+    name: str
+    alias: str | None
+    cpu_max: int
+    deprecated: bool
+    is_default: bool
+    default_cpu_type: str | None
+
+
+@dataclass(frozen=True)
+class Model:
+    """A CPU model as `query-cpu-definitions` describes it under `-machine none`."""
+
+    name: str
+    typename: str
+    alias_of: str | None
+    migration_safe: bool
+    deprecated: bool
+    static: bool
+    unavailable_features: tuple[str, ...]
+
+
+@dataclass
+class Discovery:
+    """What a QEMU binary is (version, fingerprint) and has (machines, models, aliases)."""
+
+    qemu: str
+    accel: str
+    version: str
+    package: str
+    query_version: dict[str, Any]
+    target: str
+    machines: list[Machine]
+    models: list[Model]
+    commands: list[str]
+    kvm: dict[str, Any]
+    accelerators: list[str]
+    feature_aliases: dict[str, list[str]]
+    fingerprint: dict[str, Any]
+    answers: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def development(self) -> bool:
+        """A development build (micro >= 50) whose newest machine types are still open."""
+        return int(self.query_version["qemu"]["micro"]) >= 50
+
+    def manifest(self) -> dict[str, Any]:
+        """The JSON-able summary kept in a run's manifest."""
+        d = asdict(self)
+        d.pop("answers")
+        return d
+
+
+def resolve_qemu(qemu: str) -> str:
+    """Absolute path of the QEMU binary or wrapper, or an InputError saying what is wrong."""
+    found = shutil.which(qemu) if os.sep not in qemu else qemu
+    if not found or not os.path.exists(found):
+        raise InputError(f"QEMU binary not found: {qemu}")
+    if os.path.isdir(found) or not os.access(found, os.X_OK):
+        raise InputError(f"QEMU binary is not executable: {found}")
+    return os.path.abspath(found)
+
+
+def check_accel(accel: str) -> None:
+    """Refuse accelerators qmpprobe cannot use here, with the reason."""
+    if accel not in ("tcg", "kvm"):
+        raise InputError(f"unknown accelerator {accel!r}: use tcg or kvm")
+    if accel == "kvm" and (why := kvm_usable()):
+        raise InputError(f"--accel kvm needs a usable /dev/kvm ({why})")
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _ret(answer: dict[str, Any], what: str) -> Any:
+    if "error" in answer:
+        raise InputError(f"QEMU refused {what}: {answer['error'].get('desc')}")
+    return answer["return"]
+
+
+def parse_machines(raw: list[dict[str, Any]]) -> list[Machine]:
+    """Machines from `query-machines`, in QEMU's order."""
+    return [
+        Machine(
+            name=m["name"],
+            alias=m.get("alias"),
+            cpu_max=int(m.get("cpu-max", 1)),
+            deprecated=bool(m.get("deprecated", False)),
+            is_default=bool(m.get("is-default", False)),
+            default_cpu_type=m.get("default-cpu-type"),
+        )
+        for m in raw
+    ]
+
+
+def parse_models(raw: list[dict[str, Any]]) -> list[Model]:
+    """Models from `query-cpu-definitions`."""
+    return [
+        Model(
+            name=d["name"],
+            typename=d.get("typename", ""),
+            alias_of=d.get("alias-of"),
+            migration_safe=bool(d.get("migration-safe", False)),
+            deprecated=bool(d.get("deprecated", False)),
+            static=bool(d.get("static", False)),
+            unavailable_features=tuple(d.get("unavailable-features", [])),
+        )
+        for d in raw
+    ]
+
+
+def alias_groups(turned_on: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Properties that are one feature bit: each turns all the others on, both ways round.
+
+    `turned_on[p]` is the set of boolean properties that became true when `base` was expanded
+    with `p` on; dependencies turn on one way only, aliases both ways.
+    """
+    parent = {p: p for p in turned_on}
+
+    def find(p: str) -> str:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    for p, ons in turned_on.items():
+        for q in ons:
+            if q != p and q in turned_on and p in turned_on[q]:
+                parent[find(q)] = find(p)
+    groups: dict[str, list[str]] = {}
+    for p in turned_on:
+        groups.setdefault(find(p), []).append(p)
+    result = {}
+    for members in groups.values():
+        if len(members) > 1:
+            for p in members:
+                result[p] = sorted(members)
+    return dict(sorted(result.items()))
+
+
+def _expansion(props: dict[str, bool]) -> tuple[str, dict[str, Any]]:
+    return (
+        "query-cpu-model-expansion",
+        {"type": "full", "model": {"name": "base", "props": props}},
+    )
+
+
+def _on(answer: dict[str, Any], flags: list[str]) -> set[str] | None:
+    if "return" not in answer:
+        return None
+    props = answer["return"]["model"]["props"]
+    return {q for q in flags if props.get(q) is True}
+
+
+async def _learn_aliases(qemu: QemuProcess) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """Learn which boolean properties are one feature bit, from expansions of `base`.
+
+    Pass 1 turns each false boolean on alone. A flag that does not even turn itself on needs
+    another one first (SVM bits need `svm`, VMX bits `vmx`): pass 2 turns it on on top of all
+    the flags that pass 1 could turn on, and looks at what changed.
+    """
+    base_answer = (await qemu.answers([_expansion({})]))[0]
+    if "error" in base_answer:
+        return {}, {"base": base_answer}
+    base = base_answer["return"]["model"]["props"]
+    flags = sorted(p for p, v in base.items() if v is False)
+    pass1 = await qemu.answers([_expansion({p: True}) for p in flags])
+    turned_on = {
+        p: on for p, a in zip(flags, pass1, strict=True) if (on := _on(a, flags)) is not None
+    }
+    roots = {p: True for p, on in turned_on.items() if p in on}
+    needy = sorted(p for p, on in turned_on.items() if p not in on)
+    pass2 = await qemu.answers(
+        [_expansion(roots)] + [_expansion({**roots, p: True}) for p in needy]
+    )
+    before = _on(pass2[0], flags)
+    if before is not None:
+        for p, a in zip(needy, pass2[1:], strict=True):
+            after = _on(a, flags)
+            turned_on[p] = (after - before) if after is not None else set()
+    raw = {
+        "base": base_answer,
+        "turned_on": {p: sorted(s) for p, s in turned_on.items()},
+    }
+    return alias_groups(turned_on), raw
+
+
+def _accelerators(answers: dict[str, Any]) -> list[str]:
+    """Accelerators this QEMU was built with (`query-accels`, QEMU >= 6.0; else KVM's presence)."""
+    if "return" in answers["query-accels"]:
+        return sorted(a["name"] for a in answers["query-accels"]["return"])
+    return ["kvm", "tcg"] if "return" in answers["query-kvm"] else ["tcg"]
+
+
+async def discover(options: LaunchOptions) -> Discovery:
+    """Start QEMU once under `-machine none` and read everything the plan needs."""
+    qemu_path = resolve_qemu(options.qemu)
+    check_accel(options.accel)
+    launch = LaunchOptions(qemu=qemu_path, accel=options.accel)
+    proc = QemuProcess(launch.argv("none"), name="discover")
+    try:
+        async with asyncio.timeout(DISCOVERY_TIMEOUT):
+            return await _discover(proc, qemu_path, options.accel)
+    except TimeoutError:
+        raise InputError(
+            f"{qemu_path} did not answer QMP within {DISCOVERY_TIMEOUT:.0f}s: is it QEMU?"
+        ) from None
+    finally:
+        await proc.stop()
+
+
+async def _discover(proc: QemuProcess, qemu_path: str, accel: str) -> Discovery:
+    try:
+        await proc.start()
+    except OSError as e:
+        raise InputError(f"cannot start {qemu_path}: {e.strerror or e}") from None
+    try:
+        await proc.connect()
+    except Exception as e:
+        ended = await proc.wait_exit(2.0)
+        said = _first_line(proc.output())
+        how = f" (exit {ended.exit})" if ended and ended.exit is not None else ""
+        raise InputError(
+            f"{qemu_path} is not a working QEMU with QMP{how}: {said or type(e).__name__}"
+        ) from None
+    names = [
+        "query-version",
+        "query-target",
+        "query-machines",
+        "query-cpu-definitions",
+        "query-commands",
+        "query-kvm",
+        "query-accels",
+    ]
+    answers = dict(zip(names, await proc.answers([(n, None) for n in names]), strict=True))
+    target = _ret(answers["query-target"], "query-target")["arch"]
+    if target not in X86_TARGETS:
+        raise InputError(
+            f"{qemu_path} emulates {target}, not x86: qmpprobe needs qemu-system-x86_64"
+        )
+    qv = _ret(answers["query-version"], "query-version")
+    fingerprint = qemu_fingerprint(qemu_path, proc.pid or 0)
+    aliases, alias_answers = await _learn_aliases(proc)
+    answers["aliases"] = alias_answers
+    v = qv["qemu"]
+    kvm = answers["query-kvm"].get("return", {})
+    return Discovery(
+        qemu=qemu_path,
+        accel=accel,
+        version=f"{v['major']}.{v['minor']}.{v['micro']}",
+        package=qv.get("package", "").strip(),
+        query_version=qv,
+        target=target,
+        machines=parse_machines(_ret(answers["query-machines"], "query-machines")),
+        models=parse_models(_ret(answers["query-cpu-definitions"], "query-cpu-definitions")),
+        commands=sorted(c["name"] for c in _ret(answers["query-commands"], "query-commands")),
+        kvm=kvm,
+        accelerators=_accelerators(answers),
+        feature_aliases=aliases,
+        fingerprint=fingerprint,
+        answers=answers,
+    )

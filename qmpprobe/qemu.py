@@ -1,0 +1,237 @@
+"""One QEMU process with a QMP monitor on a socketpair: start it, talk to it, make sure it dies.
+
+Every QEMU qmpprobe starts goes through `QemuProcess`: it runs in its own process group
+(so a wrapper's children die with it), under a parent-death signal (so it cannot outlive
+qmpprobe), with an environment marker (so a later run can find leftovers of a killed one),
+and with its output drained into a bounded tail (so a flood cannot block it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient
+
+#: Environment variable set in every QEMU qmpprobe starts; its value names the owner (a run).
+OWNER_ENV = "QMPPROBE_OWNER"
+#: Largest QMP message accepted (qom-list-get of a whole CPU is ~40 KiB; leave room).
+READ_LIMIT = 8 << 20
+#: Bytes of QEMU's stdout/stderr kept for error messages.
+TAIL_BYTES = 16 << 10
+
+_SETPRIV = shutil.which("setpriv")
+_PR_SET_PDEATHSIG = 1
+
+
+def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+#: Accelerator options per accelerator; a tiny TCG translation cache starts faster (QEMU
+#: allocates it up front) and changes nothing about the CPU.
+ACCEL_OPTIONS = {"tcg": "tcg,tb-size=1", "kvm": "kvm"}
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """What every QEMU of a run is started with, besides the machine type and CPU model."""
+
+    qemu: str
+    accel: str
+    topology: str = "1,sockets=1,cores=1,threads=1"
+    cpu_flags: str = ""
+    globals: tuple[str, ...] = ()
+
+    def argv(self, machine: str, model: str | None = None) -> list[str]:
+        """The QEMU command line for one machine type (and CPU model), without the monitor."""
+        argv = [self.qemu, "-S", "-nodefaults", "-no-user-config", "-display", "none"]
+        argv += ["-machine", machine, "-accel", ACCEL_OPTIONS.get(self.accel, self.accel)]
+        if model is not None:
+            argv += ["-cpu", f"{model},{self.cpu_flags}" if self.cpu_flags else model]
+            argv += ["-smp", self.topology]
+        for g in self.globals:
+            argv += ["-global", g]
+        return argv
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How a QEMU process ended: exit code, or the signal that killed it."""
+
+    exit: int | None
+    signal: int | None
+
+    @classmethod
+    def from_returncode(cls, rc: int | None) -> Ended:
+        """Turn a Popen-style return code (negative = signal) into an `Ended`."""
+        if rc is None:
+            return cls(None, None)
+        return cls(None, -rc) if rc < 0 else cls(rc, None)
+
+
+def qmp_answer(result: Any) -> dict[str, Any]:
+    """Wrap a command result as QEMU's own answer object (`{"return": ...}` or `{"error": ...}`)."""
+    if isinstance(result, ExecuteError):
+        return {"error": dict(result.received["error"])}
+    if isinstance(result, BaseException):
+        raise result
+    return {"return": result}
+
+
+class QemuProcess:
+    """A running QEMU with a QMP client connected over a socketpair."""
+
+    def __init__(
+        self, argv: Sequence[str], env: Mapping[str, str] | None = None, name: str = "qemu"
+    ) -> None:
+        self.argv = list(argv)
+        self.name = name
+        self.env = dict(env) if env is not None else None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.client: QMPClient | None = None
+        self._sock: socket.socket | None = None
+        self._tail = bytearray()
+        self._drain: asyncio.Task[None] | None = None
+        self.ended: Ended | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """PID (and process-group id) of the process qmpprobe started."""
+        return self.proc.pid if self.proc else None
+
+    async def start(self, monitor_args: bool = True) -> None:
+        """Spawn QEMU with the QMP monitor on one end of a fresh socketpair."""
+        ours, theirs = socket.socketpair()
+        self._sock = ours
+        argv = self.argv
+        if monitor_args:
+            fd = theirs.fileno()
+            argv = [*argv, "-chardev", f"socket,id=qmp,fd={fd}", "-mon", "chardev=qmp,mode=control"]
+        prefix: list[str] = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *prefix,
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+                env=self.env,
+                preexec_fn=None if _SETPRIV else _set_pdeathsig,
+            )
+        finally:
+            theirs.close()
+        self._drain = asyncio.create_task(self._drain_output())
+
+    async def _drain_output(self) -> None:
+        assert self.proc and self.proc.stdout
+        while chunk := await self.proc.stdout.read(65536):
+            self._tail += chunk
+            if len(self._tail) > TAIL_BYTES:
+                del self._tail[:-TAIL_BYTES]
+
+    async def connect(self) -> None:
+        """Read the QMP greeting and negotiate capabilities."""
+        assert self._sock is not None
+        self.client = QMPClient(self.name, readbuflen=READ_LIMIT)
+        await self.client.connect(self._sock)
+
+    async def execute(self, cmd: str, args: Mapping[str, Any] | None = None) -> Any:
+        """Run one QMP command; raises `ExecuteError` when QEMU answers with an error."""
+        assert self.client is not None
+        return await self.client.execute(cmd, args)
+
+    async def answers(
+        self, commands: Sequence[tuple[str, Mapping[str, Any] | None]]
+    ) -> list[dict[str, Any]]:
+        """Send commands pipelined; return QEMU's answers in order (`return` or `error`)."""
+        results = await asyncio.gather(
+            *(self.execute(c, a) for c, a in commands), return_exceptions=True
+        )
+        return [qmp_answer(r) for r in results]
+
+    def output(self) -> str:
+        """The last bytes QEMU (or its wrapper) wrote to stdout/stderr."""
+        return self._tail.decode("utf-8", "replace")
+
+    async def wait_exit(self, timeout: float) -> Ended | None:
+        """Wait up to `timeout` seconds for QEMU to end on its own."""
+        assert self.proc is not None
+        try:
+            rc = await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            return None
+        self.ended = Ended.from_returncode(rc)
+        return self.ended
+
+    async def stop(self) -> Ended | None:
+        """Kill the process group, reap it, close QMP; safe to call more than once.
+
+        Returns how QEMU ended *on its own* (None when it was still running and we killed it).
+        """
+        if self.proc is None:
+            return Ended(None, None)
+        if self.ended is None and self.proc.returncode is not None:
+            self.ended = Ended.from_returncode(self.proc.returncode)
+        kill_group(self.proc.pid)
+        await self.proc.wait()
+        if self.client is not None:
+            client, self.client = self.client, None
+            # After QEMU is gone, disconnect() re-raises the reader's EOFError: expected.
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._drain is not None:
+            # A grandchild that left our process group could hold the pipe open: do not wait on it.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._drain, 1.0)
+            self._drain = None
+        return self.ended
+
+    def kill_now(self) -> None:
+        """Synchronous last resort (signal handlers, atexit): SIGKILL the process group."""
+        if self.proc is not None:
+            kill_group(self.proc.pid)
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL a process group, ignoring one that is already gone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def owned_processes(owner: str) -> list[int]:
+    """PIDs of live processes whose environment carries `OWNER_ENV=owner` (leftovers of a run)."""
+    needle = f"{OWNER_ENV}={owner}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def kill_owned(owner: str) -> list[int]:
+    """SIGKILL every process left by `owner`; returns their PIDs."""
+    pids = owned_processes(owner)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
