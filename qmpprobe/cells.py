@@ -1,0 +1,158 @@
+"""Turn probe records (QEMU's answers) into cells: one value per (combo, property).
+
+Pure functions: no QEMU, no files. A record read with `qom-get` of every property is the
+reference; a record read with the expansion reproduces it from `query-cpu-model-expansion`
+(the CPU before realize), QEMU's own `unavailable-features` (what realize filtered out) and
+`qom-get` of the properties that only realize sets. `realize_only` learns that last list by
+comparing both readings of the same combos, so nothing about QEMU is assumed here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qmpprobe.probe import OK, READ_QOM_GET
+
+SOURCE_REALIZED = "realized"
+SOURCE_EXPANSION = "expansion"
+CELL_COLUMNS = ("accel", "machine", "model", "prop", "value", "type", "source")
+
+
+def json_text(value: Any) -> str:
+    """Canonical JSON text of a QMP value (the `value` column)."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if type(value) is int:
+        return str(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_type(value: Any) -> str:
+    """JSON type name of a QMP value (the `type` column)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "null"
+
+
+def _returned(answers: Mapping[str, Any]) -> dict[str, Any]:
+    return {p: a["return"] for p, a in answers.items() if "return" in a}
+
+
+def expansion_values(
+    record: Mapping[str, Any], aliases: Mapping[str, list[str]], gets: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """The realized CPU as reconstructed from the expansion, filtered features and qom-gets.
+
+    `gets` limits which qom-get answers are used (to test a reading on a reference record).
+    """
+    answers = record["answers"]
+    values = dict(answers["query-cpu-model-expansion"]["return"]["model"]["props"])
+    got = _returned(answers.get("qom-get", {}))
+    if gets is not None:
+        got = {p: got[p] for p in gets if p in got}
+    # Realize clears every feature the accelerator or host cannot provide, under all its names.
+    for name in got.get("unavailable-features", []):
+        for alias in aliases.get(name, [name]):
+            if isinstance(values.get(alias), bool):
+                values[alias] = False
+    values.update(got)
+    return values
+
+
+def realized_values(record: Mapping[str, Any], aliases: Mapping[str, list[str]]) -> dict[str, Any]:
+    """Every readable property of the realized CPU in an `ok` record."""
+    if record["read"] == READ_QOM_GET:
+        return _returned(record["answers"]["qom-get"])
+    return expansion_values(record, aliases)
+
+
+@dataclass
+class RealizeOnly:
+    """What the expansion cannot tell, learned from reference records."""
+
+    #: Properties not in the expansion (read-only ones: feature-words, filtered-features, …).
+    absent: set[str] = field(default_factory=set)
+    #: Properties whose realized value differed from the expansion's on some reference combo.
+    differ: set[str] = field(default_factory=set)
+    #: Properties QEMU refused to read on every reference combo.
+    unreadable: set[str] = field(default_factory=set)
+    #: Reference combos learned from.
+    combos: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def gets(self) -> tuple[str, ...]:
+        """Properties to read with qom-get on top of the expansion."""
+        return tuple(sorted((self.absent | self.differ) - self.unreadable))
+
+
+def realize_only(
+    records: Iterable[Mapping[str, Any]], aliases: Mapping[str, list[str]]
+) -> RealizeOnly:
+    """Compare the reference reading of each `ok` record with its reconstruction."""
+    learned = RealizeOnly()
+    unreadable: set[str] | None = None
+    for rec in records:
+        if rec["status"] != OK or rec["read"] != READ_QOM_GET:
+            continue
+        answers = rec["answers"]
+        if "return" not in answers.get("query-cpu-model-expansion", {}):
+            continue
+        truth = _returned(answers["qom-get"])
+        failed = set(answers["qom-get"]) - set(truth)
+        unreadable = failed if unreadable is None else unreadable & failed
+        expanded = answers["query-cpu-model-expansion"]["return"]["model"]["props"]
+        absent = set(truth) - set(expanded)
+        learned.absent |= absent
+        rebuilt = expansion_values(rec, aliases, gets=absent)
+        learned.differ |= {
+            p
+            for p, v in truth.items()
+            if p not in absent and json_text(rebuilt.get(p)) != json_text(v)
+        }
+        learned.combos.append((rec["machine"], rec["model"]))
+    learned.unreadable = unreadable or set()
+    return learned
+
+
+@dataclass
+class CellBlock:
+    """Cells of one combo, as parallel columns."""
+
+    machine: str
+    model: str
+    props: list[str]
+    values: list[str]
+    types: list[str]
+    source: str
+
+
+def record_cells(
+    record: Mapping[str, Any], aliases: Mapping[str, list[str]], source: str
+) -> CellBlock:
+    """The cells of one `ok` record (empty for any other status)."""
+    values = realized_values(record, aliases) if record["status"] == OK else {}
+    intern = sys.intern
+    return CellBlock(
+        machine=record["machine"],
+        model=record["model"],
+        props=[intern(p) for p in values],
+        values=[intern(json_text(v)) for v in values.values()],
+        types=[json_type(v) for v in values.values()],
+        source=source,
+    )

@@ -1,0 +1,156 @@
+"""Plan: which (machine type, CPU model) combos a run probes, and which it skips and why.
+
+Only QEMU's own data rules a combo out before launch: a model whose
+`query-cpu-definitions` entry says it needs another accelerator (`host` lists `kvm` as
+unavailable under TCG), or a machine whose `cpu-max` is below the topology's CPU count.
+Everything else is probed, including machine types that will not start here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from qmpprobe.discover import Discovery, Machine, Model
+from qmpprobe.errors import InputError
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One planned combo; `skip` holds the reason when it is not launched."""
+
+    machine: str
+    model: str
+    skip: str | None = None
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders `pc-q35-2.10` after `pc-q35-2.9` and `4.0.1` after `4.0`."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p)
+
+
+def split_patterns(text: str | None) -> list[str]:
+    """`a,b*,c` → ['a', 'b*', 'c'] (None or empty → [])."""
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+def select(
+    names: Sequence[str], patterns: Sequence[str], what: str, aliases: dict[str, str] | None = None
+) -> list[str]:
+    """Names matching any of the shell-glob patterns; an unmatched pattern is an InputError."""
+    aliases = aliases or {}
+    chosen: set[str] = set()
+    for pattern in patterns:
+        hits = set(fnmatch.filter(names, pattern))
+        hits |= {aliases[a] for a in fnmatch.filter(list(aliases), pattern)}
+        if not hits:
+            close = difflib.get_close_matches(pattern, [*names, *aliases], n=5, cutoff=0.5)
+            hint = f" (close: {', '.join(close)})" if close else ""
+            raise InputError(f"--{what}: nothing matches {pattern!r}{hint}")
+        chosen |= hits
+    return [n for n in names if n in chosen]
+
+
+def topology_cpus(topology: str) -> int:
+    """Number of CPUs an `-smp` string starts (`4`, `cpus=4`, `sockets=1,cores=2,threads=2`)."""
+    parts = [p for p in topology.split(",") if p]
+    if parts and "=" not in parts[0]:
+        return int(parts[0])
+    opts = dict(p.split("=", 1) for p in parts)
+    if "cpus" in opts:
+        return int(opts["cpus"])
+    n = 1
+    for key in ("sockets", "dies", "clusters", "cores", "threads"):
+        n *= int(opts.get(key, 1))
+    return n
+
+
+def parse_smp(smp: str) -> str:
+    """`--smp N` → `N,sockets=1,cores=N,threads=1`; a full QEMU topology string stays as is."""
+    smp = smp.strip()
+    if smp.isdigit() and int(smp) > 0:
+        n = int(smp)
+        return f"{n},sockets=1,cores={n},threads=1"
+    try:
+        if topology_cpus(smp) > 0:
+            return smp
+    except ValueError:
+        pass
+    raise InputError(f"--smp: not a CPU count or QEMU topology: {smp!r}")
+
+
+def skip_reason(
+    machine: Machine, model: Model, accel: str, cpus: int, accelerators: Iterable[str]
+) -> str | None:
+    """Why QEMU's own data rules this combo out, or None."""
+    needs = [f for f in model.unavailable_features if f in accelerators and f != accel]
+    if needs:
+        return (
+            f"query-cpu-definitions lists {', '.join(needs)} as unavailable for "
+            f"{model.name} under {accel}: it needs that accelerator"
+        )
+    if machine.cpu_max < cpus:
+        return f"query-machines: cpu-max of {machine.name} is {machine.cpu_max} < {cpus} CPUs"
+    return None
+
+
+def plan(
+    discovery: Discovery, machines: str | None, models: str | None, topology: str
+) -> list[Combo]:
+    """All combos of the selected machine types × models, machine by machine.
+
+    Without `--models`, models QEMU declares `static` (the same on every machine type and
+    release, such as `base`) are left out: they cannot drift.
+    """
+    machine_names = sorted((m.name for m in discovery.machines), key=natural_key)
+    aliases = {m.alias: m.name for m in discovery.machines if m.alias}
+    chosen_machines = (
+        select(machine_names, split_patterns(machines), "machines", aliases)
+        if machines
+        else machine_names
+    )
+    model_names = sorted((m.name for m in discovery.models), key=natural_key)
+    if models:
+        chosen_models = select(model_names, split_patterns(models), "models")
+    else:
+        static = {m.name for m in discovery.models if m.static}
+        chosen_models = [n for n in model_names if n not in static]
+    by_machine = {m.name: m for m in discovery.machines}
+    by_model = {m.name: m for m in discovery.models}
+    cpus = topology_cpus(topology)
+    accelerators = discovery.accelerators
+    return [
+        Combo(
+            mach,
+            mod,
+            skip_reason(by_machine[mach], by_model[mod], discovery.accel, cpus, accelerators),
+        )
+        for mach in chosen_machines
+        for mod in chosen_models
+    ]
+
+
+def reference_round(todo: Sequence[Combo], covered: set[str], round_no: int) -> list[Combo]:
+    """One reference combo for each model without an `ok` reference yet.
+
+    Realize can treat a model specially, so every model gets a reference reading; model i
+    takes the (i + round)-th machine type of the plan, which spreads references over machine
+    types and lets a model whose reference failed try another machine type next round.
+    """
+    machines = list(dict.fromkeys(c.machine for c in todo))
+    by_model: dict[str, dict[str, Combo]] = {}
+    for c in todo:
+        by_model.setdefault(c.model, {})[c.machine] = c
+    batch = []
+    for i, (model, combos) in enumerate(by_model.items()):
+        if model in covered:
+            continue
+        for j in range(len(machines)):
+            pick = combos.get(machines[(i + round_no + j) % len(machines)])
+            if pick:
+                batch.append(pick)
+                break
+    return batch

@@ -1,0 +1,231 @@
+"""The run folder: manifest.json, combos.csv, cells.parquet, raw/ (see README, "Run folder").
+
+Every file is written atomically (temp file + rename) so a reader never sees half a file;
+`manifest.json` is written first as incomplete and rewritten last. Each probed combo is
+journalled in `raw/` the moment it ends: that journal is what `run --resume` continues from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qmpprobe.cells import CELL_COLUMNS, CellBlock
+from qmpprobe.errors import InputError
+from qmpprobe.probe import STATUSES
+
+#: Bumped on any incompatible change to the files of a run folder.
+SCHEMA = 1
+MANIFEST = "manifest.json"
+COMBOS = "combos.csv"
+CELLS = "cells.parquet"
+CELLS_CSV = "cells.csv"
+RAW = "raw"
+COMBO_COLUMNS = (
+    "accel", "machine", "model", "status", "error", "exit", "signal",
+    "attempts", "seconds", "alias_of", "qom_type", "migration_safe",
+)  # fmt: skip
+
+
+def write_atomically(path: Path, write: Callable[[str], object]) -> None:
+    """Let `write` fill a temp file in `path`'s folder, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _safe(name: str) -> str:
+    """A machine or model name as one path component."""
+    return name.replace("/", "%2F") if name not in (".", "..") else f"%{name}"
+
+
+class RunFolder:
+    """One run folder on disk."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- writing -------------------------------------------------------------------------
+    def create(self) -> None:
+        """Create the folder (and raw/), failing with one line if it cannot be written."""
+        try:
+            (self.path / RAW).mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise InputError(f"cannot write run folder {self.path}: {e.strerror or e}") from None
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """Write a JSON file of the run atomically."""
+        atomic_write(self.path / name, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Write manifest.json (always last among a run's files)."""
+        self.write_json(MANIFEST, manifest)
+
+    def raw_path(self, machine: str, model: str) -> Path:
+        """Where the journal entry of one combo lives."""
+        return self.path / RAW / _safe(machine) / f"{_safe(model)}.json.gz"
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        """Journal one finished combo (QEMU's answers and how it ended), compressed."""
+        path = self.raw_path(record["machine"], record["model"])
+        path.parent.mkdir(exist_ok=True)
+        data = json.dumps(record, separators=(",", ":")).encode()
+        atomic_write(path, gzip.compress(data, compresslevel=1, mtime=0))
+
+    def write_discovery(self, answers: dict[str, Any]) -> None:
+        """Keep discovery's QMP answers beside the combos'."""
+        data = json.dumps(answers, separators=(",", ":")).encode()
+        atomic_write(self.path / RAW / "discovery.json.gz", gzip.compress(data, 1, mtime=0))
+
+    def write_combos(self, combos: pd.DataFrame) -> None:
+        """Write combos.csv."""
+        atomic_write(self.path / COMBOS, combos.to_csv(index=False).encode())
+
+    def write_cells(self, table: pa.Table) -> None:
+        """Write cells.parquet."""
+        write_atomically(self.path / CELLS, lambda tmp: pq.write_table(table, tmp))
+
+    # -- reading -------------------------------------------------------------------------
+    def read_record(self, machine: str, model: str) -> dict[str, Any] | None:
+        """The journal entry of one combo, or None when there is none (or it is unreadable)."""
+        try:
+            return json.loads(gzip.decompress(self.raw_path(machine, model).read_bytes()))
+        except (OSError, EOFError, ValueError):
+            return None
+
+    def iter_records(self) -> Iterator[dict[str, Any]]:
+        """Every readable journal entry."""
+        for path in sorted((self.path / RAW).glob("*/*.json.gz")):
+            try:
+                yield json.loads(gzip.decompress(path.read_bytes()))
+            except (OSError, EOFError, ValueError):
+                continue
+
+    def read_manifest(self, require_complete: bool = False) -> dict[str, Any]:
+        """manifest.json, checked: exists, parses, schema known (and run complete if asked)."""
+        where = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise InputError(f"not a run folder: {self.path} does not exist")
+        try:
+            manifest = json.loads(where.read_text())
+        except FileNotFoundError:
+            raise InputError(f"not a run folder: {where} is missing") from None
+        except (OSError, ValueError) as e:
+            raise InputError(f"corrupted run folder: {where}: {e}") from None
+        schema = manifest.get("schema") if isinstance(manifest, dict) else None
+        if not isinstance(schema, int):
+            raise InputError(f"corrupted run folder: {where} has no schema number")
+        if schema > SCHEMA:
+            raise InputError(
+                f"{self.path} has schema {schema}; this qmpprobe reads up to {SCHEMA}: upgrade it"
+            )
+        if require_complete and not manifest.get("complete"):
+            raise InputError(
+                f"incomplete run: {self.path} (finish it with: qmpprobe run --resume {self.path})"
+            )
+        return manifest
+
+    def read_combos(self) -> pd.DataFrame:
+        """combos.csv with its dtypes."""
+        try:
+            df = pd.read_csv(
+                self.path / COMBOS,
+                dtype={"error": "string", "alias_of": "string"},
+                keep_default_na=False,
+                na_values={"exit": [""], "signal": [""]},
+            )
+        except (OSError, ValueError) as e:
+            raise InputError(f"corrupted run folder: {self.path / COMBOS}: {e}") from None
+        return _combo_dtypes(df)
+
+    def read_cells(self) -> pd.DataFrame:
+        """cells.parquet as a DataFrame with categorical columns."""
+        try:
+            return pq.read_table(self.path / CELLS).to_pandas()
+        except (OSError, pa.ArrowException) as e:
+            raise InputError(f"corrupted run folder: {self.path / CELLS}: {e}") from None
+
+    def export_csv(self, dest: Path | None = None) -> Path:
+        """Write the cells as CSV (same columns as cells.parquet)."""
+        dest = dest or self.path / CELLS_CSV
+        cells = self.read_cells()
+        write_atomically(dest, lambda tmp: cells.to_csv(tmp, index=False))
+        return dest
+
+
+def _combo_dtypes(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.astype({"exit": "Int64", "signal": "Int64", "attempts": "int64", "seconds": "float64"})
+    df["status"] = pd.Categorical(df["status"], categories=STATUSES)
+    for col in ("accel", "machine", "model", "qom_type"):
+        df[col] = df[col].astype("category")
+    df["migration_safe"] = df["migration_safe"].astype("boolean")
+    return df
+
+
+def combos_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """combos.csv's frame from one dict per combo."""
+    df = pd.DataFrame(list(rows), columns=list(COMBO_COLUMNS))
+    df["error"] = df["error"].fillna("").astype("string")
+    df["alias_of"] = df["alias_of"].fillna("").astype("string")
+    df["attempts"] = df["attempts"].fillna(0)
+    df["seconds"] = df["seconds"].fillna(0.0)
+    return _combo_dtypes(df)
+
+
+def cells_table(accel: str, blocks: Sequence[CellBlock]) -> pa.Table:
+    """cells.parquet's table from per-combo blocks, with dictionary-encoded string columns."""
+    sizes = np.fromiter((len(b.props) for b in blocks), dtype=np.int64, count=len(blocks))
+    n = int(sizes.sum())
+
+    def repeated(values: list[str]) -> pa.DictionaryArray:
+        uniq, codes = np.unique(np.asarray(values, dtype=object), return_inverse=True)
+        indices = pa.array(np.repeat(codes, sizes).astype(np.int32))
+        return pa.DictionaryArray.from_arrays(indices, pa.array(uniq.tolist(), pa.string()))
+
+    def flat(attr: str) -> pa.Array:
+        col = pa.chunked_array(
+            [pa.array(getattr(b, attr), pa.string()) for b in blocks], pa.string()
+        )
+        return col.combine_chunks().dictionary_encode() if n else pa.array([], pa.string())
+
+    if not blocks or n == 0:
+        empty = {c: pa.array([], pa.dictionary(pa.int32(), pa.string())) for c in CELL_COLUMNS}
+        return pa.table(empty)
+    return pa.table(
+        {
+            "accel": pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(n, dtype=np.int32)), pa.array([accel], pa.string())
+            ),
+            "machine": repeated([b.machine for b in blocks]),
+            "model": repeated([b.model for b in blocks]),
+            "prop": flat("props"),
+            "value": flat("values"),
+            "type": flat("types"),
+            "source": repeated([b.source for b in blocks]),
+        }
+    )
