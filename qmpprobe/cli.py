@@ -1,0 +1,170 @@
+"""Command line: `qmpprobe run | discover | export` (exit codes: see README, "Run folder")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from qmpprobe import __version__
+from qmpprobe.errors import InputError, Interrupted
+
+EXIT_OK, EXIT_CHANGED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block: scripts read the last line of stderr.
+        self.exit(EXIT_INPUT, f"qmpprobe: {message} (see qmpprobe {self.prog.split()[-1]} -h)\n")
+
+
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--qemu",
+        default="qemu-system-x86_64",
+        help="QEMU binary or wrapper script (default: qemu-system-x86_64 on PATH)",
+    )
+    p.add_argument("--accel", default="tcg", choices=("tcg", "kvm"), help="accelerator (tcg)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = _Parser(prog="qmpprobe", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"qmpprobe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="probe every CPU model x machine type into a run folder")
+    _probe_args(r)
+    r.add_argument("--machines", help="comma-separated names or globs, e.g. 'pc-i440fx-*,q35'")
+    r.add_argument("--models", help="comma-separated names or globs, e.g. 'Haswell*,qemu64'")
+    r.add_argument(
+        "--smp",
+        default="1",
+        help="N (-> N,sockets=1,cores=N,threads=1) or a full -smp topology (1)",
+    )
+    r.add_argument("--cpu-flags", default="", help="appended to -cpu MODEL, e.g. '+x,-y'")
+    r.add_argument(
+        "--global",
+        dest="globals",
+        action="append",
+        default=[],
+        metavar="TYPE.PROP=VAL",
+        help="passed to QEMU as -global (repeatable)",
+    )
+    r.add_argument("--jobs", type=int, help="QEMUs at once (default: cores + 1)")
+    r.add_argument("--timeout", type=float, help="seconds per combo before QEMU is killed (30)")
+    r.add_argument(
+        "--read",
+        default="auto",
+        choices=("auto", "qom-get"),
+        help="auto: expansion + qom-get of what realize sets (learned from reference "
+        "combos); qom-get: every property of every combo (slow reference)",
+    )
+    r.add_argument(
+        "--out", help="run folder to create (default: RESULTS/<stamp>-<ver>-<accel>-smpN)"
+    )
+    r.add_argument("--results", default="results", help="parent of new run folders (results)")
+    r.add_argument("--resume", metavar="RUN", help="finish an interrupted run folder")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+
+    d = sub.add_parser("discover", help="what the QEMU binary has: version, machines, models")
+    _probe_args(d)
+    d.add_argument("--json", action="store_true", help="everything as JSON")
+
+    e = sub.add_parser("export", help="write a run's cells in another format")
+    e.add_argument("run", metavar="RUN", help="run folder")
+    e.add_argument(
+        "--csv", action="store_true", required=True, help="cells.csv beside cells.parquet"
+    )
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from qmpprobe import run as runmod
+
+    progress = runmod.is_terminal() and not args.no_progress
+    if args.resume:
+        outcome = runmod.run_sync(
+            lambda: runmod.resume(args.resume, args.jobs, args.timeout, progress)
+        )
+    else:
+        options = runmod.RunOptions(
+            qemu=args.qemu,
+            accel=args.accel,
+            smp=args.smp,
+            cpu_flags=args.cpu_flags,
+            globals=tuple(args.globals),
+            machines=args.machines,
+            models=args.models,
+            read=args.read,
+            out=args.out,
+            results=args.results,
+            progress=progress,
+        )
+        if args.jobs is not None:
+            if args.jobs < 1:
+                raise InputError("--jobs must be at least 1")
+            options.jobs = args.jobs
+        if args.timeout is not None:
+            if args.timeout <= 0:
+                raise InputError("--timeout must be positive")
+            options.timeout = args.timeout
+        outcome = runmod.run_sync(lambda: runmod.run(options))
+    print(runmod.summary(outcome))
+    return EXIT_OK
+
+
+def _cmd_discover(args: argparse.Namespace) -> int:
+    from qmpprobe.discover import discover
+    from qmpprobe.qemu import LaunchOptions
+
+    found = asyncio.run(discover(LaunchOptions(args.qemu, args.accel)))
+    if args.json:
+        print(json.dumps(found.manifest(), indent=1))
+        return EXIT_OK
+    aliases = ", ".join(f"{m.alias} -> {m.name}" for m in found.machines if m.alias)
+    print(f"QEMU {found.version} ({found.package}) at {found.qemu}, target {found.target}")
+    print(f"fingerprint {found.fingerprint['id']}, accelerators: {', '.join(found.accelerators)}")
+    print(f"{len(found.machines)} machine types (aliases: {aliases})")
+    print(
+        f"{len(found.models)} CPU models ({sum(m.deprecated for m in found.models)} deprecated, "
+        f"{sum(not m.migration_safe for m in found.models)} not migration-safe)"
+    )
+    groups = {tuple(g) for g in found.feature_aliases.values()}
+    print(
+        f"{len(groups)} feature flags with several names, e.g. "
+        + "; ".join("/".join(g) for g in sorted(groups)[:4])
+    )
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from qmpprobe.store import RunFolder
+
+    folder = RunFolder(args.run)
+    folder.read_manifest()
+    print(folder.export_csv())
+    return EXIT_OK
+
+
+COMMANDS = {"run": _cmd_run, "discover": _cmd_discover, "export": _cmd_export}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `qmpprobe` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as e:
+        print(f"qmpprobe: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except Interrupted as e:
+        print(f"qmpprobe: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"qmpprobe: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_INPUT

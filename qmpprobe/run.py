@@ -1,0 +1,499 @@
+"""Run: probe every planned combo with bounded concurrency and keep the run folder valid.
+
+The order of work: discovery → plan → a few *reference* combos read with `qom-get` of every
+property (they teach `cells.realize_only` what the expansion cannot tell) → every other combo
+read the cheap way → combos.csv, cells.parquet and the manifest. Each combo is journalled
+in raw/ as soon as it ends, so an interrupted run loses only the combos in flight, and
+`run --resume` finishes it. Ctrl-C and SIGTERM kill every QEMU and leave the folder valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from qmpprobe import __version__, reaper
+from qmpprobe.cells import SOURCE_REALIZED, CellBlock, RealizeOnly, realize_only, record_cells
+from qmpprobe.discover import Discovery, discover
+from qmpprobe.errors import InputError, Interrupted
+from qmpprobe.host import host_facts
+from qmpprobe.plan import Combo, parse_smp, plan, reference_round, topology_cpus
+from qmpprobe.probe import (
+    OK,
+    PENDING,
+    READ_EXPANSION,
+    READ_QOM_GET,
+    SKIPPED,
+    STATUSES,
+    TIMEOUT,
+    ReadPlan,
+    probe,
+)
+from qmpprobe.qemu import OWNER_ENV, LaunchOptions, kill_owned
+from qmpprobe.store import SCHEMA, RunFolder, cells_table, combos_frame
+
+MODE_EXACT = "exact"
+
+#: What QMP shows and what it cannot; repeated in every manifest so no reader misses it.
+QMP_LIMITS = (
+    "Cells are QEMU's QOM properties of the CPU object (its description of the CPU), not the "
+    "CPUID values a guest reads. CPUID leaves QEMU computes when the guest asks (topology, "
+    "cache descriptors under l3-cache/legacy-cache, XSAVE layout, vendor-only leaves) and "
+    "code changes with no property behind them are invisible here."
+)
+
+
+def default_jobs() -> int:
+    """Concurrent QEMUs: one per core plus one to cover the time each spends waiting on QMP."""
+    return (os.cpu_count() or 1) + 1
+
+
+@dataclass
+class RunOptions:
+    """Everything `qmpprobe run` was asked to do."""
+
+    qemu: str = "qemu-system-x86_64"
+    accel: str = "tcg"
+    smp: str = "1"
+    cpu_flags: str = ""
+    globals: tuple[str, ...] = ()
+    machines: str | None = None
+    models: str | None = None
+    jobs: int = field(default_factory=default_jobs)
+    timeout: float = 30.0
+    retries: int = 1
+    read: str = "auto"
+    out: str | None = None
+    results: str = "results"
+    progress: bool = False
+
+    def launch(self) -> LaunchOptions:
+        """QEMU launch options for this run."""
+        return LaunchOptions(
+            self.qemu, self.accel, parse_smp(self.smp), self.cpu_flags, tuple(self.globals)
+        )
+
+
+def folder_name(started: datetime, discovery: Discovery, accel: str, topology: str) -> str:
+    """`<UTC timestamp>-<qemu version>-<accel>-smp<N>`."""
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{discovery.version}-{accel}-smp{topology_cpus(topology)}"
+
+
+def journal_key(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a journal entry must match to be reused: same QEMU files, same run options."""
+    return {
+        "fingerprint": manifest["qemu"]["fingerprint"]["id"],
+        "accel": manifest["accel"],
+        "topology": manifest["topology"],
+        "mode": manifest["mode"],
+        "cpu_flags": manifest["cpu_flags"],
+        "globals": manifest["globals"],
+        "qmpprobe": manifest["qmpprobe"],
+        "host": manifest["host"]["fingerprint"] if manifest["accel"] == "kvm" else None,
+    }
+
+
+class Progress:
+    """A progress bar with ETA on a terminal (rich), nothing otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._bar: Any = None
+        if enabled and total:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("probing"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[counts]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self._task = self._bar.add_task("probe", total=total, counts="")
+            self._bar.start()
+
+    def advance(self, counts: Counter[str]) -> None:
+        """One more combo done."""
+        if self._bar:
+            text = " ".join(f"{s}:{counts[s]}" for s in STATUSES if counts[s])
+            self._bar.update(self._task, advance=1, counts=text)
+
+    def close(self) -> None:
+        """Stop drawing."""
+        if self._bar:
+            self._bar.stop()
+
+
+class Runner:
+    """Probes the pending combos of one run folder."""
+
+    def __init__(
+        self,
+        folder: RunFolder,
+        manifest: dict[str, Any],
+        discovery: Discovery,
+        combos: Sequence[Combo],
+        options: RunOptions,
+    ) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.discovery = discovery
+        self.combos = list(combos)
+        self.options = options
+        self.launch = options.launch()
+        self.key = journal_key(manifest)
+        self.records: dict[tuple[str, str], dict[str, Any]] = {}
+        self.blocks: dict[tuple[str, str], CellBlock] = {}
+        self.definitions: dict[str, dict[str, str | None]] = {}
+        self.learned = RealizeOnly()
+        self.env = {**os.environ, OWNER_ENV: manifest["run_id"], "LC_ALL": "C"}
+        self.counts: Counter[str] = Counter()
+        self._asking_definitions: set[str] = set()
+
+    # -- journal ---------------------------------------------------------------------------
+    def load_journal(self) -> int:
+        """Take every finished combo whose journal entry matches this run; returns how many."""
+        wanted = {(c.machine, c.model) for c in self.combos if not c.skip}
+        for rec in self.folder.iter_records():
+            combo = (rec.get("machine"), rec.get("model"))
+            if combo in wanted and rec.get("key") == self.key:
+                self._keep(rec, journal=False)
+        return len(self.records)
+
+    def _keep(self, record: dict[str, Any], journal: bool = True) -> None:
+        record["key"] = self.key
+        if journal:
+            self.folder.write_record(record)
+        combo = (record["machine"], record["model"])
+        defs = record["answers"].get("query-cpu-definitions", {}).get("return")
+        if defs is not None:
+            self.definitions[record["machine"]] = {d["name"]: d.get("alias-of") for d in defs}
+        self.blocks[combo] = record_cells(record, self.discovery.feature_aliases, SOURCE_REALIZED)
+        # Keep the small part; answers live in raw/ (reference answers teach `realize_only`).
+        self.records[combo] = {k: v for k, v in record.items() if k not in ("answers", "output")}
+        if record["read"] == READ_QOM_GET and record["status"] == OK:
+            self.records[combo]["answers"] = record["answers"]
+        self.counts[record["status"]] += 1
+
+    # -- probing ---------------------------------------------------------------------------
+    def _read_plan(self, machine: str, reference: bool) -> ReadPlan:
+        wants = machine not in self.definitions and machine not in self._asking_definitions
+        if wants:
+            self._asking_definitions.add(machine)
+        if reference or self.options.read == READ_QOM_GET or not self.learned.combos:
+            return ReadPlan(READ_QOM_GET, definitions=wants)
+        return ReadPlan(READ_EXPANSION, self.learned.gets, definitions=wants)
+
+    async def _probe(self, combo: Combo, reference: bool) -> None:
+        read = self._read_plan(combo.machine, reference)
+        attempts, seconds = 0, 0.0
+        try:
+            while True:
+                attempts += 1
+                record = await probe(
+                    self.launch, combo.machine, combo.model, read, self.options.timeout, self.env
+                )
+                seconds += record["seconds"]
+                if record["status"] != TIMEOUT or attempts > self.options.retries:
+                    break
+        finally:
+            self._asking_definitions.discard(combo.machine)
+        record["attempts"], record["seconds"] = attempts, round(seconds, 4)
+        self._keep(record)
+
+    async def _probe_all(self, combos: Sequence[Combo], reference: bool, bar: Progress) -> None:
+        queue: asyncio.Queue[Combo] = asyncio.Queue()
+        for c in combos:
+            queue.put_nowait(c)
+
+        async def worker() -> None:
+            while not queue.empty():
+                combo = queue.get_nowait()
+                await self._probe(combo, reference)
+                bar.advance(self.counts)
+
+        workers = [asyncio.create_task(worker()) for _ in range(max(1, self.options.jobs))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    def _learn(self) -> None:
+        refs = [r for r in self.records.values() if r["read"] == READ_QOM_GET and r["status"] == OK]
+        if self.options.read == "auto" and refs:
+            self.learned = realize_only(refs, self.discovery.feature_aliases)
+
+    async def probe_pending(self, bar: Progress) -> None:
+        """Probe what the journal does not have: reference combos first, then the rest."""
+        todo = [c for c in self.combos if not c.skip and (c.machine, c.model) not in self.records]
+        if self.options.read == "auto":
+            for round_no in itertools.count():
+                covered = {
+                    m
+                    for (_, m), r in self.records.items()
+                    if r["status"] == OK and r["read"] == READ_QOM_GET
+                }
+                batch = reference_round(todo, covered, round_no)
+                if not batch:
+                    break
+                await self._probe_all(batch, reference=True, bar=bar)
+                done = set(batch)
+                todo = [c for c in todo if c not in done]
+            self._learn()
+        await self._probe_all(todo, reference=False, bar=bar)
+
+    # -- results ---------------------------------------------------------------------------
+    def combo_rows(self) -> list[dict[str, Any]]:
+        """One combos.csv row per planned combo."""
+        models = {m.name: m for m in self.discovery.models}
+        rows = []
+        for c in self.combos:
+            rec = self.records.get((c.machine, c.model))
+            model = models[c.model]
+            row: dict[str, Any] = {
+                "accel": self.launch.accel,
+                "machine": c.machine,
+                "model": c.model,
+                "alias_of": (self.definitions.get(c.machine) or {}).get(c.model) or "",
+                "qom_type": model.typename,
+                "migration_safe": model.migration_safe,
+            }
+            if c.skip:
+                row.update(status=SKIPPED, error=c.skip, attempts=0, seconds=0.0)
+            elif rec is None:
+                row.update(status=PENDING, error="", attempts=0, seconds=0.0)
+            else:
+                row.update(
+                    {
+                        k: rec.get(k)
+                        for k in ("status", "error", "exit", "signal", "attempts", "seconds")
+                    }
+                )
+            rows.append(row)
+        return rows
+
+    def save(self, complete: bool, started: float) -> None:
+        """Write combos.csv and cells.parquet, then the manifest (last)."""
+        rows = self.combo_rows()
+        self.folder.write_combos(combos_frame(rows))
+        order = [(c.machine, c.model) for c in self.combos if (c.machine, c.model) in self.blocks]
+        self.folder.write_cells(cells_table(self.launch.accel, [self.blocks[k] for k in order]))
+        counts = Counter(r["status"] for r in rows)
+        self.manifest.update(
+            complete=complete and counts[PENDING] == 0,
+            duration=round(
+                self.manifest.get("duration_before", 0.0) + time.monotonic() - started, 3
+            ),
+            end=datetime.now(UTC).isoformat(timespec="seconds"),
+            counts={s: counts[s] for s in STATUSES},
+            planned=len(rows),
+            read={
+                "method": self.options.read
+                if self.options.read != "auto"
+                else (READ_EXPANSION if self.learned.combos else READ_QOM_GET),
+                "reference_combos": [list(c) for c in self.learned.combos],
+                "qom_get": list(self.learned.gets),
+                "differ_from_expansion": sorted(self.learned.differ),
+                "unreadable": sorted(self.learned.unreadable),
+            },
+        )
+        self.folder.write_manifest(self.manifest)
+
+
+def new_manifest(
+    options: RunOptions, discovery: Discovery, launch: LaunchOptions, started: datetime
+) -> dict[str, Any]:
+    """The manifest of a run that is about to start (incomplete until saved at the end)."""
+    return {
+        "schema": SCHEMA,
+        "qmpprobe": __version__,
+        "run_id": uuid.uuid4().hex,
+        "complete": False,
+        "start": started.isoformat(timespec="seconds"),
+        "qemu": {
+            "path": discovery.qemu,
+            "version": discovery.version,
+            "package": discovery.package,
+            "query-version": discovery.query_version,
+            "fingerprint": discovery.fingerprint,
+            "target": discovery.target,
+            "accelerators": discovery.accelerators,
+            "kvm": discovery.kvm,
+        },
+        "accel": launch.accel,
+        "mode": MODE_EXACT,
+        "topology": launch.topology,
+        "cpus": topology_cpus(launch.topology),
+        "cpu_flags": launch.cpu_flags,
+        "globals": list(launch.globals),
+        "argv_example": launch.argv("MACHINE", "MODEL"),
+        "filters": {"machines": options.machines, "models": options.models},
+        "jobs": options.jobs,
+        "timeout": options.timeout,
+        "retries": options.retries,
+        "host": host_facts(),
+        "qmp_limits": QMP_LIMITS,
+        "machines": [asdict(m) for m in discovery.machines],
+        "models": [asdict(m) for m in discovery.models],
+        "feature_aliases": discovery.feature_aliases,
+    }
+
+
+def options_from_manifest(manifest: dict[str, Any], **overrides: Any) -> RunOptions:
+    """The options a run was started with (to resume it)."""
+    return replace(
+        RunOptions(
+            qemu=manifest["qemu"]["path"],
+            accel=manifest["accel"],
+            smp=manifest["topology"],
+            cpu_flags=manifest["cpu_flags"],
+            globals=tuple(manifest["globals"]),
+            machines=manifest["filters"]["machines"],
+            models=manifest["filters"]["models"],
+            timeout=manifest["timeout"],
+            retries=manifest["retries"],
+        ),
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
+
+
+@dataclass
+class Outcome:
+    """How a run ended."""
+
+    folder: Path
+    complete: bool
+    counts: dict[str, int]
+    seconds: float
+
+
+async def _execute(runner: Runner, options: RunOptions, started: float) -> Outcome:
+    todo = sum(1 for c in runner.combos if not c.skip) - len(runner.records)
+    bar = Progress(todo, options.progress)
+    owner = runner.manifest["run_id"]
+    guard = reaper.start(owner)
+    interrupted = False
+    try:
+        await runner.probe_pending(bar)
+    except asyncio.CancelledError:
+        interrupted = True
+    finally:
+        bar.close()
+        kill_owned(owner)
+        os.close(guard)
+        runner.save(complete=not interrupted, started=started)
+    outcome = Outcome(
+        runner.folder.path,
+        runner.manifest["complete"],
+        runner.manifest["counts"],
+        runner.manifest["duration"],
+    )
+    if interrupted:
+        raise Interrupted(
+            f"interrupted: {runner.folder.path} saved with pending combos; "
+            f"resume with: qmpprobe run --resume {runner.folder.path}"
+        )
+    return outcome
+
+
+async def run(options: RunOptions) -> Outcome:
+    """Discover, plan and probe a new run; returns where it went and what came of it."""
+    started = time.monotonic()
+    launch = options.launch()
+    if options.read not in ("auto", READ_QOM_GET):
+        raise InputError(f"--read: use auto or {READ_QOM_GET}")
+    discovery = await discover(launch)
+    combos = plan(discovery, options.machines, options.models, launch.topology)
+    now = datetime.now(UTC)
+    manifest = new_manifest(options, discovery, replace(launch, qemu=discovery.qemu), now)
+    path = (
+        Path(options.out)
+        if options.out
+        else Path(options.results) / folder_name(now, discovery, launch.accel, launch.topology)
+    )
+    if (path / "manifest.json").exists():
+        raise InputError(f"{path} already holds a run (use --resume to finish it)")
+    folder = RunFolder(path)
+    folder.create()
+    folder.write_discovery(discovery.answers)
+    runner = Runner(folder, manifest, discovery, combos, replace(options, qemu=discovery.qemu))
+    runner.save(complete=False, started=started)
+    return await _execute(runner, options, started)
+
+
+async def resume(path: str, jobs: int | None, timeout: float | None, progress: bool) -> Outcome:
+    """Finish an interrupted run: same QEMU (checked by fingerprint), only the missing combos."""
+    started = time.monotonic()
+    folder = RunFolder(path)
+    manifest = folder.read_manifest()
+    options = options_from_manifest(manifest, jobs=jobs, timeout=timeout, progress=progress)
+    # A QEMU a killed attempt left behind (e.g. the child of a wrapper) dies first.
+    kill_owned(manifest["run_id"])
+    discovery = await discover(options.launch())
+    if discovery.fingerprint["id"] != manifest["qemu"]["fingerprint"]["id"]:
+        raise InputError(
+            f"{path}: QEMU changed since the run started (fingerprint "
+            f"{manifest['qemu']['fingerprint']['id']} → {discovery.fingerprint['id']})"
+        )
+    combos = plan(discovery, options.machines, options.models, parse_smp(options.smp))
+    manifest["duration_before"] = manifest.get("duration", 0.0)
+    runner = Runner(folder, manifest, discovery, combos, options)
+    runner.load_journal()
+    return await _execute(runner, options, started)
+
+
+def run_sync(coro_fn: Callable[[], Any]) -> Any:
+    """Run a coroutine with SIGINT/SIGTERM cancelling it (so QEMUs are killed and work saved)."""
+
+    async def main() -> Any:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        assert task is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await coro_fn()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        # Cancelled before the runner could turn it into Interrupted (e.g. during discovery).
+        raise Interrupted("interrupted before probing started; nothing saved") from None
+
+
+def summary(outcome: Outcome) -> str:
+    """The line `qmpprobe run` prints at the end."""
+    counts = ", ".join(f"{s} {n}" for s, n in outcome.counts.items() if n)
+    state = "complete" if outcome.complete else "INCOMPLETE"
+    return f"{outcome.folder}: {state}; {counts}; {outcome.seconds:.1f} s"
+
+
+def is_terminal() -> bool:
+    """Whether progress can be drawn (stderr is a terminal)."""
+    return sys.stderr.isatty()
