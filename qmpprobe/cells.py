@@ -146,7 +146,8 @@ def record_cells(
     record: Mapping[str, Any], aliases: Mapping[str, list[str]], source: str
 ) -> CellBlock:
     """The cells of one `ok` record (empty for any other status)."""
-    values = realized_values(record, aliases) if record["status"] == OK else {}
+    found = realized_values(record, aliases) if record["status"] == OK else {}
+    values = {p: found[p] for p in sorted(found)}  # same order however the combo was read
     intern = sys.intern
     return CellBlock(
         machine=record["machine"],

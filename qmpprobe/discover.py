@@ -18,8 +18,9 @@ from qmpprobe.errors import InputError
 from qmpprobe.host import kvm_usable, qemu_fingerprint
 from qmpprobe.qemu import LaunchOptions, QemuProcess
 
-#: Seconds discovery may take before the binary is declared unresponsive.
-DISCOVERY_TIMEOUT = 60.0
+#: Seconds to wait for the QMP greeting, then for all of discovery's answers.
+GREETING_TIMEOUT = 15.0
+DISCOVERY_TIMEOUT = 120.0
 X86_TARGETS = {"x86_64", "i386"}
 
 
@@ -229,12 +230,7 @@ async def discover(options: LaunchOptions) -> Discovery:
     launch = LaunchOptions(qemu=qemu_path, accel=options.accel)
     proc = QemuProcess(launch.argv("none"), name="discover")
     try:
-        async with asyncio.timeout(DISCOVERY_TIMEOUT):
-            return await _discover(proc, qemu_path, options.accel)
-    except TimeoutError:
-        raise InputError(
-            f"{qemu_path} did not answer QMP within {DISCOVERY_TIMEOUT:.0f}s: is it QEMU?"
-        ) from None
+        return await _discover(proc, qemu_path, options.accel)
     finally:
         await proc.stop()
 
@@ -245,7 +241,12 @@ async def _discover(proc: QemuProcess, qemu_path: str, accel: str) -> Discovery:
     except OSError as e:
         raise InputError(f"cannot start {qemu_path}: {e.strerror or e}") from None
     try:
-        await proc.connect()
+        async with asyncio.timeout(GREETING_TIMEOUT):
+            await proc.connect()
+    except TimeoutError:
+        raise InputError(
+            f"{qemu_path} did not answer QMP within {GREETING_TIMEOUT:.0f} s: is it QEMU?"
+        ) from None
     except Exception as e:
         ended = await proc.wait_exit(2.0)
         said = _first_line(proc.output())
@@ -253,6 +254,11 @@ async def _discover(proc: QemuProcess, qemu_path: str, accel: str) -> Discovery:
         raise InputError(
             f"{qemu_path} is not a working QEMU with QMP{how}: {said or type(e).__name__}"
         ) from None
+    async with asyncio.timeout(DISCOVERY_TIMEOUT):
+        return await _ask(proc, qemu_path, accel)
+
+
+async def _ask(proc: QemuProcess, qemu_path: str, accel: str) -> Discovery:
     names = [
         "query-version",
         "query-target",

@@ -75,7 +75,7 @@ def parse_smp(smp: str) -> str:
         n = int(smp)
         return f"{n},sockets=1,cores={n},threads=1"
     try:
-        if topology_cpus(smp) > 0:
+        if smp and topology_cpus(smp) > 0:
             return smp
     except ValueError:
         pass

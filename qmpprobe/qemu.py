@@ -180,10 +180,22 @@ class QemuProcess:
         Returns how QEMU ended *on its own* (None when it was still running and we killed it).
         """
         if self.proc is None:
-            return Ended(None, None)
+            return None
         if self.ended is None and self.proc.returncode is not None:
             self.ended = Ended.from_returncode(self.proc.returncode)
         kill_group(self.proc.pid)
+        reap = asyncio.ensure_future(self._reap())
+        try:
+            await asyncio.shield(reap)
+        except asyncio.CancelledError:
+            # Ctrl-C must not leave QEMU unreaped or QMP half-closed; QEMU is dead already,
+            # so finishing takes no time.
+            await reap
+            raise
+        return self.ended
+
+    async def _reap(self) -> None:
+        assert self.proc is not None
         await self.proc.wait()
         if self.client is not None:
             client, self.client = self.client, None
@@ -195,15 +207,9 @@ class QemuProcess:
             self._sock = None
         if self._drain is not None:
             # A grandchild that left our process group could hold the pipe open: do not wait on it.
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drain, 1.0)
             self._drain = None
-        return self.ended
-
-    def kill_now(self) -> None:
-        """Synchronous last resort (signal handlers, atexit): SIGKILL the process group."""
-        if self.proc is not None:
-            kill_group(self.proc.pid)
 
 
 def kill_group(pgid: int) -> None:

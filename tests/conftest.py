@@ -1,0 +1,162 @@
+"""Shared fixtures: the real QEMU under test, CLI runners, and small real runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+QEMU = os.environ.get("QMPPROBE_TEST_QEMU", "qemu-system-x86_64")
+REPO = Path(__file__).resolve().parent.parent
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+#: The small plan most tests share: old and new machine types, ones that cannot start,
+#: a drifting model, its versioned twin, and models that need KVM or are not migration-safe.
+SMALL_MACHINES = "pc-i440fx-2.2,pc-i440fx-2.3,pc-q35-7.2,isapc,microvm,none,x-remote"
+SMALL_MODELS = "qemu64,Haswell,Haswell-v1,Haswell-noTSX,EPYC,host,max"
+
+
+def qemu_path() -> str:
+    found = shutil.which(QEMU)
+    if not found:
+        pytest.fail(f"{QEMU} is not installed: run ./scripts/setup (tests need a real QEMU)")
+    return found
+
+
+def cli(
+    *args: str, timeout: float = 600, env: dict[str, str] | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m qmpprobe ARGS` as a user would; returns the finished process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmpprobe", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qmpprobe {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+def run_folder(tmp: Path, *args: str) -> Path:
+    """Run a small plan into a fresh folder and return it."""
+    out = tmp / "run"
+    cli("run", "--qemu", qemu_path(), "--out", str(out), *args, check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete TCG run of the small plan (one CPU)."""
+    return run_folder(
+        tmp_path_factory.mktemp("small"), "--machines", SMALL_MACHINES, "--models", SMALL_MODELS
+    )
+
+
+@pytest.fixture(scope="session")
+def smp2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TCG run with two CPUs on a few machine types."""
+    return run_folder(
+        tmp_path_factory.mktemp("smp2"),
+        "--machines",
+        "pc-i440fx-2.3,pc-q35-7.2",
+        "--models",
+        "qemu64,Haswell,max",
+        "--smp",
+        "2",
+    )
+
+
+def manifest(run: Path) -> dict[str, Any]:
+    return json.loads((run / "manifest.json").read_text())
+
+
+async def _qom_read_all(machine: str, model: str, smp: str, accel: str) -> dict[str, Any]:
+    # Deliberately not qmpprobe's launcher: a unix socket, its own process, plain qom-get.
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = os.path.join(tmp, "qmp.sock")
+        proc = subprocess.Popen(
+            [
+                qemu_path(),
+                "-S",
+                "-display",
+                "none",
+                "-nodefaults",
+                "-machine",
+                machine,
+                "-accel",
+                accel,
+                "-cpu",
+                model,
+                "-smp",
+                smp,
+                "-qmp",
+                f"unix:{sock},server=on,wait=off",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(200):
+                if os.path.exists(sock):
+                    break
+                await asyncio.sleep(0.02)
+            client = QMPClient("independent", readbuflen=1 << 22)
+            await client.connect(sock)
+            cpus = await client.execute("query-cpus-fast")
+            path = min(cpus, key=lambda c: c["cpu-index"])["qom-path"]
+            values: dict[str, Any] = {"__cpus__": cpus}
+            for prop in await client.execute("qom-list", {"path": path}):
+                try:
+                    values[prop["name"]] = await client.execute(
+                        "qom-get", {"path": path, "property": prop["name"]}
+                    )
+                except ExecuteError:
+                    continue
+            await client.execute("quit")
+            with contextlib.suppress(EOFError):
+                await client.disconnect()
+        finally:
+            proc.kill()
+            proc.wait()
+    return values
+
+
+def qom_read_all(
+    machine: str, model: str, smp: str = "1,sockets=1,cores=1,threads=1", accel: str = "tcg"
+) -> dict[str, Any]:
+    """Every readable property of the realized CPU, read one qom-get at a time."""
+    return asyncio.run(_qom_read_all(machine, model, smp, accel))
+
+
+def json_text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def owned_pids(run_id: str) -> list[int]:
+    """Processes (QEMU or wrappers) still carrying a run's owner marker."""
+    needle = f"QMPPROBE_OWNER={run_id}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                data = Path(f"/proc/{entry}/environ").read_bytes()
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            # Zombies are already dead; they only wait to be reaped.
+            if needle in data.split(b"\0") and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(entry))
+    return pids

@@ -1,0 +1,197 @@
+"""Interruptions and hangs: no QEMU survives, the folder stays valid, resume finishes the run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import FAULTS, REPO, cli, manifest, owned_pids, qemu_path
+
+#: Big enough to interrupt in the middle, small enough to finish quickly.
+MACHINES = "pc-i440fx-2.*"
+MODELS = "Haswell*,qemu64,EPYC*"
+
+
+def start_run(out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qmpprobe",
+            "run",
+            "--qemu",
+            qemu_path(),
+            "--out",
+            str(out),
+            "--machines",
+            MACHINES,
+            "--models",
+            MODELS,
+            *extra,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def wait_for_records(out: Path, n: int, proc: subprocess.Popen[str], limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if len(list((out / "raw").glob("*/*.json.gz"))) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} combos probed in {limit}s")
+
+
+def wait_gone(run_id: str, limit: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + limit
+    while (left := owned_pids(run_id)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def sorted_cells(run: Path) -> pd.DataFrame:
+    cells = pd.read_parquet(run / "cells.parquet").astype(str)
+    return cells.sort_values(["machine", "model", "prop"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("whole") / "run"
+    cli(
+        "run",
+        "--qemu",
+        qemu_path(),
+        "--out",
+        str(out),
+        "--machines",
+        MACHINES,
+        "--models",
+        MODELS,
+        check=True,
+    )
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_cleanly_and_resume_finishes(
+    tmp_path: Path, uninterrupted: Path, sig: signal.Signals
+) -> None:
+    out = tmp_path / "run"
+    proc = start_run(out)
+    wait_for_records(out, 40, proc)
+    run_id = manifest(out)["run_id"]
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert err.strip().splitlines()[-1].startswith("qmpprobe: interrupted")
+    assert not wait_gone(run_id, 1.0), "QEMU left running after the signal"
+    m = manifest(out)
+    assert m["complete"] is False
+    assert m["counts"]["pending"] > 0 and m["counts"]["ok"] >= 40
+    combos = pd.read_csv(out / "combos.csv", keep_default_na=False)
+    assert set(combos.status) <= {"ok", "pending", "skipped", "error"}
+    assert (combos.status == "pending").sum() == m["counts"]["pending"]
+    partial = pd.read_parquet(out / "cells.parquet")
+    assert partial.groupby(["machine", "model"], observed=True).ngroups == m["counts"]["ok"]
+    # Incomplete runs are refused by readers that need a whole run.
+    assert cli("export", str(out), "--csv").returncode == 0
+
+    done = cli("run", "--resume", str(out), check=True)
+    assert "complete" in done.stdout
+    m2 = manifest(out)
+    assert m2["complete"] is True and m2["counts"]["pending"] == 0
+    assert m2["run_id"] == run_id
+    pd.testing.assert_frame_equal(sorted_cells(out), sorted_cells(uninterrupted))
+    a = pd.read_csv(out / "combos.csv", keep_default_na=False)
+    b = pd.read_csv(uninterrupted / "combos.csv", keep_default_na=False)
+    cols = ["machine", "model", "status", "error", "alias_of", "qom_type"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+
+
+def test_sigkill_leaves_no_qemu_and_resume_finishes(tmp_path: Path, uninterrupted: Path) -> None:
+    out = tmp_path / "run"
+    proc = start_run(out)
+    wait_for_records(out, 30, proc)
+    run_id = manifest(out)["run_id"]
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert not wait_gone(run_id), "QEMU survived SIGKILL of qmpprobe"
+    assert manifest(out)["complete"] is False
+    cli("run", "--resume", str(out), check=True)
+    assert manifest(out)["complete"] is True
+    pd.testing.assert_frame_equal(sorted_cells(out), sorted_cells(uninterrupted))
+
+
+def fault_env(mode: str, match: str) -> dict[str, str]:
+    return {**os.environ, "FAULT_QEMU": qemu_path(), "FAULT_MODE": mode, "FAULT_MATCH": match}
+
+
+def test_sigkill_with_a_wrapper_that_forks_qemu(tmp_path: Path) -> None:
+    # The wrapper keeps QEMU as its child: only the reaper can catch those after SIGKILL.
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qmpprobe",
+            "run",
+            "--qemu",
+            str(FAULTS / "qemu-fault"),
+            "--out",
+            str(out),
+            "--machines",
+            MACHINES,
+            "--models",
+            MODELS,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=fault_env("child", "*"),
+    )
+    wait_for_records(out, 20, proc)
+    run_id = manifest(out)["run_id"]
+    assert owned_pids(run_id)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert not wait_gone(run_id), "a wrapper's QEMU survived SIGKILL of qmpprobe"
+
+
+def test_hung_qemu_times_out_after_a_retry(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = cli(
+        "run",
+        "--qemu",
+        str(FAULTS / "qemu-fault"),
+        "--out",
+        str(out),
+        "--machines",
+        "pc-i440fx-2.3,pc-q35-7.2",
+        "--models",
+        "qemu64,Haswell",
+        "--timeout",
+        "1.5",
+        env=fault_env("hang", "pc-i440fx-2.3"),
+    )
+    assert done.returncode == 0, done.stderr
+    combos = pd.read_csv(out / "combos.csv", keep_default_na=False)
+    hung = combos[combos.machine == "pc-i440fx-2.3"]
+    assert (hung.status == "timeout").all()
+    assert (hung.attempts == 2).all()
+    assert (hung.seconds >= 3.0).all()
+    assert hung.error.str.contains("no answer within 1.5 s").all()
+    assert (combos[combos.machine == "pc-q35-7.2"].status == "ok").all()
+    assert not owned_pids(manifest(out)["run_id"])
