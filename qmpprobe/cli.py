@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--results", default="results", help="parent of new run folders (results)")
     r.add_argument("--resume", metavar="RUN", help="finish an interrupted run folder")
+    r.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="learn everything from QEMU again, ignoring ~/.cache/qmpprobe",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
     d = sub.add_parser("discover", help="what the QEMU binary has: version, machines, models")
@@ -100,6 +105,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             machines=args.machines,
             models=args.models,
             read=args.read,
+            cache=not args.no_cache,
             out=args.out,
             results=args.results,
             progress=progress,

@@ -14,6 +14,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from qmpprobe import __version__, cache
 from qmpprobe.errors import InputError
 from qmpprobe.host import kvm_usable, qemu_fingerprint
 from qmpprobe.qemu import LaunchOptions, QemuProcess
@@ -223,19 +224,22 @@ def _accelerators(answers: dict[str, Any]) -> list[str]:
     return ["kvm", "tcg"] if "return" in answers["query-kvm"] else ["tcg"]
 
 
-async def discover(options: LaunchOptions) -> Discovery:
-    """Start QEMU once under `-machine none` and read everything the plan needs."""
+async def discover(options: LaunchOptions, use_cache: bool = True) -> Discovery:
+    """Start QEMU once under `-machine none` and read everything the plan needs.
+
+    With `use_cache`, the feature aliases learned earlier from the same QEMU files are reused.
+    """
     qemu_path = resolve_qemu(options.qemu)
     check_accel(options.accel)
     launch = LaunchOptions(qemu=qemu_path, accel=options.accel)
     proc = QemuProcess(launch.argv("none"), name="discover")
     try:
-        return await _discover(proc, qemu_path, options.accel)
+        return await _discover(proc, qemu_path, options.accel, use_cache)
     finally:
         await proc.stop()
 
 
-async def _discover(proc: QemuProcess, qemu_path: str, accel: str) -> Discovery:
+async def _discover(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -> Discovery:
     try:
         await proc.start()
     except OSError as e:
@@ -255,10 +259,10 @@ async def _discover(proc: QemuProcess, qemu_path: str, accel: str) -> Discovery:
             f"{qemu_path} is not a working QEMU with QMP{how}: {said or type(e).__name__}"
         ) from None
     async with asyncio.timeout(DISCOVERY_TIMEOUT):
-        return await _ask(proc, qemu_path, accel)
+        return await _ask(proc, qemu_path, accel, use_cache)
 
 
-async def _ask(proc: QemuProcess, qemu_path: str, accel: str) -> Discovery:
+async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -> Discovery:
     names = [
         "query-version",
         "query-target",
@@ -276,7 +280,13 @@ async def _ask(proc: QemuProcess, qemu_path: str, accel: str) -> Discovery:
         )
     qv = _ret(answers["query-version"], "query-version")
     fingerprint = qemu_fingerprint(qemu_path, proc.pid or 0)
-    aliases, alias_answers = await _learn_aliases(proc)
+    key = f"{fingerprint['id']}-{accel}-{__version__}"
+    cached = cache.load("aliases", key) if use_cache else None
+    if cached is None:
+        aliases, alias_answers = await _learn_aliases(proc)
+        cache.save("aliases", key, {"aliases": aliases, "answers": alias_answers})
+    else:
+        aliases, alias_answers = cached["aliases"], {**cached["answers"], "cached": key}
     answers["aliases"] = alias_answers
     v = qv["qemu"]
     kvm = answers["query-kvm"].get("return", {})

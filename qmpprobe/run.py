@@ -74,6 +74,7 @@ class RunOptions:
     timeout: float = 30.0
     retries: int = 1
     read: str = "auto"
+    cache: bool = True
     out: str | None = None
     results: str = "results"
     progress: bool = False
@@ -155,8 +156,10 @@ class Runner:
         discovery: Discovery,
         combos: Sequence[Combo],
         options: RunOptions,
+        earlier_seconds: float = 0.0,
     ) -> None:
         self.folder = folder
+        self.earlier_seconds = earlier_seconds
         self.manifest = manifest
         self.discovery = discovery
         self.combos = list(combos)
@@ -304,9 +307,7 @@ class Runner:
         counts = Counter(r["status"] for r in rows)
         self.manifest.update(
             complete=complete and counts[PENDING] == 0,
-            duration=round(
-                self.manifest.get("duration_before", 0.0) + time.monotonic() - started, 3
-            ),
+            duration=round(self.earlier_seconds + time.monotonic() - started, 3),
             end=datetime.now(UTC).isoformat(timespec="seconds"),
             counts={s: counts[s] for s in STATUSES},
             planned=len(rows),
@@ -425,7 +426,7 @@ async def run(options: RunOptions) -> Outcome:
     launch = options.launch()
     if options.read not in ("auto", READ_QOM_GET):
         raise InputError(f"--read: use auto or {READ_QOM_GET}")
-    discovery = await discover(launch)
+    discovery = await discover(launch, options.cache)
     combos = plan(discovery, options.machines, options.models, launch.topology)
     now = datetime.now(UTC)
     manifest = new_manifest(options, discovery, replace(launch, qemu=discovery.qemu), now)
@@ -452,15 +453,14 @@ async def resume(path: str, jobs: int | None, timeout: float | None, progress: b
     options = options_from_manifest(manifest, jobs=jobs, timeout=timeout, progress=progress)
     # A QEMU a killed attempt left behind (e.g. the child of a wrapper) dies first.
     kill_owned(manifest["run_id"])
-    discovery = await discover(options.launch())
+    discovery = await discover(options.launch(), options.cache)
     if discovery.fingerprint["id"] != manifest["qemu"]["fingerprint"]["id"]:
         raise InputError(
             f"{path}: QEMU changed since the run started (fingerprint "
             f"{manifest['qemu']['fingerprint']['id']} → {discovery.fingerprint['id']})"
         )
     combos = plan(discovery, options.machines, options.models, parse_smp(options.smp))
-    manifest["duration_before"] = manifest.get("duration", 0.0)
-    runner = Runner(folder, manifest, discovery, combos, options)
+    runner = Runner(folder, manifest, discovery, combos, options, manifest.get("duration", 0.0))
     runner.load_journal()
     return await _execute(runner, options, started)
 

@@ -38,9 +38,20 @@ COMBO_COLUMNS = (
 )  # fmt: skip
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+#: Mode of the files a run writes (mkstemp's 0600 would hide published reports from others).
+FILE_MODE = _file_mode()
+
+
 def write_atomically(path: Path, write: Callable[[str], object]) -> None:
     """Let `write` fill a temp file in `path`'s folder, then rename it over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
         write(tmp)

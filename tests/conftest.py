@@ -19,6 +19,8 @@ from qemu.qmp import ExecuteError, QMPClient
 QEMU = os.environ.get("QMPPROBE_TEST_QEMU", "qemu-system-x86_64")
 REPO = Path(__file__).resolve().parent.parent
 FAULTS = Path(__file__).resolve().parent / "faults"
+# A cache of the tests' own (the first run learns, the rest reuse); never the user's.
+os.environ["QMPPROBE_CACHE"] = tempfile.mkdtemp(prefix="qmpprobe-test-cache-")
 
 #: The small plan most tests share: old and new machine types, ones that cannot start,
 #: a drifting model, its versioned twin, and models that need KVM or are not migration-safe.

@@ -16,7 +16,7 @@ from conftest import cli, qemu_path
 
 @pytest.fixture(scope="module")
 def found() -> Discovery:
-    return asyncio.run(discover(LaunchOptions(qemu_path(), "tcg")))
+    return asyncio.run(discover(LaunchOptions(qemu_path(), "tcg"), use_cache=False))
 
 
 def help_lines(*args: str) -> list[str]:
@@ -71,8 +71,15 @@ def test_fingerprint_covers_loaded_files(found: Discovery) -> None:
     assert proc["exe"] == fp["qemu"]
     assert all(len(h) == 64 for h in proc["files"].values())
     assert "fd=N" in " ".join(proc["argv"])
-    again = asyncio.run(discover(LaunchOptions(qemu_path(), "tcg")))
+    again = asyncio.run(discover(LaunchOptions(qemu_path(), "tcg"), use_cache=False))
     assert again.fingerprint["id"] == fp["id"]
+
+
+def test_cached_aliases_equal_learned_ones(found: Discovery) -> None:
+    first = asyncio.run(discover(LaunchOptions(qemu_path(), "tcg")))
+    cached = asyncio.run(discover(LaunchOptions(qemu_path(), "tcg")))
+    assert cached.answers["aliases"]["cached"].startswith(found.fingerprint["id"])
+    assert first.feature_aliases == cached.feature_aliases == found.feature_aliases
 
 
 def test_discover_command() -> None:
