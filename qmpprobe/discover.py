@@ -65,6 +65,8 @@ class Discovery:
     commands: list[str]
     kvm: dict[str, Any]
     accelerators: list[str]
+    #: CPUID feature flags under QEMU's canonical names (the booleans of a static expansion).
+    features: list[str]
     feature_aliases: dict[str, list[str]]
     fingerprint: dict[str, Any]
     answers: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -217,6 +219,17 @@ async def _learn_aliases(qemu: QemuProcess) -> tuple[dict[str, list[str]], dict[
     return alias_groups(turned_on), raw
 
 
+#: A static expansion names each CPUID feature once, by QEMU's canonical name.
+STATIC_BASE = {"type": "static", "model": {"name": "base"}}
+
+
+def _features(static: dict[str, Any]) -> list[str]:
+    """Canonical CPUID feature-flag names: the boolean properties of a static expansion."""
+    if "return" not in static:
+        return []
+    return sorted(p for p, v in static["return"]["model"]["props"].items() if isinstance(v, bool))
+
+
 def _accelerators(answers: dict[str, Any]) -> list[str]:
     """Accelerators this QEMU was built with (`query-accels`, QEMU >= 6.0; else KVM's presence)."""
     if "return" in answers["query-accels"]:
@@ -288,6 +301,8 @@ async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -
     else:
         aliases, alias_answers = cached["aliases"], {**cached["answers"], "cached": key}
     answers["aliases"] = alias_answers
+    static = (await proc.answers([("query-cpu-model-expansion", STATIC_BASE)]))[0]
+    answers["static-base"] = static
     v = qv["qemu"]
     kvm = answers["query-kvm"].get("return", {})
     return Discovery(
@@ -302,6 +317,7 @@ async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -
         commands=sorted(c["name"] for c in _ret(answers["query-commands"], "query-commands")),
         kvm=kvm,
         accelerators=_accelerators(answers),
+        features=_features(static),
         feature_aliases=aliases,
         fingerprint=fingerprint,
         answers=answers,

@@ -359,6 +359,7 @@ def new_manifest(
         "qmp_limits": QMP_LIMITS,
         "machines": [asdict(m) for m in discovery.machines],
         "models": [asdict(m) for m in discovery.models],
+        "features": discovery.features,
         "feature_aliases": discovery.feature_aliases,
     }
 

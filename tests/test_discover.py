@@ -65,6 +65,15 @@ def test_feature_aliases_are_learned(found: Discovery) -> None:
     assert "avx" not in found.feature_aliases
 
 
+def test_canonical_feature_names_come_from_a_static_expansion(found: Discovery) -> None:
+    features = set(found.features)
+    assert {"pni", "nx", "sse4.1", "lm", "avx", "f16c", "svm"} <= features
+    # Knobs and aliases are not CPUID feature flags.
+    assert not {"sse3", "xd", "sse4_1", "l3-cache", "check", "enforce"} & features
+    for group in found.feature_aliases.values():
+        assert len(features & set(group)) <= 1, group
+
+
 def test_fingerprint_covers_loaded_files(found: Discovery) -> None:
     fp = found.fingerprint
     (proc,) = fp["processes"]
