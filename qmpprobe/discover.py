@@ -17,6 +17,7 @@ from typing import Any
 from qmpprobe import __version__, cache
 from qmpprobe.errors import InputError
 from qmpprobe.host import kvm_usable, qemu_fingerprint
+from qmpprobe.learn import feature_bits, learn_aliases, learn_bits
 from qmpprobe.qemu import LaunchOptions, QemuProcess
 
 #: Seconds to wait for the QMP greeting, then for all of discovery's answers.
@@ -35,6 +36,7 @@ class Machine:
     deprecated: bool
     is_default: bool
     default_cpu_type: str | None
+    hotpluggable_cpus: bool
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class Discovery:
     accelerators: list[str]
     #: CPUID feature flags under QEMU's canonical names (the booleans of a static expansion).
     features: list[str]
+    #: Canonical flag → its CPUID bit (`0x00000001:0:ecx:29`), learned by hot-plugging CPUs.
+    feature_bits: dict[str, str]
     feature_aliases: dict[str, list[str]]
     fingerprint: dict[str, Any]
     answers: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -122,6 +126,7 @@ def parse_machines(raw: list[dict[str, Any]]) -> list[Machine]:
             deprecated=bool(m.get("deprecated", False)),
             is_default=bool(m.get("is-default", False)),
             default_cpu_type=m.get("default-cpu-type"),
+            hotpluggable_cpus=bool(m.get("hotpluggable-cpus", False)),
         )
         for m in raw
     ]
@@ -143,82 +148,6 @@ def parse_models(raw: list[dict[str, Any]]) -> list[Model]:
     ]
 
 
-def alias_groups(turned_on: dict[str, set[str]]) -> dict[str, list[str]]:
-    """Properties that are one feature bit: each turns all the others on, both ways round.
-
-    `turned_on[p]` is the set of boolean properties that became true when `base` was expanded
-    with `p` on; dependencies turn on one way only, aliases both ways.
-    """
-    parent = {p: p for p in turned_on}
-
-    def find(p: str) -> str:
-        while parent[p] != p:
-            parent[p] = parent[parent[p]]
-            p = parent[p]
-        return p
-
-    for p, ons in turned_on.items():
-        for q in ons:
-            if q != p and q in turned_on and p in turned_on[q]:
-                parent[find(q)] = find(p)
-    groups: dict[str, list[str]] = {}
-    for p in turned_on:
-        groups.setdefault(find(p), []).append(p)
-    result = {}
-    for members in groups.values():
-        if len(members) > 1:
-            for p in members:
-                result[p] = sorted(members)
-    return dict(sorted(result.items()))
-
-
-def _expansion(props: dict[str, bool]) -> tuple[str, dict[str, Any]]:
-    return (
-        "query-cpu-model-expansion",
-        {"type": "full", "model": {"name": "base", "props": props}},
-    )
-
-
-def _on(answer: dict[str, Any], flags: list[str]) -> set[str] | None:
-    if "return" not in answer:
-        return None
-    props = answer["return"]["model"]["props"]
-    return {q for q in flags if props.get(q) is True}
-
-
-async def _learn_aliases(qemu: QemuProcess) -> tuple[dict[str, list[str]], dict[str, Any]]:
-    """Learn which boolean properties are one feature bit, from expansions of `base`.
-
-    Pass 1 turns each false boolean on alone. A flag that does not even turn itself on needs
-    another one first (SVM bits need `svm`, VMX bits `vmx`): pass 2 turns it on on top of all
-    the flags that pass 1 could turn on, and looks at what changed.
-    """
-    base_answer = (await qemu.answers([_expansion({})]))[0]
-    if "error" in base_answer:
-        return {}, {"base": base_answer}
-    base = base_answer["return"]["model"]["props"]
-    flags = sorted(p for p, v in base.items() if v is False)
-    pass1 = await qemu.answers([_expansion({p: True}) for p in flags])
-    turned_on = {
-        p: on for p, a in zip(flags, pass1, strict=True) if (on := _on(a, flags)) is not None
-    }
-    roots = {p: True for p, on in turned_on.items() if p in on}
-    needy = sorted(p for p, on in turned_on.items() if p not in on)
-    pass2 = await qemu.answers(
-        [_expansion(roots)] + [_expansion({**roots, p: True}) for p in needy]
-    )
-    before = _on(pass2[0], flags)
-    if before is not None:
-        for p, a in zip(needy, pass2[1:], strict=True):
-            after = _on(a, flags)
-            turned_on[p] = (after - before) if after is not None else set()
-    raw = {
-        "base": base_answer,
-        "turned_on": {p: sorted(s) for p, s in turned_on.items()},
-    }
-    return alias_groups(turned_on), raw
-
-
 #: A static expansion names each CPUID feature once, by QEMU's canonical name.
 STATIC_BASE = {"type": "static", "model": {"name": "base"}}
 
@@ -228,6 +157,20 @@ def _features(static: dict[str, Any]) -> list[str]:
     if "return" not in static:
         return []
     return sorted(p for p, v in static["return"]["model"]["props"].items() if isinstance(v, bool))
+
+
+async def _learn_bits(
+    qemu: str, accel: str, machines: list[Machine], models: list[Model], features: list[str]
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """CPUID bits of every feature flag, on the default machine type (if it hot-plugs CPUs)."""
+    hot = [m for m in machines if m.hotpluggable_cpus and m.cpu_max > 1]
+    base = next((m.typename for m in models if m.name == "base"), None)
+    if not hot or base is None:
+        return {}, {}
+    machine = next((m for m in hot if m.is_default), hot[0])
+    return await learn_bits(
+        LaunchOptions(qemu, accel), machine.name, machine.cpu_max, base, features
+    )
 
 
 def _accelerators(answers: dict[str, Any]) -> list[str]:
@@ -293,16 +236,22 @@ async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -
         )
     qv = _ret(answers["query-version"], "query-version")
     fingerprint = qemu_fingerprint(qemu_path, proc.pid or 0)
-    key = f"{fingerprint['id']}-{accel}-{__version__}"
-    cached = cache.load("aliases", key) if use_cache else None
-    if cached is None:
-        aliases, alias_answers = await _learn_aliases(proc)
-        cache.save("aliases", key, {"aliases": aliases, "answers": alias_answers})
-    else:
-        aliases, alias_answers = cached["aliases"], {**cached["answers"], "cached": key}
-    answers["aliases"] = alias_answers
     static = (await proc.answers([("query-cpu-model-expansion", STATIC_BASE)]))[0]
     answers["static-base"] = static
+    features = _features(static)
+    machines = parse_machines(_ret(answers["query-machines"], "query-machines"))
+    models = parse_models(_ret(answers["query-cpu-definitions"], "query-cpu-definitions"))
+    key = f"{fingerprint['id']}-{accel}-{__version__}"
+    learned = cache.load("features", key) if use_cache else None
+    if learned is None:
+        aliases, alias_answers = await learn_aliases(proc)
+        bits, crashed = await _learn_bits(qemu_path, accel, machines, models, features)
+        learned = {"aliases": aliases, "bits": bits, "crashed": crashed, "answers": alias_answers}
+        cache.save("features", key, learned)
+    else:
+        learned["answers"]["cached"] = key
+    answers["aliases"] = learned["answers"]
+    answers["feature-bits"] = {"bits": learned["bits"], "crashed": learned["crashed"]}
     v = qv["qemu"]
     kvm = answers["query-kvm"].get("return", {})
     return Discovery(
@@ -312,13 +261,14 @@ async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -
         package=qv.get("package", "").strip(),
         query_version=qv,
         target=target,
-        machines=parse_machines(_ret(answers["query-machines"], "query-machines")),
-        models=parse_models(_ret(answers["query-cpu-definitions"], "query-cpu-definitions")),
+        machines=machines,
+        models=models,
         commands=sorted(c["name"] for c in _ret(answers["query-commands"], "query-commands")),
         kvm=kvm,
         accelerators=_accelerators(answers),
-        features=_features(static),
-        feature_aliases=aliases,
+        features=features,
+        feature_bits=feature_bits({f: set(b) for f, b in learned["bits"].items()}),
+        feature_aliases=learned["aliases"],
         fingerprint=fingerprint,
         answers=answers,
     )

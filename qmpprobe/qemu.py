@@ -37,11 +37,6 @@ def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fo
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-#: Accelerator options per accelerator; a tiny TCG translation cache starts faster (QEMU
-#: allocates it up front) and changes nothing about the CPU.
-ACCEL_OPTIONS = {"tcg": "tcg,tb-size=1", "kvm": "kvm"}
-
-
 @dataclass(frozen=True)
 class LaunchOptions:
     """What every QEMU of a run is started with, besides the machine type and CPU model."""
@@ -55,7 +50,7 @@ class LaunchOptions:
     def argv(self, machine: str, model: str | None = None) -> list[str]:
         """The QEMU command line for one machine type (and CPU model), without the monitor."""
         argv = [self.qemu, "-S", "-nodefaults", "-no-user-config", "-display", "none"]
-        argv += ["-machine", machine, "-accel", ACCEL_OPTIONS.get(self.accel, self.accel)]
+        argv += ["-machine", machine, "-accel", self.accel]
         if model is not None:
             argv += ["-cpu", f"{model},{self.cpu_flags}" if self.cpu_flags else model]
             argv += ["-smp", self.topology]

@@ -360,6 +360,7 @@ def new_manifest(
         "machines": [asdict(m) for m in discovery.machines],
         "models": [asdict(m) for m in discovery.models],
         "features": discovery.features,
+        "feature_bits": discovery.feature_bits,
         "feature_aliases": discovery.feature_aliases,
     }
 

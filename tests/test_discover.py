@@ -74,6 +74,19 @@ def test_canonical_feature_names_come_from_a_static_expansion(found: Discovery) 
         assert len(features & set(group)) <= 1, group
 
 
+def test_feature_bits_are_learned_by_hot_plugging(found: Discovery) -> None:
+    bits = found.feature_bits
+    # Leaf 1 ECX bit 0 is SSE3 (QEMU calls it pni), bit 29 F16C; 0x80000001 EDX bit 20 NX.
+    assert bits["pni"] == "0x00000001:0:ecx:0"
+    assert bits["f16c"] == "0x00000001:0:ecx:29"
+    assert bits["nx"] == "0x80000001:0:edx:20"
+    assert bits["avx512f"] == "0x00000007:0:ebx:16"
+    # A bit the accelerator filters is still learned (from filtered-features).
+    assert bits["nrip-save"] == "0x8000000a:0:edx:3"
+    assert len(set(bits.values())) == len(bits)
+    assert set(bits) <= set(found.features)
+
+
 def test_fingerprint_covers_loaded_files(found: Discovery) -> None:
     fp = found.fingerprint
     (proc,) = fp["processes"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from qmpprobe.cells import json_text, json_type
-from qmpprobe.discover import alias_groups
 from qmpprobe.errors import InputError
+from qmpprobe.learn import alias_groups, bit_key, feature_bits, word_bits
 from qmpprobe.plan import (
     Combo,
     natural_key,
@@ -123,3 +123,13 @@ def test_reference_round_covers_every_model_and_spreads_machines() -> None:
     assert [c.model for c in again] == ["d"]
     assert again[0] != next(c for c in first if c.model == "d")
     assert reference_round(todo, set(models), 0) == []
+
+
+def test_feature_word_bits_and_single_bit_flags() -> None:
+    words = [
+        {"cpuid-register": "ECX", "cpuid-input-eax": 1, "features": 0x20000001},
+        {"cpuid-register": "EBX", "cpuid-input-eax": 7, "cpuid-input-ecx": 0, "features": 16},
+    ]
+    assert bit_key(words[1], 4) == "0x00000007:0:ebx:4"
+    assert word_bits(words) == {"0x00000001:0:ecx:0", "0x00000001:0:ecx:29", "0x00000007:0:ebx:4"}
+    assert feature_bits({"pni": {"a"}, "xsave": {"b", "c"}, "kvm": set()}) == {"pni": "a"}

@@ -1,0 +1,196 @@
+"""Learn from a QEMU how its feature flags are named and where they live in CPUID.
+
+Nothing here is a table: aliases come from expansions of `base` with one flag on at a time
+(aliases turn each other on, both ways round), and each canonical flag's CPUID bit comes from
+hot-plugging a `base` CPU with that flag on into a QEMU started with `-cpu base` and reading
+the new CPU's `feature-words` (plus `filtered-features`: a bit the accelerator cannot provide
+is still the bit the flag asks for). Both depend only on the QEMU files and the accelerator,
+so discovery caches them by fingerprint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from qemu.qmp import QMPError
+
+from qmpprobe.probe import qemu_message
+from qmpprobe.qemu import LaunchOptions, QemuProcess
+
+#: Seconds allowed to learn the CPUID bits of every flag.
+BITS_TIMEOUT = 120.0
+
+
+def alias_groups(turned_on: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Properties that are one feature bit: each turns all the others on, both ways round.
+
+    `turned_on[p]` is the set of boolean properties that became true when `base` was expanded
+    with `p` on; dependencies turn on one way only, aliases both ways.
+    """
+    parent = {p: p for p in turned_on}
+
+    def find(p: str) -> str:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    for p, ons in turned_on.items():
+        for q in ons:
+            if q != p and q in turned_on and p in turned_on[q]:
+                parent[find(q)] = find(p)
+    groups: dict[str, list[str]] = {}
+    for p in turned_on:
+        groups.setdefault(find(p), []).append(p)
+    result = {}
+    for members in groups.values():
+        if len(members) > 1:
+            for p in members:
+                result[p] = sorted(members)
+    return dict(sorted(result.items()))
+
+
+def _expansion(props: dict[str, bool]) -> tuple[str, dict[str, Any]]:
+    return (
+        "query-cpu-model-expansion",
+        {"type": "full", "model": {"name": "base", "props": props}},
+    )
+
+
+def _on(answer: dict[str, Any], flags: list[str]) -> set[str] | None:
+    if "return" not in answer:
+        return None
+    props = answer["return"]["model"]["props"]
+    return {q for q in flags if props.get(q) is True}
+
+
+async def learn_aliases(qemu: QemuProcess) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """Learn which boolean properties are one feature bit, from expansions of `base`.
+
+    Pass 1 turns each false boolean on alone. A flag that does not even turn itself on needs
+    another one first (SVM bits need `svm`, VMX bits `vmx`): pass 2 turns it on on top of all
+    the flags that pass 1 could turn on, and looks at what changed.
+    """
+    base_answer = (await qemu.answers([_expansion({})]))[0]
+    if "error" in base_answer:
+        return {}, {"base": base_answer}
+    base = base_answer["return"]["model"]["props"]
+    flags = sorted(p for p, v in base.items() if v is False)
+    pass1 = await qemu.answers([_expansion({p: True}) for p in flags])
+    turned_on = {
+        p: on for p, a in zip(flags, pass1, strict=True) if (on := _on(a, flags)) is not None
+    }
+    roots = {p: True for p, on in turned_on.items() if p in on}
+    needy = sorted(p for p, on in turned_on.items() if p not in on)
+    pass2 = await qemu.answers(
+        [_expansion(roots)] + [_expansion({**roots, p: True}) for p in needy]
+    )
+    before = _on(pass2[0], flags)
+    if before is not None:
+        for p, a in zip(needy, pass2[1:], strict=True):
+            after = _on(a, flags)
+            turned_on[p] = (after - before) if after is not None else set()
+    raw = {
+        "base": base_answer,
+        "turned_on": {p: sorted(s) for p, s in turned_on.items()},
+    }
+    return alias_groups(turned_on), raw
+
+
+def bit_key(word: dict[str, Any], bit: int) -> str:
+    """`0x00000007:0:ebx:4`: leaf, subleaf (0 when the leaf has none), register, bit."""
+    leaf = int(word["cpuid-input-eax"])
+    sub = int(word.get("cpuid-input-ecx", 0))
+    return f"{leaf:#010x}:{sub}:{word['cpuid-register'].lower()}:{bit}"
+
+
+def word_bits(*word_lists: Sequence[dict[str, Any]]) -> set[str]:
+    """Every bit set in any of the given feature-word lists."""
+    return {
+        bit_key(w, b)
+        for words in word_lists
+        for w in words
+        for b in range(32)
+        if int(w["features"]) >> b & 1
+    }
+
+
+def feature_bits(turned_on: dict[str, set[str]]) -> dict[str, str]:
+    """Flag → its CPUID bit, for flags that set exactly one bit (dependencies set more)."""
+    return {f: next(iter(bits)) for f, bits in sorted(turned_on.items()) if len(bits) == 1}
+
+
+async def _bits_in_one_qemu(
+    launch: LaunchOptions, machine: str, base_type: str, flags: Sequence[str]
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Hot-plug one CPU per flag; returns the bits of each flag, and the flag QEMU died on."""
+    qemu = QemuProcess(launch.argv(machine, "base"), name="learn-bits")
+    learned: dict[str, list[str]] = {}
+    try:
+        await qemu.start()
+        await qemu.connect()
+        slots = [
+            c["props"] for c in await qemu.execute("query-hotpluggable-cpus") if "qom-path" not in c
+        ]
+        boot = (await qemu.execute("query-cpus-fast"))[0]["qom-path"]
+        base = word_bits(await qemu.execute("qom-get", {"path": boot, "property": "feature-words"}))
+        for i, (flag, slot) in enumerate(zip(flags, slots, strict=False)):
+            path = f"/machine/peripheral/learn{i}"
+            _added, words, filtered = await qemu.answers(
+                [
+                    ("device_add", {"driver": base_type, "id": f"learn{i}", **slot, flag: True}),
+                    ("qom-get", {"path": path, "property": "feature-words"}),
+                    ("qom-get", {"path": path, "property": "filtered-features"}),
+                ]
+            )
+            if "return" in words and "return" in filtered:
+                learned[flag] = sorted(word_bits(words["return"], filtered["return"]) - base)
+            else:
+                learned[flag] = []
+    except (QMPError, OSError, EOFError):
+        # QEMU died (some flags crash a hot-plugged CPU): the flag after the last learned one.
+        await qemu.wait_exit(1.0)
+        dead = next((f for f in flags if f not in learned), None)
+        return learned, ({dead: qemu_message(qemu.output())} if dead else {})
+    finally:
+        await qemu.stop()
+    return learned, {}
+
+
+async def _bits_of(
+    launch: LaunchOptions, machine: str, base_type: str, per: int, flags: Sequence[str]
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Learn every flag's bits, starting a fresh QEMU whenever one is full or died."""
+    learned: dict[str, list[str]] = {}
+    crashed: dict[str, str] = {}
+    todo = list(flags)
+    while todo:
+        got, died = await _bits_in_one_qemu(launch, machine, base_type, todo[:per])
+        if not got and not died:
+            break  # QEMU does not start this way at all: learn nothing more
+        learned.update(got)
+        crashed.update(died)
+        todo = [f for f in todo if f not in got and f not in died]
+    return learned, crashed
+
+
+async def learn_bits(
+    launch: LaunchOptions, machine: str, cpu_max: int, base_type: str, flags: Sequence[str]
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The CPUID bits each flag sets, by hot-plugging one `base` CPU per flag.
+
+    A machine type takes `cpu_max` CPUs, so the flags are spread over a few QEMUs, two at a
+    time. Returns the bits per flag and the flags whose CPU crashed QEMU (with its message).
+    """
+    per = max(1, cpu_max - 1)
+    topo = LaunchOptions(
+        launch.qemu, launch.accel, f"1,sockets={cpu_max},cores=1,threads=1,maxcpus={cpu_max}"
+    )
+    halves = [flags[: len(flags) // 2], flags[len(flags) // 2 :]]
+    async with asyncio.timeout(BITS_TIMEOUT):
+        parts = await asyncio.gather(*(_bits_of(topo, machine, base_type, per, h) for h in halves))
+    learned = {f: b for got, _ in parts for f, b in got.items()}
+    crashed = {f: m for _, died in parts for f, m in died.items()}
+    return learned, crashed
