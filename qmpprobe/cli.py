@@ -73,11 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="learn everything from QEMU again, ignoring ~/.cache/qmpprobe",
     )
+    r.add_argument(
+        "--no-report",
+        action="store_true",
+        help="do not write the drift report at the end (qmpprobe report RUN later)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
     d = sub.add_parser("discover", help="what the QEMU binary has: version, machines, models")
     _probe_args(d)
     d.add_argument("--json", action="store_true", help="everything as JSON")
+
+    rp = sub.add_parser("report", help="drift analysis and report of a complete run folder")
+    rp.add_argument("run", metavar="RUN", help="run folder")
 
     e = sub.add_parser("export", help="write a run's cells in another format")
     e.add_argument("run", metavar="RUN", help="run folder")
@@ -120,6 +128,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             options.timeout = args.timeout
         outcome = runmod.run_sync(lambda: runmod.run(options))
     print(runmod.summary(outcome))
+    if outcome.complete and not args.no_report:
+        from qmpprobe.report import write_report
+
+        report = [p for p in write_report(outcome.folder) if p.suffix == ".html"]
+        print(f"report: {report[0]}")
     return EXIT_OK
 
 
@@ -147,6 +160,14 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from qmpprobe.report import write_report
+
+    for path in write_report(args.run):
+        print(path)
+    return EXIT_OK
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from qmpprobe.store import RunFolder
 
@@ -156,7 +177,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _cmd_run, "discover": _cmd_discover, "export": _cmd_export}
+COMMANDS = {
+    "run": _cmd_run,
+    "discover": _cmd_discover,
+    "report": _cmd_report,
+    "export": _cmd_export,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,364 @@
+"""Drift: how each CPU model's properties change along each family of machine types.
+
+Pure pandas on a run's frames; it never starts QEMU. The pipeline:
+
+1. `machine_order`: machine types → family and version order (`pc-1.x` joins the family the
+   `pc` alias points into; `4.0.1` sorts after `4.0`; unversioned types stand alone);
+2. `requested`: the CPU each machine type *asks for*: features the accelerator or host
+   filtered count as requested, one row per feature under QEMU's canonical name, and
+   `feature-words` bits that no named flag covers become rows of their own;
+3. `transitions`: adjacent machine types of a family whose values differ, one row per model,
+   with `scope` `all-models` when (nearly) every model makes the same change;
+4. `runnability`, `runnability_changes`, `alias_changes`, `matrix`, `distance_to_newest`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pandas.api.types import union_categoricals
+
+from qmpprobe.learn import bit_key
+
+VERSIONED = re.compile(r"^(?P<prefix>.+?)-(?P<version>\d+(?:\.\d+)+)$")
+#: Accelerator/host facts: they feed runnability, not the CPU a machine type asks for.
+NOT_REQUESTED = ("feature-words", "filtered-features", "unavailable-features")
+BIT_PREFIX = "feature-words:"
+ALL_MODELS, MODEL = "all-models", "model"
+TRANSITION_COLUMNS = [
+    "accel", "family", "model", "prop", "from_machine", "to_machine", "old", "new", "scope",
+]  # fmt: skip
+
+
+def machine_order(machines: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """`machine, family, version, rank, versioned`, sorted by family then version."""
+    aliases = {m["alias"]: m["name"] for m in machines if m.get("alias")}
+    rows = []
+    for m in machines:
+        hit = VERSIONED.match(m["name"])
+        if not hit:
+            rows.append((m["name"], m["name"], (), False))
+            continue
+        prefix = hit["prefix"]
+        # `pc-1.4` belongs where the `pc` alias points (pc-i440fx-X.Y): QEMU's data, not a table.
+        target = VERSIONED.match(aliases.get(prefix, ""))
+        if target:
+            prefix = target["prefix"]
+        version = tuple(int(x) for x in hit["version"].split("."))
+        rows.append((m["name"], prefix, version, True))
+    df = pd.DataFrame(rows, columns=["machine", "family", "version", "versioned"])
+    df = df.sort_values(["versioned", "family", "version"], ascending=[False, True, True])
+    df["rank"] = df.groupby("family").cumcount()
+    return df.reset_index(drop=True)
+
+
+def canonical_names(
+    aliases: Mapping[str, Sequence[str]], features: Iterable[str]
+) -> dict[str, str]:
+    """Every alias → the name QEMU itself uses for that flag (the static-expansion name)."""
+    known = set(features)
+    canon = {}
+    for name, group in aliases.items():
+        chosen = [g for g in group if g in known]
+        canon[name] = chosen[0] if chosen else sorted(group)[0]
+    return canon
+
+
+def _combo_lists(cells: pd.DataFrame, prop: str) -> pd.DataFrame:
+    """`machine, model, item`: one row per element of a list-valued property."""
+    rows = cells.loc[cells["prop"] == prop, ["machine", "model", "value"]]
+    parsed = {v: json.loads(v) for v in rows["value"].unique()}
+    out = rows.assign(item=rows["value"].astype(str).map(parsed)).explode("item")
+    return out.dropna(subset=["item"])[["machine", "model", "item"]]
+
+
+def _set_bits(value: str) -> list[str]:
+    return [
+        bit_key(w, b) for w in json.loads(value) for b in range(32) if int(w["features"]) >> b & 1
+    ]
+
+
+def _requested_bits(cells: pd.DataFrame, named: set[str]) -> pd.DataFrame:
+    """Rows for CPUID bits no named flag covers: requested = feature-words | filtered."""
+    words = cells.loc[
+        cells["prop"].isin(["feature-words", "filtered-features"]), ["machine", "model", "value"]
+    ].astype(str)
+    # Many combos share the same words: decode each distinct value once.
+    decoded = {v: [b for b in _set_bits(v) if b not in named] for v in words["value"].unique()}
+    on = words.assign(prop=words["value"].map(decoded)).explode("prop").dropna(subset=["prop"])
+    on = on[["machine", "model", "prop"]].drop_duplicates()
+    if on.empty:
+        return pd.DataFrame(columns=["machine", "model", "prop", "value", "type"])
+    on["prop"] = BIT_PREFIX + on["prop"]
+    # A bit set anywhere for a model is a row on every machine type of that model.
+    combos = words[["machine", "model"]].drop_duplicates()
+    universe = combos.merge(on[["model", "prop"]].drop_duplicates(), on="model")
+    universe = universe.merge(on.assign(hit=True), on=["machine", "model", "prop"], how="left")
+    universe["value"] = np.where(universe["hit"].eq(True), "true", "false")
+    universe["type"] = "boolean"
+    return universe[["machine", "model", "prop", "value", "type"]]
+
+
+def _concat_categorical(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate frames column by column as categoricals, without going through strings."""
+    frames = [f for f in frames if len(f)]
+    columns = {
+        c: union_categoricals([pd.Categorical(f[c]) for f in frames], ignore_order=True)
+        for c in frames[0].columns
+    }
+    return pd.DataFrame(columns)
+
+
+def _codes(series: pd.Series, values: Iterable[str]) -> np.ndarray:
+    """Category codes of `values` in a categorical column (-1 for values it does not have)."""
+    return series.cat.categories.get_indexer(list(values))
+
+
+def requested(
+    cells: pd.DataFrame,
+    aliases: Mapping[str, Sequence[str]],
+    features: Iterable[str],
+    feature_bits: Mapping[str, str],
+) -> pd.DataFrame:
+    """`machine, model, prop, value, type`: the CPU each combo asked for, one row per fact."""
+    cells = cells[["machine", "model", "prop", "value", "type"]].astype("category")
+    # Features realize filtered out were requested all the same, under every spelling.
+    unavailable = _combo_lists(cells, "unavailable-features")
+    unavailable["prop"] = unavailable["item"].map(lambda n: list(aliases.get(n, [n])))
+    flagged = unavailable.explode("prop")
+    n_model, n_prop = len(cells["model"].cat.categories), len(cells["prop"].cat.categories)
+
+    def key(machine: np.ndarray, model: np.ndarray, prop: np.ndarray) -> np.ndarray:
+        return (machine.astype(np.int64) * n_model + model) * n_prop + prop
+
+    cell_key = key(
+        cells["machine"].cat.codes.to_numpy(),
+        cells["model"].cat.codes.to_numpy(),
+        cells["prop"].cat.codes.to_numpy(),
+    )
+    flag_key = key(
+        _codes(cells["machine"], flagged["machine"]),
+        _codes(cells["model"], flagged["model"]),
+        _codes(cells["prop"], flagged["prop"]),
+    )
+    boolean = (cells["type"] == "boolean").to_numpy()
+    hit = np.isin(cell_key, flag_key) & boolean
+    value = cells["value"].cat.add_categories(
+        [c for c in ["true"] if c not in cells["value"].cat.categories]
+    )
+    codes = np.where(hit, value.cat.categories.get_loc("true"), value.cat.codes.to_numpy())
+    cells = cells.assign(value=pd.Categorical.from_codes(codes, value.cat.categories))
+    canon = canonical_names(aliases, features)
+    drop = set(NOT_REQUESTED) | {a for a, c in canon.items() if a != c}
+    kept = cells[~cells["prop"].isin(drop)]
+    bits = _requested_bits(cells, set(feature_bits.values()))
+    return _concat_categorical([kept, bits])
+
+
+def along_families(req: pd.DataFrame, order: pd.DataFrame) -> pd.DataFrame:
+    """Versioned machine types only, each value beside the previous one of its family.
+
+    Sorted by family, model, property and version; `from_machine`/`old`/`old_code` are the
+    previous machine type's (empty on the oldest), `newest_code` the family's newest value.
+    """
+    versioned = order[order["versioned"]].set_index("machine")
+    df = req[req["machine"].isin(versioned.index)]
+    cats = df["machine"].cat.categories
+    ranks = versioned["rank"].reindex(cats).to_numpy()
+    families = versioned["family"].reindex(cats).to_numpy()
+    codes = df["machine"].cat.codes.to_numpy()
+    df = df.assign(
+        family=pd.Categorical(families[codes]),
+        rank=ranks[codes],
+        code=df["value"].cat.codes.to_numpy(),
+    )
+    df = df.sort_values(["family", "model", "prop", "rank"], kind="stable")
+    group = df.groupby(["family", "model", "prop"], observed=True, sort=False)
+    return df.assign(
+        from_machine=group["machine"].shift(),
+        old=group["value"].shift(),
+        old_code=group["code"].shift(),
+        newest_code=group["code"].transform("last"),
+    )
+
+
+CHANGE_KEY = ["family", "prop", "from_machine", "to_machine", "old", "new"]
+
+
+def changes(along: pd.DataFrame, few: float = 0.1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-model transitions, and each distinct change (same old → new) with its scope.
+
+    A compat entry on the abstract CPU type forces `old` on every model on the older machine
+    type; models whose own value already was `old` simply do not change. So a change is
+    `all-models` when at most `few` of the models that have the property on both machine
+    types (at least 2 allowed) do something else: those are its named exceptions.
+    """
+    pairs = along[along["from_machine"].notna()].rename(
+        columns={"machine": "to_machine", "value": "new"})
+    moved = pairs[pairs["code"] != pairs["old_code"]]
+    text = ["family", "model", "prop", "from_machine", "to_machine", "old", "new"]
+    per_model = moved[[*text, "rank"]].astype({c: str for c in text})
+    distinct = per_model.groupby(CHANGE_KEY, sort=False).agg(
+        models=("model", "size"), changed=("model", lambda m: set(m)), rank=("rank", "first"))
+    distinct = distinct.reset_index()
+    # Every model with the property on both machine types of a pair where something changed.
+    keys = distinct[CHANGE_KEY[:4]].drop_duplicates()
+    around = pairs[pairs["prop"].isin(keys["prop"])][text].astype({c: str for c in text})
+    around = around.merge(keys, on=CHANGE_KEY[:4])
+    both = around.merge(distinct[CHANGE_KEY], on=CHANGE_KEY[:4], suffixes=("", "_c"))
+    same_start = both["old"] == both["old_c"]
+    conforms = same_start & ((both["new"] == both["new_c"]) | (both["new"] == both["old_c"]))
+    both = both.assign(odd=np.where(conforms, "", both["model"]))
+    ckey = [f"{c}_c" if c in ("old", "new") else c for c in CHANGE_KEY]
+    summary = both.groupby(ckey, sort=False).agg(
+        having=("model", "size"),
+        exceptions=("odd", lambda m: " ".join(sorted(x for x in m if x))))
+    summary.index = summary.index.set_names(CHANGE_KEY)
+    distinct = distinct.join(summary, on=CHANGE_KEY)
+    odd = distinct["exceptions"].str.split().str.len().fillna(0)
+    allowed = np.maximum(2, np.floor(few * distinct["having"]))
+    shared = (odd <= allowed) & (distinct["models"] > allowed)
+    distinct["scope"] = np.where(shared, ALL_MODELS, MODEL)
+    return per_model, distinct
+
+
+def transitions(per_model: pd.DataFrame, distinct: pd.DataFrame, accel: str) -> pd.DataFrame:
+    """One row per model and property whose value differs between adjacent machine types."""
+    out = per_model.merge(distinct[[*CHANGE_KEY, "scope"]], on=CHANGE_KEY)
+    out = out.assign(accel=accel).sort_values(["family", "prop", "rank", "model"])
+    return out[TRANSITION_COLUMNS].reset_index(drop=True)
+
+
+def shared_transitions(distinct: pd.DataFrame) -> pd.DataFrame:
+    """Each all-models change once: how many models made it, which did something else."""
+    shared = distinct[distinct["scope"] == ALL_MODELS].sort_values(["family", "rank", "prop"])
+    return shared[[*CHANGE_KEY, "models", "having", "exceptions"]].reset_index(drop=True)
+
+
+def runnability(combos: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """`accel, machine, model, runnable, unavailable`: does the model run here, unfiltered?"""
+    ua = cells.loc[cells["prop"] == "unavailable-features", ["machine", "model", "value"]]
+    ua = ua.astype({"machine": str, "model": str})
+    parsed = {v: " ".join(json.loads(v)) for v in ua["value"].unique()}
+    ua = ua.assign(unavailable=ua["value"].map(parsed).astype(str))[
+        ["machine", "model", "unavailable"]
+    ]
+    done = combos[combos["status"].astype(str) != "pending"]
+    df = done[["accel", "machine", "model", "status"]].astype(str)
+    df = df.merge(ua, on=["machine", "model"], how="left")
+    df["unavailable"] = df["unavailable"].fillna("")
+    df["runnable"] = (df["status"] == "ok") & (df["unavailable"] == "")
+    return df[["accel", "machine", "model", "runnable", "unavailable"]]
+
+
+def runnability_changes(run: pd.DataFrame, order: pd.DataFrame) -> pd.DataFrame:
+    """Adjacent machine types of a family where a model starts or stops running here."""
+    versioned = order.loc[order["versioned"], ["machine", "family", "rank"]]
+    df = run.merge(versioned, on="machine").sort_values(["family", "model", "rank"])
+    group = df.groupby(["family", "model"], sort=False)
+    df["from_machine"] = group["machine"].shift()
+    df["was_runnable"] = group["runnable"].shift()
+    df["was_unavailable"] = group["unavailable"].shift()
+    flips = df[df["from_machine"].notna() & (df["was_runnable"] != df["runnable"])].copy()
+    flips["because"] = [
+        " ".join(
+            sorted(set(now.split()) - set(before.split()))
+            if not ok
+            else sorted(set(before.split()) - set(now.split()))
+        )
+        for now, before, ok in zip(
+            flips["unavailable"], flips["was_unavailable"], flips["runnable"], strict=True
+        )
+    ]
+    flips = flips.rename(columns={"machine": "to_machine"})
+    cols = ["family", "model", "from_machine", "to_machine", "runnable", "because"]
+    return flips[cols].reset_index(drop=True)
+
+
+def alias_changes(combos: pd.DataFrame, order: pd.DataFrame) -> pd.DataFrame:
+    """Adjacent machine types of a family where an unversioned name resolves differently."""
+    versioned = order.loc[order["versioned"], ["machine", "family", "rank"]]
+    df = combos[combos["status"].astype(str) == "ok"][["machine", "model", "alias_of"]]
+    df = df.astype(str).merge(versioned, on="machine").sort_values(["family", "model", "rank"])
+    group = df.groupby(["family", "model"], sort=False)
+    df["from_machine"] = group["machine"].shift()
+    df["old"] = group["alias_of"].shift()
+    changed = df[df["from_machine"].notna() & (df["old"] != df["alias_of"])]
+    changed = changed.rename(columns={"machine": "to_machine", "alias_of": "new"})
+    return changed[["family", "model", "from_machine", "to_machine", "old", "new"]]
+
+
+def matrix(req: pd.DataFrame, trans: pd.DataFrame, order: pd.DataFrame) -> pd.DataFrame:
+    """Wide view: one row per (model, prop) that drifts somewhere, one column per machine."""
+    drifting = trans[["model", "prop"]].drop_duplicates()
+    rows = req[req["model"].isin(drifting["model"]) & req["prop"].isin(drifting["prop"])]
+    rows = rows[["model", "prop", "machine", "value"]].astype(str)
+    rows = rows.merge(drifting, on=["model", "prop"])
+    wide = rows.pivot(index=["model", "prop"], columns="machine", values="value")
+    columns = [m for m in order["machine"] if m in wide.columns]
+    return wide.reindex(columns=columns).reset_index()
+
+
+def distance_to_newest(along: pd.DataFrame, order: pd.DataFrame) -> pd.DataFrame:
+    """Models × machine types: how many properties differ from the family's newest type."""
+    differs = along.assign(differs=along["code"] != along["newest_code"])
+    counts = differs.groupby(["model", "machine"], observed=True)["differs"].sum()
+    wide = counts.unstack("machine")
+    wide.columns = wide.columns.astype(str)
+    wide.index = wide.index.astype(str)
+    columns = [m for m in order.loc[order["versioned"], "machine"] if m in wide.columns]
+    return wide.reindex(columns=columns)
+
+
+def hex_text(value: str) -> str:
+    """JSON text of an integer ≥ 10 shown also in hex (`2147483656 (0x80000008)`)."""
+    if value.isdigit() and int(value) >= 10:
+        return f"{value} ({int(value):#x})"
+    return value
+
+
+@dataclass
+class Drift:
+    """Everything the report shows about one run."""
+
+    accel: str
+    order: pd.DataFrame
+    transitions: pd.DataFrame
+    shared: pd.DataFrame
+    runnability: pd.DataFrame
+    runnability_changes: pd.DataFrame
+    alias_changes: pd.DataFrame
+    matrix: pd.DataFrame
+    distance: pd.DataFrame
+
+
+def analyse(manifest: Mapping[str, Any], combos: pd.DataFrame, cells: pd.DataFrame) -> Drift:
+    """The whole drift analysis of a run (manifest, combos.csv, cells.parquet)."""
+    order = machine_order(manifest["machines"])
+    req = requested(
+        cells,
+        manifest.get("feature_aliases", {}),
+        manifest.get("features", []),
+        manifest.get("feature_bits", {}),
+    )
+    along = along_families(req, order)
+    per_model, distinct = changes(along)
+    trans = transitions(per_model, distinct, manifest["accel"])
+    run = runnability(combos, cells)
+    return Drift(
+        accel=manifest["accel"],
+        order=order,
+        transitions=trans,
+        shared=shared_transitions(distinct),
+        runnability=run,
+        runnability_changes=runnability_changes(run, order),
+        alias_changes=alias_changes(combos, order),
+        matrix=matrix(req, trans, order),
+        distance=distance_to_newest(along, order),
+    )

@@ -1,0 +1,240 @@
+"""Report: write a run's drift as CSV tables, Markdown, a heatmap and one self-contained HTML.
+
+Reads the run folder, calls `drift.analyse`, and formats; it never starts QEMU. Everything it
+writes lands in the run folder, atomically: transitions.csv, runnability.csv, matrix.csv,
+heatmap.png, report.md and report.html (which embeds the heatmap and needs no network).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from qmpprobe.drift import ALL_MODELS, MODEL, Drift, analyse, hex_text
+from qmpprobe.store import RunFolder, atomic_write
+
+FILES = (
+    "transitions.csv",
+    "runnability.csv",
+    "matrix.csv",
+    "heatmap.png",
+    "report.md",
+    "report.html",
+)
+
+
+def heatmap_png(distance: pd.DataFrame, title: str) -> bytes:
+    """Models × machine types, colour = properties that differ from the family's newest type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = distance.shape
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * cols + 3), max(4.0, 0.16 * rows + 2)), dpi=90)
+    image = ax.imshow(
+        distance.fillna(0).to_numpy(dtype=float),
+        aspect="auto",
+        cmap="viridis",
+        interpolation="nearest",
+    )
+    ax.set_xticks(range(cols), distance.columns, rotation=90, fontsize=7)
+    ax.set_yticks(range(rows), distance.index, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(
+        image,
+        ax=ax,
+        label="properties differing from the newest machine type",
+        fraction=0.03,
+        pad=0.01,
+    )
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out.getvalue()
+
+
+def _change(old: str, new: str) -> str:
+    return f"{hex_text(old)} → {hex_text(new)}"
+
+
+def _shared_rows(d: Drift) -> list[dict[str, Any]]:
+    return [
+        {
+            "family": r.family,
+            "pair": f"{r.from_machine} → {r.to_machine}",
+            "prop": r.prop,
+            "change": _change(r.old, r.new),
+            "models": f"{r.models}/{r.having}",
+            "exceptions": r.exceptions,
+        }
+        for r in d.shared.itertuples()
+    ]
+
+
+def _per_model(d: Drift) -> list[dict[str, Any]]:
+    own = d.transitions[d.transitions["scope"] == MODEL]
+    return [
+        {
+            "model": model,
+            "rows": [
+                {
+                    "family": r.family,
+                    "pair": f"{r.from_machine} → {r.to_machine}",
+                    "prop": r.prop,
+                    "change": _change(r.old, r.new),
+                }
+                for r in group.itertuples()
+            ],
+        }
+        for model, group in own.groupby("model", sort=True)
+    ]
+
+
+def _alias_rows(d: Drift) -> list[dict[str, Any]]:
+    grouped = d.alias_changes.groupby(["family", "from_machine", "to_machine"], sort=False)
+    return [
+        {
+            "family": fam,
+            "pair": f"{a} → {b}",
+            "models": ", ".join(
+                f"{m} → {n or '(none)'}" for m, n in zip(g["model"], g["new"], strict=True)
+            ),
+        }
+        for (fam, a, b), g in grouped
+    ]
+
+
+def _runnability_rows(d: Drift) -> list[str]:
+    lines = []
+    for r in d.runnability_changes.itertuples():
+        if r.runnable:
+            lines.append(
+                f"{r.model} runs here from {r.to_machine} on, not up to "
+                f"{r.from_machine}, which also asks for: {r.because}"
+            )
+        else:
+            lines.append(
+                f"{r.model} runs here up to {r.from_machine} and not from "
+                f"{r.to_machine} on, because of: {r.because}"
+            )
+    return lines
+
+
+def _failures(combos: pd.DataFrame) -> list[dict[str, Any]]:
+    bad = combos[combos["status"].astype(str).isin(["error", "timeout"])]
+    out = []
+    for (status, error), g in bad.groupby([bad["status"].astype(str), "error"], sort=True):
+        machines = sorted(set(g["machine"].astype(str)))
+        models = sorted(set(g["model"].astype(str)))
+        out.append(
+            {
+                "status": status,
+                "error": error,
+                "count": len(g),
+                "machines": _abbrev(machines),
+                "models": _abbrev(models),
+            }
+        )
+    return out
+
+
+def _abbrev(names: list[str], keep: int = 8) -> str:
+    more = f" … (+{len(names) - keep})" if len(names) > keep else ""
+    return ", ".join(names[:keep]) + more
+
+
+def _facts(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
+    q, host = manifest["qemu"], manifest["host"]
+    facts = [
+        ("QEMU", f"{q['version']} ({q.get('package', '')}) at {q['path']}"),
+        ("QEMU fingerprint", q["fingerprint"]["id"]),
+        ("accelerator", manifest["accel"]),
+        ("topology", f"-smp {manifest['topology']}"),
+        ("mode", manifest["mode"]),
+        ("extra -cpu flags", manifest.get("cpu_flags") or "none"),
+        ("-global", " ".join(manifest.get("globals") or []) or "none"),
+        (
+            "host",
+            f"{host['cpu'].get('model_name')} (microcode {host['cpu'].get('microcode')}), "
+            f"kernel {host['kernel']['release']}",
+        ),
+        (
+            "run",
+            f"{manifest['start']}, {manifest.get('duration', 0):.0f} s, qmpprobe "
+            f"{manifest['qmpprobe']}",
+        ),
+        ("combos", ", ".join(f"{k} {v}" for k, v in manifest["counts"].items() if v)),
+    ]
+    if manifest["accel"] == "kvm":
+        facts.insert(3, ("host fingerprint (KVM results describe this host)", host["fingerprint"]))
+    return facts
+
+
+def _headline(d: Drift, combos: pd.DataFrame) -> list[tuple[str, Any]]:
+    t = d.transitions
+    families = d.order[d.order["versioned"]].groupby("family").size()
+    return [
+        ("machine types in version order", ", ".join(f"{f} ({n})" for f, n in families.items())),
+        ("CPU models probed", combos["model"].nunique()),
+        ("transition rows (one per model)", len(t)),
+        ("changes shared by all models", len(d.shared)),
+        ("model-specific transitions", int((t["scope"] == MODEL).sum())),
+        ("models that drift on their own", t.loc[t["scope"] == MODEL, "model"].nunique()),
+        ("properties that drift", t["prop"].nunique()),
+        (
+            "models running here unfiltered (newest machine types)",
+            int(d.runnability.groupby("model")["runnable"].last().sum()),
+        ),
+        ("runnability changes", len(d.runnability_changes)),
+        ("unversioned name resolution changes (alias-of)", len(d.alias_changes)),
+    ]
+
+
+def context(manifest: Mapping[str, Any], combos: pd.DataFrame, d: Drift) -> dict[str, Any]:
+    """What the templates show."""
+    return {
+        "title": f"CPU model drift: QEMU {manifest['qemu']['version']}, {manifest['accel']}, "
+        f"-smp {manifest['topology']}",
+        "facts": _facts(manifest),
+        "headline": _headline(d, combos),
+        "shared": _shared_rows(d),
+        "per_model": _per_model(d),
+        "aliases": _alias_rows(d),
+        "runnability": _runnability_rows(d),
+        "failures": _failures(combos),
+        "limits": manifest.get("qmp_limits", ""),
+        "all_models": ALL_MODELS,
+    }
+
+
+def write_report(path: str | Path) -> list[Path]:
+    """Analyse a complete run folder and write every report file into it."""
+    folder = RunFolder(path)
+    manifest = folder.read_manifest(require_complete=True)
+    combos = folder.read_combos()
+    d = analyse(manifest, combos, folder.read_cells())
+    out = folder.path
+    atomic_write(out / "transitions.csv", d.transitions.to_csv(index=False).encode())
+    atomic_write(out / "runnability.csv", d.runnability.to_csv(index=False).encode())
+    atomic_write(out / "matrix.csv", d.matrix.to_csv(index=False).encode())
+    ctx = context(manifest, combos, d)
+    png = heatmap_png(d.distance, ctx["title"])
+    atomic_write(out / "heatmap.png", png)
+    env = Environment(
+        loader=PackageLoader("qmpprobe"),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    ctx["heatmap"] = "data:image/png;base64," + base64.b64encode(png).decode()
+    atomic_write(out / "report.html", env.get_template("report.html.j2").render(ctx).encode())
+    atomic_write(out / "report.md", env.get_template("report.md.j2").render(ctx).encode())
+    return [out / f for f in FILES]

@@ -1,0 +1,182 @@
+"""Drift report end to end on a real run, and the HTML opened in headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, cli, qemu_path
+
+MACHINES = "pc-i440fx-2.2,pc-i440fx-2.3,pc-i440fx-2.4,pc-i440fx-2.7,pc-i440fx-2.8,pc-q35-7.*,isapc"
+MODELS = "Haswell,Haswell-v1,qemu64,EPYC,max,Skylake-Client,Opteron_G3"
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "run"
+    done = cli(
+        "run",
+        "--qemu",
+        qemu_path(),
+        "--out",
+        str(out),
+        "--machines",
+        MACHINES,
+        "--models",
+        MODELS,
+        check=True,
+    )
+    assert f"report: {out / 'report.html'}" in done.stdout
+    return out
+
+
+def test_report_files_are_written(reported: Path) -> None:
+    for name in (
+        "transitions.csv",
+        "runnability.csv",
+        "matrix.csv",
+        "report.md",
+        "report.html",
+        "heatmap.png",
+    ):
+        assert (reported / name).stat().st_size > 0, name
+
+
+def test_transitions_are_qemus_drift(reported: Path) -> None:
+    t = pd.read_csv(reported / "transitions.csv", keep_default_na=False, dtype=str)
+    assert list(t.columns) == [
+        "accel",
+        "family",
+        "model",
+        "prop",
+        "from_machine",
+        "to_machine",
+        "old",
+        "new",
+        "scope",
+    ]
+    f16c = t[(t["prop"] == "f16c")]
+    assert f16c[["model", "from_machine", "to_machine", "old", "new", "scope"]].values.tolist() == [
+        ["Haswell", "pc-i440fx-2.2", "pc-i440fx-2.3", "false", "true", "model"]
+    ]
+    # Versioned models are frozen: no compat property names them.
+    assert not ((t["model"] == "Haswell-v1") & (t["scope"] == "model")).any()
+    # l3-cache turned on for every model at 2.8 (a compat entry on the abstract CPU type).
+    l3 = t[t["prop"] == "l3-cache"]
+    assert set(l3["scope"]) == {"all-models"}
+    assert set(l3["from_machine"] + ">" + l3["to_machine"]) == {"pc-i440fx-2.7>pc-i440fx-2.8"}
+    assert set(l3["old"] + ">" + l3["new"]) == {"false>true"}
+    # 2.4 -> 2.7 are adjacent here (2.5 and 2.6 were not planned); isapc stands alone.
+    assert not (t["from_machine"] == "isapc").any() and not (t["to_machine"] == "isapc").any()
+    # One row per change under QEMU's canonical name: no alias spellings.
+    assert not t["prop"].isin(["sse3", "sse4_1", "sse4-1", "xd", "i64"]).any()
+
+
+def test_filtered_features_do_not_drift_under_tcg(reported: Path) -> None:
+    # TCG filters pcid/invpcid from Haswell on every machine type: requested, so no drift rows.
+    t = pd.read_csv(reported / "transitions.csv", keep_default_na=False, dtype=str)
+    assert (
+        not t["prop"]
+        .isin(["pcid", "invpcid", "unavailable-features", "filtered-features", "feature-words"])
+        .any()
+    )
+
+
+def test_runnability_and_matrix(reported: Path) -> None:
+    r = pd.read_csv(reported / "runnability.csv", keep_default_na=False)
+    assert list(r.columns) == ["accel", "machine", "model", "runnable", "unavailable"]
+    has = r[(r["model"] == "Haswell") & (r["machine"] == "pc-q35-7.2")].iloc[0]
+    assert not has["runnable"] and "invpcid" in has["unavailable"].split()
+    m = pd.read_csv(reported / "matrix.csv", keep_default_na=False, dtype=str)
+    row = m[(m["model"] == "Haswell") & (m["prop"] == "f16c")].iloc[0]
+    assert (row["pc-i440fx-2.2"], row["pc-i440fx-2.3"]) == ("false", "true")
+    cols = list(m.columns[2:])
+    assert cols.index("pc-i440fx-2.2") < cols.index("pc-i440fx-2.3") < cols.index("pc-i440fx-2.8")
+
+
+def test_markdown_report(reported: Path) -> None:
+    md = (reported / "report.md").read_text()
+    for heading in (
+        "## Run",
+        "## What QMP cannot see",
+        "## Headline",
+        "## Changes shared by all models",
+        "## Per-model drift",
+        "## Runnability on this host",
+        "## Failures",
+    ):
+        assert heading in md
+    assert "l3-cache" in md and "![heatmap](heatmap.png)" in md
+    assert re.search(r"\d+ \(0x[0-9a-f]+\)", md), "integers also in hex"
+
+
+def test_report_refuses_incomplete_and_missing_runs(tmp_path: Path, reported: Path) -> None:
+    partial = tmp_path / "partial"
+    shutil.copytree(reported, partial)
+    text = (partial / "manifest.json").read_text().replace('"complete": true', '"complete": false')
+    (partial / "manifest.json").write_text(text)
+    done = cli("report", str(partial))
+    assert done.returncode == 2 and "incomplete run" in done.stderr
+    assert cli("report", str(tmp_path / "none")).returncode == 2
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        pytest.skip("Debian's chromium is not installed (./scripts/test installs it)")
+    return found
+
+
+HEADLESS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_html_report_in_headless_chromium(reported: Path, tmp_path: Path) -> None:
+    browser = chromium()
+    url = (reported / "report.html").as_uri()
+    common = [browser, *HEADLESS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(
+        [*common, "--virtual-time-budget=5000", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert 'data-heatmap="visible"' in dom, "the embedded heatmap did not decode or is hidden"
+    for section in (
+        "facts",
+        "limits",
+        "headline",
+        "shared",
+        "per-model",
+        "aliases",
+        "runnability",
+        "heatmap-section",
+        "failures",
+    ):
+        assert f'id="{section}"' in dom, section
+    assert dom.count("<table") >= 6
+    assert "l3-cache" in dom and "Haswell" in dom
+    assert "http://" not in dom and "https://" not in dom, "the page must not need the network"
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    subprocess.run(
+        [*common, "--window-size=1300,2400", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
