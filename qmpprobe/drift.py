@@ -142,11 +142,9 @@ def requested(
         cells["model"].cat.codes.to_numpy(),
         cells["prop"].cat.codes.to_numpy(),
     )
-    flag_key = key(
-        _codes(cells["machine"], flagged["machine"]),
-        _codes(cells["model"], flagged["model"]),
-        _codes(cells["prop"], flagged["prop"]),
-    )
+    found = [_codes(cells[c], flagged[c]) for c in ("machine", "model", "prop")]
+    known = (found[0] >= 0) & (found[1] >= 0) & (found[2] >= 0)  # names without a property
+    flag_key = key(*(f[known] for f in found))
     boolean = (cells["type"] == "boolean").to_numpy()
     hit = np.isin(cell_key, flag_key) & boolean
     value = cells["value"].cat.add_categories(
@@ -200,12 +198,14 @@ def changes(along: pd.DataFrame, few: float = 0.1) -> tuple[pd.DataFrame, pd.Dat
     types (at least 2 allowed) do something else: those are its named exceptions.
     """
     pairs = along[along["from_machine"].notna()].rename(
-        columns={"machine": "to_machine", "value": "new"})
+        columns={"machine": "to_machine", "value": "new"}
+    )
     moved = pairs[pairs["code"] != pairs["old_code"]]
     text = ["family", "model", "prop", "from_machine", "to_machine", "old", "new"]
     per_model = moved[[*text, "rank"]].astype({c: str for c in text})
     distinct = per_model.groupby(CHANGE_KEY, sort=False).agg(
-        models=("model", "size"), changed=("model", lambda m: set(m)), rank=("rank", "first"))
+        models=("model", "size"), changed=("model", lambda m: set(m)), rank=("rank", "first")
+    )
     distinct = distinct.reset_index()
     # Every model with the property on both machine types of a pair where something changed.
     keys = distinct[CHANGE_KEY[:4]].drop_duplicates()
@@ -217,8 +217,8 @@ def changes(along: pd.DataFrame, few: float = 0.1) -> tuple[pd.DataFrame, pd.Dat
     both = both.assign(odd=np.where(conforms, "", both["model"]))
     ckey = [f"{c}_c" if c in ("old", "new") else c for c in CHANGE_KEY]
     summary = both.groupby(ckey, sort=False).agg(
-        having=("model", "size"),
-        exceptions=("odd", lambda m: " ".join(sorted(x for x in m if x))))
+        having=("model", "size"), exceptions=("odd", lambda m: " ".join(sorted(x for x in m if x)))
+    )
     summary.index = summary.index.set_names(CHANGE_KEY)
     distinct = distinct.join(summary, on=CHANGE_KEY)
     odd = distinct["exceptions"].str.split().str.len().fillna(0)

@@ -214,3 +214,12 @@ def test_hex_text() -> None:
     assert drift.hex_text("2147483656") == "2147483656 (0x80000008)"
     assert drift.hex_text("7") == "7"
     assert drift.hex_text('"x"') == '"x"'
+
+
+def test_unavailable_name_without_a_property_changes_nothing_else() -> None:
+    c = cells([
+        ("m-1.0", "A", "zz", False), ("m-1.0", "A", "unavailable-features", []),
+        ("m-1.0", "B", "zz", False), ("m-1.0", "B", "unavailable-features", ["no-such-flag"]),
+    ])
+    req = drift.requested(c, {}, FEATURES, {}).astype(str)
+    assert set(req["value"]) == {"false"}

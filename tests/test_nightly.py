@@ -1,0 +1,64 @@
+"""The nightly job: one night of small runs, its record and the index page."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from qmpprobe.nightly import parse_qemus
+
+from conftest import REPO, qemu_path
+
+
+def test_parse_qemus() -> None:
+    assert parse_qemus(["/usr/bin/qemu-system-x86_64", "new=/opt/q/bin/qemu"]) == [
+        ("usr-bin-qemu-system-x86_64", "/usr/bin/qemu-system-x86_64"),
+        ("new", "/opt/q/bin/qemu"),
+    ]
+
+
+def test_one_night(tmp_path: Path) -> None:
+    root = tmp_path / "nightly"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qmpprobe.nightly",
+            "--qemu",
+            f"system={qemu_path()}",
+            "--qemu",
+            f"broken={tmp_path / 'missing-qemu'}",
+            "--accel",
+            "tcg",
+            "--smp",
+            "1,2",
+            "--root",
+            str(root),
+            "--date",
+            "2026-01-02",
+            "--",
+            "--machines",
+            "pc-i440fx-2.2,pc-i440fx-2.3",
+            "--models",
+            "Haswell,qemu64",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1, done.stderr  # the broken binary fails, the rest goes on
+    night = json.loads((root / "2026-01-02" / "night.json").read_text())
+    runs = {(r["name"], r["smp"]): r for r in night["runs"]}
+    assert set(runs) == {("system", "1"), ("system", "2"), ("broken", "1"), ("broken", "2")}
+    for smp in ("1", "2"):
+        ok = runs[("system", smp)]
+        assert ok["exit"] == 0 and ok["complete"] and ok["counts"]["ok"] == 4
+        assert (root / "2026-01-02" / ok["run"] / "report.html").exists()
+        assert ok["run"].endswith(f"-tcg-smp{smp}")
+        assert runs[("broken", smp)]["exit"] == 2 and runs[("broken", smp)]["run"] is None
+    index = (root / "index.html").read_text()
+    assert index.count('href="2026-01-02/system/') == 2
+    assert "not found" in index
