@@ -217,9 +217,13 @@ def test_hex_text() -> None:
 
 
 def test_unavailable_name_without_a_property_changes_nothing_else() -> None:
-    c = cells([
-        ("m-1.0", "A", "zz", False), ("m-1.0", "A", "unavailable-features", []),
-        ("m-1.0", "B", "zz", False), ("m-1.0", "B", "unavailable-features", ["no-such-flag"]),
-    ])
+    c = cells(
+        [
+            ("m-1.0", "A", "zz", False),
+            ("m-1.0", "A", "unavailable-features", []),
+            ("m-1.0", "B", "zz", False),
+            ("m-1.0", "B", "unavailable-features", ["no-such-flag"]),
+        ]
+    )
     req = drift.requested(c, {}, FEATURES, {}).astype(str)
     assert set(req["value"]) == {"false"}

@@ -12,30 +12,29 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import FAULTS, REPO, cli, manifest, owned_pids, qemu_path
+from conftest import FAULTS, REPO, cli, manifest, owned_pids, qemu_path, run_folder
 
 #: Big enough to interrupt in the middle, small enough to finish quickly.
 MACHINES = "pc-i440fx-2.*"
 MODELS = "Haswell*,qemu64,EPYC*"
 
 
-def start_run(out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def start_run(
+    out: Path, qemu: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    argv = [
+        "run",
+        "--qemu",
+        qemu or qemu_path(),
+        "--out",
+        str(out),
+        "--machines",
+        MACHINES,
+        "--models",
+        MODELS,
+    ]
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qmpprobe",
-            "run",
-            "--qemu",
-            qemu_path(),
-            "--out",
-            str(out),
-            "--machines",
-            MACHINES,
-            "--models",
-            MODELS,
-            *extra,
-        ],
+        [sys.executable, "-m", "qmpprobe", *argv],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -68,20 +67,7 @@ def sorted_cells(run: Path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("whole") / "run"
-    cli(
-        "run",
-        "--qemu",
-        qemu_path(),
-        "--out",
-        str(out),
-        "--machines",
-        MACHINES,
-        "--models",
-        MODELS,
-        check=True,
-    )
-    return out
+    return run_folder(tmp_path_factory.mktemp("whole"), "--machines", MACHINES, "--models", MODELS)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -141,27 +127,7 @@ def fault_env(mode: str, match: str) -> dict[str, str]:
 def test_sigkill_with_a_wrapper_that_forks_qemu(tmp_path: Path) -> None:
     # The wrapper keeps QEMU as its child: only the reaper can catch those after SIGKILL.
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qmpprobe",
-            "run",
-            "--qemu",
-            str(FAULTS / "qemu-fault"),
-            "--out",
-            str(out),
-            "--machines",
-            MACHINES,
-            "--models",
-            MODELS,
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=fault_env("child", "*"),
-    )
+    proc = start_run(out, str(FAULTS / "qemu-fault"), fault_env("child", "*"))
     wait_for_records(out, 20, proc)
     run_id = manifest(out)["run_id"]
     assert owned_pids(run_id)

@@ -222,25 +222,17 @@ def test_smp2_gives_two_cpus_with_explicit_topology(smp2_run: Path) -> None:
 
 
 def test_default_folder_name(tmp_path: Path) -> None:
-    cli(
-        "run",
-        "--qemu",
-        qemu_path(),
-        "--results",
-        str(tmp_path),
-        "--machines",
-        "pc-q35-7.2",
-        "--models",
-        "qemu64",
-        "--smp",
-        "2",
-        check=True,
-    )
+    args = ["--results", str(tmp_path), "--machines", "pc-q35-7.2", "--models", "qemu64"]
+    done = cli("run", "--qemu", qemu_path(), *args, "--smp", "2", check=True)
     (folder,) = tmp_path.iterdir()
     stamp, version, accel, smp = folder.name.rsplit("-", 3)
     assert stamp.endswith("Z") and len(stamp) == 16
     assert version == manifest(folder)["qemu"]["version"]
     assert (accel, smp) == ("tcg", "smp2")
+    assert done.stdout.splitlines() == [
+        f"{folder}: complete; ok 1; {manifest(folder)['duration']:.1f} s",
+        f"report: {folder / 'report.html'}",
+    ]
 
 
 def test_cpu_flags_and_globals_pass_through(tmp_path: Path) -> None:
