@@ -8,6 +8,7 @@ is what `store` journals under `raw/`, so analysis can be redone without QEMU.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -139,8 +140,18 @@ def _ended_text(ended: Ended | None) -> str:
     if ended is None:
         return "QEMU stopped answering"
     if ended.signal is not None:
-        return f"QEMU killed by signal {ended.signal}"
+        return f"QEMU killed by signal {ended.signal} ({signal.Signals(ended.signal).name})"
     return f"QEMU exited with code {ended.exit}"
+
+
+def _failure(qemu: QemuProcess, what: str, exc: BaseException) -> str:
+    """QEMU's own words if it said any, else how it ended, else what went wrong over QMP."""
+    said = qemu_message(qemu.output())
+    if said:
+        return said
+    if qemu.ended is not None:
+        return f"{_ended_text(qemu.ended)} during {what}"
+    return f"{what} failed: {type(exc).__name__}: {exc}"
 
 
 async def _run(
@@ -149,19 +160,17 @@ async def _run(
     await qemu.start()
     try:
         await qemu.connect()
-    except (QMPError, OSError, EOFError):
+    except (QMPError, OSError, EOFError) as e:
         # Most often QEMU refused the combo and exited: its message is in its output.
-        if await qemu.wait_exit(2.0) is None:
-            record["error"] = "QMP greeting failed: " + (
-                qemu_message(qemu.output()) or "no greeting"
-            )
+        await qemu.wait_exit(0.5)
+        record["error"] = _failure(qemu, "QMP greeting", e)
         return
     try:
         answers = await _read_cpu(qemu, options, model, read)
     except (QMPError, OSError, EOFError) as e:
         # QEMU died or broke the protocol mid-probe.
-        await qemu.wait_exit(1.0)
-        record["error"] = qemu_message(qemu.output()) or f"QMP failed: {type(e).__name__}: {e}"
+        await qemu.wait_exit(0.5)
+        record["error"] = _failure(qemu, "QMP", e)
         return
     record["answers"] = answers
     if "qom-list" not in answers:

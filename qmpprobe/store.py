@@ -56,9 +56,12 @@ def write_atomically(path: Path, write: Callable[[str], object]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            # Say which file could not be written (a full disk names none).
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

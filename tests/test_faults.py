@@ -1,0 +1,232 @@
+"""Fault injection around the real QEMU: every run completes, nothing is lost or left running."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import FAULTS, cli, manifest, owned_pids, qemu_path, run_folder
+
+MACHINES, MODELS, STRUCK = "pc-i440fx-2.3,pc-q35-7.2", "qemu64,Haswell", "pc-i440fx-2.3"
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    run = run_folder(
+        tmp_path_factory.mktemp("healthy"),
+        "--machines",
+        MACHINES,
+        "--models",
+        MODELS,
+        "--no-report",
+    )
+    return pd.read_parquet(run / "cells.parquet").astype(str)
+
+
+def faulty_run(tmp: Path, wrapper: str, mode: str, *extra: str) -> tuple[Path, pd.DataFrame]:
+    env = {**os.environ, "FAULT_QEMU": qemu_path(), "FAULT_MODE": mode, "FAULT_MATCH": STRUCK}
+    out = tmp / "run"
+    done = cli(
+        "run",
+        "--qemu",
+        str(FAULTS / wrapper),
+        "--out",
+        str(out),
+        "--machines",
+        MACHINES,
+        "--models",
+        MODELS,
+        "--timeout",
+        "2",
+        "--no-report",
+        *extra,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert manifest(out)["complete"] is True
+    assert not owned_pids(manifest(out)["run_id"]), "a QEMU (or wrapper) outlived the run"
+    return out, pd.read_csv(out / "combos.csv", keep_default_na=False)
+
+
+def assert_others_ok(out: Path, combos: pd.DataFrame, healthy: pd.DataFrame) -> None:
+    others = combos[combos["machine"] != STRUCK]
+    assert (others["status"] == "ok").all()
+    cells = pd.read_parquet(out / "cells.parquet").astype(str)
+    mine = cells[cells["machine"] != STRUCK].sort_values(["machine", "model", "prop"])
+    want = healthy[healthy["machine"] != STRUCK].sort_values(["machine", "model", "prop"])
+    pd.testing.assert_frame_equal(mine.reset_index(drop=True), want.reset_index(drop=True))
+
+
+def struck(combos: pd.DataFrame) -> pd.DataFrame:
+    rows = combos[combos["machine"] == STRUCK]
+    assert len(rows) == 2
+    return rows
+
+
+def raw(out: Path, model: str) -> dict[str, object]:
+    return json.loads(gzip.decompress((out / "raw" / STRUCK / f"{model}.json.gz").read_bytes()))
+
+
+def test_qemu_that_exits_at_once(tmp_path: Path, healthy: pd.DataFrame) -> None:
+    out, combos = faulty_run(tmp_path, "qemu-fault", "exit")
+    rows = struck(combos)
+    assert (rows["status"] == "error").all() and (rows["attempts"] == 1).all()
+    assert (rows["error"] == "qemu-system-x86_64: injected failure").all()
+    assert (rows["exit"] == "7").all() and (rows["signal"] == "").all()
+    assert_others_ok(out, combos, healthy)
+
+
+@pytest.mark.parametrize(("wrapper", "mode"), [("qemu-fault", "hang"), ("qmp-proxy", "silence")])
+def test_qemu_that_never_answers_times_out_after_a_retry(
+    tmp_path: Path, healthy: pd.DataFrame, wrapper: str, mode: str
+) -> None:
+    # Never greets at all, or greets and then stops answering.
+    out, combos = faulty_run(tmp_path, wrapper, mode)
+    rows = struck(combos)
+    assert (rows["status"] == "timeout").all()
+    assert (rows["attempts"] == 2).all() and (rows["seconds"] >= 4.0).all()
+    assert rows["error"].str.contains("no answer within 2 s").all()
+    assert_others_ok(out, combos, healthy)
+
+
+def test_qemu_that_crashes_mid_probe(tmp_path: Path, healthy: pd.DataFrame) -> None:
+    out, combos = faulty_run(tmp_path, "qmp-proxy", "segv")
+    rows = struck(combos)
+    assert (rows["status"] == "error").all()
+    assert (rows["signal"] == "11").all(), rows
+    assert (rows["error"] == "QEMU killed by signal 11 (SIGSEGV) during QMP").all()
+    assert_others_ok(out, combos, healthy)
+
+
+@pytest.mark.parametrize("wrapper", ["qemu-fault", "qmp-proxy"])
+def test_garbage_on_the_monitor(tmp_path: Path, healthy: pd.DataFrame, wrapper: str) -> None:
+    # qemu-fault writes garbage instead of the greeting; qmp-proxy after the handshake.
+    out, combos = faulty_run(tmp_path, wrapper, "garbage")
+    rows = struck(combos)
+    assert (rows["status"] == "error").all(), rows
+    assert rows["error"].str.contains("QMP").all()
+    assert_others_ok(out, combos, healthy)
+
+
+def test_qemu_that_floods_stderr(tmp_path: Path, healthy: pd.DataFrame) -> None:
+    out, combos = faulty_run(tmp_path, "qemu-fault", "flood")
+    assert (combos["status"] == "ok").all()
+    record = raw(out, "qemu64")
+    assert "flooding stderr" in record["output"] and len(record["output"]) <= 16 << 10
+    assert_others_ok(out, combos, healthy)
+    cells = pd.read_parquet(out / "cells.parquet").astype(str)
+    assert len(cells[cells["machine"] == STRUCK]) == len(healthy[healthy["machine"] == STRUCK])
+
+
+def test_slow_qemu_within_the_timeout(tmp_path: Path, healthy: pd.DataFrame) -> None:
+    env_slow = {"FAULT_SLEEP": "1"}
+    os.environ.update(env_slow)
+    try:
+        out, combos = faulty_run(tmp_path, "qemu-fault", "slow")
+    finally:
+        os.environ.pop("FAULT_SLEEP")
+    rows = struck(combos)
+    assert (rows["status"] == "ok").all() and (rows["attempts"] == 1).all()
+    assert (rows["seconds"] >= 1.0).all()
+    assert_others_ok(out, combos, healthy)
+
+
+def test_wrapper_that_keeps_qemu_as_its_child(tmp_path: Path, healthy: pd.DataFrame) -> None:
+    out, combos = faulty_run(tmp_path, "qemu-fault", "child")
+    assert (combos["status"] == "ok").all()
+    assert_others_ok(out, combos, healthy)
+
+
+def test_many_jobs_give_the_same_cells(tmp_path: Path) -> None:
+    plan = ["--machines", "pc-i440fx-2.*", "--models", "Haswell*,qemu64,EPYC", "--no-report"]
+    one = run_folder(tmp_path / "one", *plan, "--jobs", "1")
+    many = run_folder(tmp_path / "many", *plan, "--jobs", str(4 * (os.cpu_count() or 1)))
+    combos = pd.read_csv(many / "combos.csv")
+    assert (combos["status"] == "ok").all() and (combos["attempts"] == 1).all()
+    a, b = (
+        pd.read_parquet(r / "cells.parquet")
+        .astype(str)
+        .sort_values(["machine", "model", "prop"])
+        .reset_index(drop=True)
+        for r in (one, many)
+    )
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_truncated_journal_entry_is_probed_again(tmp_path: Path) -> None:
+    plan = ["--machines", "pc-i440fx-2.3,pc-q35-7.2", "--models", "qemu64,Haswell", "--no-report"]
+    run = run_folder(tmp_path, *plan)
+    before = pd.read_parquet(run / "cells.parquet").astype(str)
+    entry = run / "raw" / "pc-q35-7.2" / "Haswell.json.gz"
+    entry.write_bytes(entry.read_bytes()[:100])  # a write cut short by a crash
+    text = (run / "manifest.json").read_text().replace('"complete": true', '"complete": false')
+    (run / "manifest.json").write_text(text)
+    cli("run", "--resume", str(run), check=True)
+    after = pd.read_parquet(run / "cells.parquet").astype(str)
+    pd.testing.assert_frame_equal(before, after)
+    assert json.loads(gzip.decompress(entry.read_bytes()))["status"] == "ok"
+
+
+def in_private_mount_namespace(script: str) -> subprocess.CompletedProcess[str]:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private mount namespace")
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def qmpprobe_cmd() -> str:
+    return f"{shutil.which('python3') and os.sys.executable} -m qmpprobe"
+
+
+def test_kvm_without_dev_kvm_is_refused(tmp_path: Path) -> None:
+    done = in_private_mount_namespace(
+        f"mount -t tmpfs none /dev && cd {Path(__file__).parent.parent} && "
+        f"{qmpprobe_cmd()} run --accel kvm --out {tmp_path / 'run'}"
+    )
+    assert done.returncode == 2, done.stderr
+    assert (
+        done.stderr.strip() == "qmpprobe: --accel kvm needs a usable /dev/kvm "
+        "(/dev/kvm: No such file or directory)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_read_only_output_folder(tmp_path: Path) -> None:
+    target = tmp_path / "ro"
+    target.mkdir()
+    done = in_private_mount_namespace(
+        f"mount -t tmpfs -o ro none {target} && cd {Path(__file__).parent.parent} && "
+        f"{qmpprobe_cmd()} run --qemu {qemu_path()} --machines pc-q35-7.2 --models qemu64 "
+        f"--out {target / 'run'}"
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Read-only file system" in lines[0], done.stderr
+
+
+def test_disk_full_mid_run(tmp_path: Path) -> None:
+    target = tmp_path / "tiny"
+    target.mkdir()
+    done = in_private_mount_namespace(
+        f"mount -t tmpfs -o size=600k none {target} && cd {Path(__file__).parent.parent} && "
+        f"{qmpprobe_cmd()} run --qemu {qemu_path()} --machines 'pc-i440fx-2.*' "
+        f"--models 'Haswell*' --out {target / 'run'}; echo EXIT=$?; "
+        f"cat {target / 'run' / 'manifest.json'} | grep -c '\"complete\": true'"
+    )
+    out = done.stdout
+    assert "EXIT=2" in out, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(": No space left on device"), done.stderr
+    assert str(target) in lines[0]
+    assert out.strip().endswith("0"), "a full disk must not leave a run marked complete"
