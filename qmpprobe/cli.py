@@ -30,6 +30,19 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accel", default="tcg", choices=("tcg", "kvm"), help="accelerator (tcg)")
 
 
+def _diff_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--out", help=f"where diff.csv/json/md/html go (default: {default_out})")
+    p.add_argument(
+        "--unreleased",
+        action="append",
+        default=[],
+        metavar="MACHINE",
+        help="a machine type of the baseline that has not shipped (repeatable)",
+    )
+    p.add_argument("--accept", metavar="FILE", help="CSV of known, accepted changes (globs)")
+    p.add_argument("--cross-host", action="store_true", help="compare KVM runs of two hosts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = _Parser(prog="qmpprobe", description=__doc__)
@@ -86,6 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="drift analysis and report of a complete run folder")
     rp.add_argument("run", metavar="RUN", help="run folder")
+
+    df = sub.add_parser(
+        "diff", help="compare two runs: did a shipped machine type change? (exit 1)"
+    )
+    df.add_argument("run_a", metavar="RUN_A", help="baseline run folder")
+    df.add_argument("run_b", metavar="RUN_B", help="candidate run folder")
+    _diff_args(df, "results/diff-<A>--<B>")
+
+    ck = sub.add_parser("check", help="probe a baseline and a candidate QEMU, then diff them")
+    ck.add_argument("--baseline", required=True, metavar="QEMU_A", help="QEMU binary or wrapper")
+    ck.add_argument("--candidate", required=True, metavar="QEMU_B", help="QEMU binary or wrapper")
+    ck.add_argument("--accel", default="tcg", choices=("tcg", "kvm"))
+    ck.add_argument("--smp", default="1")
+    ck.add_argument("--machines", help="names or globs (each QEMU must have a match)")
+    ck.add_argument("--models", help="names or globs (each QEMU must have a match)")
+    ck.add_argument("--jobs", type=int, help="QEMUs at once (default: cores + 1)")
+    ck.add_argument("--timeout", type=float, help="seconds per combo (30)")
+    _diff_args(ck, "results/check-<stamp> (with baseline/ and candidate/ runs)")
 
     e = sub.add_parser("export", help="write a run's cells in another format")
     e.add_argument("run", metavar="RUN", help="run folder")
@@ -168,6 +199,51 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _diff_and_write(run_a: str, run_b: str, args: argparse.Namespace, out: str) -> int:
+    from qmpprobe import diff
+    from qmpprobe.report import write_diff
+
+    accepted = diff.read_accepted(args.accept) if args.accept else None
+    a, b = diff.Run.load(run_a), diff.Run.load(run_b)
+    result = diff.compare(a, b, args.unreleased, args.cross_host, accepted)
+    files = write_diff(result, out)
+    print(diff.summary(result))
+    print(f"diff: {files[0]}")
+    return EXIT_CHANGED if len(result.breaks) else EXIT_OK
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    out = args.out or f"results/diff-{Path(args.run_a).name}--{Path(args.run_b).name}"
+    return _diff_and_write(args.run_a, args.run_b, args, out)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from qmpprobe import run as runmod
+
+    out = Path(args.out or f"results/check-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+    for side, qemu in (("baseline", args.baseline), ("candidate", args.candidate)):
+        options = runmod.RunOptions(
+            qemu=qemu,
+            accel=args.accel,
+            smp=args.smp,
+            machines=args.machines,
+            models=args.models,
+            out=str(out / side),
+            progress=runmod.is_terminal(),
+        )
+        if args.jobs:
+            options.jobs = args.jobs
+        if args.timeout:
+            options.timeout = args.timeout
+        print(runmod.summary(runmod.run_sync(lambda o=options: runmod.run(o))))
+    return _diff_and_write(str(out / "baseline"), str(out / "candidate"), args, str(out))
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from qmpprobe.store import RunFolder
 
@@ -181,6 +257,8 @@ COMMANDS = {
     "run": _cmd_run,
     "discover": _cmd_discover,
     "report": _cmd_report,
+    "diff": _cmd_diff,
+    "check": _cmd_check,
     "export": _cmd_export,
 }
 

@@ -107,7 +107,10 @@ def _requested_bits(cells: pd.DataFrame, named: set[str]) -> pd.DataFrame:
 
 def _concat_categorical(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """Concatenate frames column by column as categoricals, without going through strings."""
-    frames = [f for f in frames if len(f)]
+    full = [f for f in frames if len(f)]
+    if not full:
+        return frames[0].astype("category")
+    frames = full
     columns = {
         c: union_categoricals([pd.Categorical(f[c]) for f in frames], ignore_order=True)
         for c in frames[0].columns

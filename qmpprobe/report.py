@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,66 @@ def write_report(path: str | Path) -> list[Path]:
     atomic_write(out / "report.html", env.get_template("report.html.j2").render(ctx).encode())
     atomic_write(out / "report.md", env.get_template("report.md.j2").render(ctx).encode())
     return [out / f for f in FILES]
+
+
+DIFF_FILES = ("diff.csv", "diff.json", "diff.md", "diff.html")
+
+
+def _side(run: Any) -> dict[str, Any]:
+    m = run.manifest
+    return {
+        "run": str(run.path),
+        "qemu": m["qemu"]["path"],
+        "version": m["qemu"]["version"],
+        "package": m["qemu"].get("package", ""),
+        "fingerprint": m["qemu"]["fingerprint"]["id"],
+        "host": m["host"]["fingerprint"],
+        "accel": m["accel"],
+        "topology": m["topology"],
+    }
+
+
+def write_diff(d: Any, out: str | Path) -> list[Path]:
+    """Write diff.csv, diff.json, diff.md and diff.html of a `diff.Diff` into `out`."""
+    from qmpprobe.diff import BREAKS, COLUMNS, SCHEMA, summary
+
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(folder)) from e
+    rows = d.rows
+    atomic_write(folder / "diff.csv", rows[COLUMNS].to_csv(index=False).encode())
+    doc = {
+        "schema": SCHEMA,
+        "baseline": _side(d.a),
+        "candidate": _side(d.b),
+        "shipped": sorted(d.shipped),
+        "unreleased": d.unreleased,
+        "cross_host": d.cross_host,
+        "notes": d.notes,
+        "counts": d.counts(),
+        "breaks": len(d.breaks),
+        "summary": summary(d),
+        "rows": rows.to_dict(orient="records"),
+    }
+    atomic_write(folder / "diff.json", (json.dumps(doc, indent=1) + "\n").encode())
+    groups = [(k, g.to_dict(orient="records")) for k, g in rows.groupby("kind", sort=False)]
+    ctx = {
+        "title": f"qmpprobe diff: QEMU {d.a.manifest['qemu']['version']} → "
+        f"{d.b.manifest['qemu']['version']} ({d.a.manifest['accel']}, "
+        f"-smp {d.a.manifest['topology']})",
+        "doc": doc,
+        "groups": groups,
+        "breaks": BREAKS,
+        "hex": hex_text,
+    }
+    env = Environment(
+        loader=PackageLoader("qmpprobe"),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    atomic_write(folder / "diff.html", env.get_template("diff.html.j2").render(ctx).encode())
+    atomic_write(folder / "diff.md", env.get_template("diff.md.j2").render(ctx).encode())
+    return [folder / f for f in DIFF_FILES]

@@ -1,0 +1,366 @@
+"""Diff of two runs: did the CPU of a machine type that already shipped change?
+
+Pure pandas on two run folders (never starts QEMU). Both runs are turned into *facts* per
+(machine type, model): the CPU each machine type asks for (`drift.requested`), where every
+feature flag with a known CPUID bit and every unnamed `feature-words` bit becomes the fact
+`bit:<leaf>:<subleaf>:<reg>:<bit>` (so a bit that one QEMU names and the other does not, or a
+guest-visible bit with no property at all, is still compared; a bit a run lacks is 0).
+Rows are classified by `KINDS`; `BREAKS` on a shipped machine type make the diff fail.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from qmpprobe.drift import BIT_PREFIX, VERSIONED, machine_order, requested
+from qmpprobe.errors import InputError
+from qmpprobe.store import RunFolder
+
+SCHEMA = 1
+COLUMNS = ["kind", "accel", "machine", "model", "prop", "old", "new"]
+ABI, UNSAFE, NEW_FEATURE = "abi-change", "unsafe-model-change", "new-feature-enabled"
+UNSHIPPED, UNVERSIONED = "unshipped-change", "unversioned-change"
+NEW_PROP, REMOVED_PROP = "new-prop", "removed-prop"
+NEW_MACHINE, REMOVED_MACHINE = "new-machine", "removed-machine"
+NEW_MODEL, REMOVED_MODEL = "new-model", "removed-model"
+CAPABILITY, STATUS, ALIAS, ACCEPTED = (
+    "capability-change",
+    "status-change",
+    "alias-change",
+    "accepted",
+)
+KINDS = (
+    ABI,
+    NEW_FEATURE,
+    STATUS,
+    UNSAFE,
+    UNSHIPPED,
+    UNVERSIONED,
+    CAPABILITY,
+    ALIAS,
+    NEW_PROP,
+    REMOVED_PROP,
+    NEW_MACHINE,
+    REMOVED_MACHINE,
+    NEW_MODEL,
+    REMOVED_MODEL,
+    ACCEPTED,
+)
+#: Kinds that fail the check: the guest-visible CPU of a shipped machine type changed (or it
+#: no longer starts with that model).
+BREAKS = (ABI, NEW_FEATURE, STATUS)
+
+
+@dataclass
+class Run:
+    """One side of a diff, loaded from its folder."""
+
+    path: Path
+    manifest: dict[str, Any]
+    combos: pd.DataFrame
+    cells: pd.DataFrame
+
+    @classmethod
+    def load(cls, path: str | Path) -> Run:
+        """Read a complete run folder (InputError otherwise)."""
+        folder = RunFolder(path)
+        manifest = folder.read_manifest(require_complete=True)
+        return cls(folder.path, manifest, folder.read_combos(), folder.read_cells())
+
+    @property
+    def name(self) -> str:
+        """The run folder's name."""
+        return self.path.name
+
+    def facts(self) -> pd.DataFrame:
+        """`machine, model, fact, prop, value`: the requested CPU, bits under `bit:` ids."""
+        m = self.manifest
+        bits = m.get("feature_bits", {})
+        req = requested(self.cells, m.get("feature_aliases", {}), m.get("features", []), bits)
+        req = req.astype(str)
+        named = {p: f"bit:{b}" for p, b in bits.items()}
+        fact = req["prop"].map(named)
+        unnamed = req["prop"].str.startswith(BIT_PREFIX)
+        fact = fact.where(~unnamed, "bit:" + req["prop"].str.removeprefix(BIT_PREFIX))
+        return req.assign(fact=fact.fillna(req["prop"]))[
+            ["machine", "model", "fact", "prop", "value"]
+        ]
+
+
+def check_comparable(a: Run, b: Run, cross_host: bool) -> None:
+    """Refuse runs that cannot be compared (InputError, one line)."""
+    ma, mb = a.manifest, b.manifest
+    if ma["accel"] != mb["accel"]:
+        raise InputError(f"cannot compare a {ma['accel']} run with a {mb['accel']} run")
+    if ma["topology"] != mb["topology"]:
+        raise InputError(f"cannot compare -smp {ma['topology']} with -smp {mb['topology']}")
+    if ma.get("mode") != mb.get("mode"):
+        raise InputError(f"cannot compare {ma.get('mode')} mode with {mb.get('mode')} mode")
+    ha, hb = ma["host"]["fingerprint"], mb["host"]["fingerprint"]
+    if ma["accel"] == "kvm" and ha != hb and not cross_host:
+        raise InputError(
+            f"KVM runs from different hosts ({ha} vs {hb}): pass --cross-host "
+            "to compare them anyway"
+        )
+
+
+def shipped_machines(a: Run, unreleased: Iterable[str]) -> set[str]:
+    """Versioned machine types of A, less the still-open newest ones of a development build."""
+    order = machine_order(a.manifest["machines"])
+    versioned = order[order["versioned"]]
+    shipped = set(versioned["machine"])
+    if int(a.manifest["qemu"]["query-version"]["qemu"]["micro"]) >= 50:
+        shipped -= set(versioned.groupby("family")["machine"].last())
+    return shipped - set(unreleased)
+
+
+def _rows(kind: str | pd.Series, accel: str, df: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({c: df.get(c, "") for c in COLUMNS[2:]})
+    out.insert(0, "accel", accel)
+    out.insert(0, "kind", kind if isinstance(kind, str) else kind.to_numpy())
+    return out
+
+
+def _ok(run: Run) -> pd.DataFrame:
+    c = run.combos
+    return c[c["status"].astype(str) == "ok"][["machine", "model"]].astype(str)
+
+
+def fact_rows(a: Run, b: Run, shipped: set[str]) -> pd.DataFrame:
+    """Changed facts of combos `ok` in both runs, classified."""
+    both = _ok(a).merge(_ok(b), on=["machine", "model"])
+    fa = a.facts().merge(both, on=["machine", "model"])
+    fb = b.facts().merge(both, on=["machine", "model"])
+    merged = fa.merge(fb, on=["machine", "model", "fact"], how="outer", suffixes=("_a", "_b"))
+    is_bit = merged["fact"].str.startswith("bit:")
+    # A CPUID bit a run does not report is a 0 bit; other facts are missing properties.
+    for side in ("a", "b"):
+        merged[f"value_{side}"] = merged[f"value_{side}"].where(
+            merged[f"value_{side}"].notna() | ~is_bit, "false"
+        )
+    changed = merged[merged["value_a"] != merged["value_b"]].copy()
+    changed["prop"] = changed["prop_b"].fillna(changed["prop_a"])
+    changed = changed.rename(columns={"value_a": "old", "value_b": "new"})
+    a_props = set(a.cells["prop"].astype(str).unique())
+    b_features = set(b.manifest.get("features", []))
+    safe = dict(
+        zip(b.combos["model"].astype(str), b.combos["migration_safe"].astype(bool), strict=False)
+    )
+    versioned = changed["machine"].str.match(VERSIONED.pattern)
+    new_flag = (
+        is_bit.loc[changed.index]
+        & ~changed["prop"].isin(a_props)
+        & (changed["prop"].isin(b_features))
+        & (changed["new"] == "true")
+    )
+    only_b = changed["old"].isna()
+    only_a = changed["new"].isna()
+    kind = np.select(
+        [
+            only_b,
+            only_a,
+            ~versioned,
+            ~changed["machine"].isin(shipped),
+            new_flag,
+            ~changed["model"].map(safe).fillna(True).astype(bool),
+        ],
+        [NEW_PROP, REMOVED_PROP, UNVERSIONED, UNSHIPPED, NEW_FEATURE, UNSAFE],
+        default=ABI,
+    )
+    changed["kind"] = kind
+    props = changed[changed["kind"].isin([NEW_PROP, REMOVED_PROP])]
+    rest = changed[~changed["kind"].isin([NEW_PROP, REMOVED_PROP])]
+    return pd.concat(
+        [
+            _rows(rest["kind"], a.manifest["accel"], rest.fillna("")),
+            _prop_rows(props, a.manifest["accel"]),
+        ],
+        ignore_index=True,
+    )
+
+
+def _prop_rows(props: pd.DataFrame, accel: str) -> pd.DataFrame:
+    """A new or removed property once, not once per combo: its value, or `varies`."""
+    if props.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    side = np.where(props["kind"] == NEW_PROP, props["new"], props["old"])
+    grouped = (
+        props.assign(value=side)
+        .groupby(["kind", "prop"])["value"]
+        .agg(lambda v: v.iloc[0] if v.nunique() == 1 else "varies")
+        .reset_index()
+    )
+    grouped["old"] = np.where(grouped["kind"] == REMOVED_PROP, grouped["value"], "")
+    grouped["new"] = np.where(grouped["kind"] == NEW_PROP, grouped["value"], "")
+    return _rows(grouped["kind"], accel, grouped.assign(machine="*", model="*"))
+
+
+def combo_rows(a: Run, b: Run, shipped: set[str]) -> pd.DataFrame:
+    """Status, alias-of and capability differences of combos planned in both runs."""
+    accel = a.manifest["accel"]
+    cols = ["machine", "model", "status", "error", "alias_of"]
+    both = (
+        a.combos[cols]
+        .astype(str)
+        .merge(b.combos[cols].astype(str), on=["machine", "model"], suffixes=("_a", "_b"))
+    )
+    status = both[
+        (both["status_a"] != both["status_b"])
+        & ((both["status_a"] == "ok") | (both["status_b"] == "ok"))
+    ]
+    # Only a combo that stopped working on a shipped machine type is a break.
+    broke = (status["status_a"] == "ok") & status["machine"].isin(shipped)
+    status = status.assign(
+        kind=np.where(broke, STATUS, UNSHIPPED),
+        prop="status",
+        old=status["status_a"] + np.where(status["error_a"] != "", ": " + status["error_a"], ""),
+        new=status["status_b"] + np.where(status["error_b"] != "", ": " + status["error_b"], ""),
+    )
+    ok_both = both[(both["status_a"] == "ok") & (both["status_b"] == "ok")]
+    alias = ok_both[ok_both["alias_of_a"] != ok_both["alias_of_b"]]
+    alias = alias.assign(prop="alias-of", old=alias["alias_of_a"], new=alias["alias_of_b"])
+    cap = _capability(a, b, ok_both[["machine", "model"]])
+    return pd.concat(
+        [
+            _rows(status["kind"], accel, status),
+            _rows(ALIAS, accel, alias),
+            _rows(CAPABILITY, accel, cap),
+        ],
+        ignore_index=True,
+    )
+
+
+def _unavailable(run: Run) -> pd.DataFrame:
+    c = run.cells
+    ua = c[c["prop"] == "unavailable-features"][["machine", "model", "value"]].astype(str)
+    parsed = {v: " ".join(sorted(json.loads(v))) for v in ua["value"].unique()}
+    return ua.assign(value=ua["value"].map(parsed))
+
+
+def _capability(a: Run, b: Run, combos: pd.DataFrame) -> pd.DataFrame:
+    merged = (
+        _unavailable(a)
+        .merge(_unavailable(b), on=["machine", "model"], suffixes=("_a", "_b"))
+        .merge(combos, on=["machine", "model"])
+    )
+    diff = merged[merged["value_a"] != merged["value_b"]]
+    return diff.assign(prop="unavailable-features", old=diff["value_a"], new=diff["value_b"])
+
+
+def inventory_rows(a: Run, b: Run) -> pd.DataFrame:
+    """Machine types and models only one of the two runs planned."""
+    accel = a.manifest["accel"]
+    out = []
+    for col, new, gone in (
+        ("machine", NEW_MACHINE, REMOVED_MACHINE),
+        ("model", NEW_MODEL, REMOVED_MODEL),
+    ):
+        sa, sb = set(a.combos[col].astype(str)), set(b.combos[col].astype(str))
+        for kind, names in ((new, sorted(sb - sa)), (gone, sorted(sa - sb))):
+            if names:
+                df = pd.DataFrame({col: names})
+                other = "model" if col == "machine" else "machine"
+                out.append(_rows(kind, accel, df.assign(**{other: "*"})))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=COLUMNS)
+
+
+def read_accepted(path: str | Path) -> pd.DataFrame:
+    """An accept file: diff.csv's columns, each cell a shell glob (empty matches anything)."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--accept {path}: {e}") from None
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(f"--accept {path}: missing columns {', '.join(missing)}")
+    return df[COLUMNS]
+
+
+def apply_accepted(rows: pd.DataFrame, accepted: pd.DataFrame) -> pd.DataFrame:
+    """Mark rows matching an accepted pattern as `accepted` (their kind kept in `was`)."""
+    rows = rows.assign(was="")
+    if accepted.empty or rows.empty:
+        return rows
+    hit = np.zeros(len(rows), dtype=bool)
+    for pattern in accepted.itertuples(index=False):
+        match = np.ones(len(rows), dtype=bool)
+        for col, glob in zip(COLUMNS, pattern, strict=True):
+            if glob:
+                match &= rows[col].astype(str).map(lambda v, g=glob: fnmatch.fnmatchcase(v, g))
+        hit |= match
+    rows.loc[hit, "was"] = rows.loc[hit, "kind"]
+    rows.loc[hit, "kind"] = ACCEPTED
+    return rows
+
+
+@dataclass
+class Diff:
+    """The result of comparing run A (baseline) with run B (candidate)."""
+
+    a: Run
+    b: Run
+    rows: pd.DataFrame
+    shipped: set[str]
+    unreleased: list[str]
+    cross_host: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def breaks(self) -> pd.DataFrame:
+        """Rows that fail the check."""
+        return self.rows[self.rows["kind"].isin(BREAKS)]
+
+    def counts(self) -> dict[str, int]:
+        """Rows per kind, in `KINDS` order."""
+        c = self.rows["kind"].value_counts()
+        return {k: int(c[k]) for k in KINDS if k in c}
+
+
+def compare(
+    a: Run,
+    b: Run,
+    unreleased: Sequence[str] = (),
+    cross_host: bool = False,
+    accepted: pd.DataFrame | None = None,
+) -> Diff:
+    """Compare a baseline run with a candidate run."""
+    check_comparable(a, b, cross_host)
+    shipped = shipped_machines(a, unreleased)
+    rows = pd.concat(
+        [fact_rows(a, b, shipped), combo_rows(a, b, shipped), inventory_rows(a, b)],
+        ignore_index=True,
+    )
+    rows = rows.astype(str)
+    order = {k: i for i, k in enumerate(KINDS)}
+    rows = rows.sort_values(
+        ["kind", "machine", "model", "prop"], key=lambda s: s.map(order) if s.name == "kind" else s
+    )
+    rows = apply_accepted(
+        rows.reset_index(drop=True),
+        accepted if accepted is not None else pd.DataFrame(columns=COLUMNS),
+    )
+    notes = []
+    if a.manifest["accel"] == "kvm" and (
+        a.manifest["host"]["fingerprint"] != b.manifest["host"]["fingerprint"]
+    ):
+        notes.append(
+            "KVM runs from different hosts (--cross-host): host differences show up "
+            "as capability and status changes, not as QEMU's."
+        )
+    return Diff(a, b, rows, shipped, list(unreleased), cross_host, notes)
+
+
+def summary(d: Diff) -> str:
+    """One line: counts per kind and the verdict."""
+    counts = ", ".join(f"{n} {k}" for k, n in d.counts().items()) or "no differences"
+    n = d.breaks["machine"].nunique()
+    verdict = f"{n} shipped machine type(s) changed" if n else "no shipped machine type changed"
+    return f"{d.a.name} -> {d.b.name}: {counts}; {verdict}"
