@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
@@ -85,13 +88,15 @@ def manifest(run: Path) -> dict[str, Any]:
     return json.loads((run / "manifest.json").read_text())
 
 
-async def _qom_read_all(machine: str, model: str, smp: str, accel: str) -> dict[str, Any]:
+async def _qom_read_all(
+    machine: str, model: str, smp: str, accel: str, qemu: str
+) -> dict[str, Any]:
     # Deliberately not qmpprobe's launcher: a unix socket, its own process, plain qom-get.
     with tempfile.TemporaryDirectory() as tmp:
         sock = os.path.join(tmp, "qmp.sock")
         proc = subprocess.Popen(
             [
-                qemu_path(),
+                qemu,
                 "-S",
                 "-display",
                 "none",
@@ -137,10 +142,14 @@ async def _qom_read_all(machine: str, model: str, smp: str, accel: str) -> dict[
 
 
 def qom_read_all(
-    machine: str, model: str, smp: str = "1,sockets=1,cores=1,threads=1", accel: str = "tcg"
+    machine: str,
+    model: str,
+    smp: str = "1,sockets=1,cores=1,threads=1",
+    accel: str = "tcg",
+    qemu: str | None = None,
 ) -> dict[str, Any]:
     """Every readable property of the realized CPU, read one qom-get at a time."""
-    return asyncio.run(_qom_read_all(machine, model, smp, accel))
+    return asyncio.run(_qom_read_all(machine, model, smp, accel, qemu or qemu_path()))
 
 
 def json_text(value: Any) -> str:
@@ -162,3 +171,37 @@ def owned_pids(run_id: str) -> list[int]:
             if needle in data.split(b"\0") and stat.rsplit(")", 1)[1].split()[0] != "Z":
                 pids.append(int(entry))
     return pids
+
+
+def sample_combos(run: Path, n: int, seed: int) -> list[tuple[str, str, str]]:
+    """Ok combos of a run, mostly ones read the cheap way (not the reference ones)."""
+    combos = pd.read_csv(run / "combos.csv")
+    ok = combos[combos.status == "ok"]
+    reads = []
+    for machine, model in zip(ok.machine, ok.model, strict=True):
+        rec = json.loads(gzip.decompress((run / "raw" / machine / f"{model}.json.gz").read_bytes()))
+        reads.append((machine, model, rec["read"]))
+    cheap = [r for r in reads if r[2] != "qom-get"]
+    ref = [r for r in reads if r[2] == "qom-get"]
+    rng = random.Random(seed)
+    return rng.sample(cheap, min(n - 1, len(cheap))) + rng.sample(ref, min(1, len(ref)))
+
+
+def assert_cells_equal_qom_get(run: Path, machine: str, model: str) -> None:
+    m = manifest(run)
+    cells = pd.read_parquet(run / "cells.parquet")
+    mine = cells[(cells.machine == machine) & (cells.model == model)]
+    got = dict(zip(mine.prop.astype(str), mine.value.astype(str), strict=True))
+    truth = qom_read_all(
+        machine, model, smp=m["topology"], accel=m["accel"], qemu=m["qemu"]["path"]
+    )
+    truth.pop("__cpus__")
+    expected = {p: json_text(v) for p, v in truth.items()}
+    assert set(got) == set(expected), set(got) ^ set(expected)
+    wrong = {
+        p: (got[p], expected[p])
+        for p in expected
+        if json.loads(got[p]) != json.loads(expected[p])
+        or type(json.loads(got[p])) is not type(json.loads(expected[p]))
+    }
+    assert not wrong, f"{machine}/{model}: {wrong}"

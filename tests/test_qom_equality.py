@@ -2,47 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
-import json
-import random
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import json_text, manifest, qom_read_all
-
-
-def sample_combos(run: Path, n: int, seed: int) -> list[tuple[str, str, str]]:
-    """Ok combos of a run, mostly ones read the cheap way (not the reference ones)."""
-    combos = pd.read_csv(run / "combos.csv")
-    ok = combos[combos.status == "ok"]
-    reads = []
-    for machine, model in zip(ok.machine, ok.model, strict=True):
-        rec = json.loads(gzip.decompress((run / "raw" / machine / f"{model}.json.gz").read_bytes()))
-        reads.append((machine, model, rec["read"]))
-    cheap = [r for r in reads if r[2] != "qom-get"]
-    ref = [r for r in reads if r[2] == "qom-get"]
-    rng = random.Random(seed)
-    return rng.sample(cheap, min(n - 1, len(cheap))) + rng.sample(ref, min(1, len(ref)))
-
-
-def assert_cells_equal_qom_get(run: Path, machine: str, model: str) -> None:
-    m = manifest(run)
-    cells = pd.read_parquet(run / "cells.parquet")
-    mine = cells[(cells.machine == machine) & (cells.model == model)]
-    got = dict(zip(mine.prop.astype(str), mine.value.astype(str), strict=True))
-    truth = qom_read_all(machine, model, smp=m["topology"], accel=m["accel"])
-    truth.pop("__cpus__")
-    expected = {p: json_text(v) for p, v in truth.items()}
-    assert set(got) == set(expected), set(got) ^ set(expected)
-    wrong = {
-        p: (got[p], expected[p])
-        for p in expected
-        if json.loads(got[p]) != json.loads(expected[p])
-        or type(json.loads(got[p])) is not type(json.loads(expected[p]))
-    }
-    assert not wrong, f"{machine}/{model}: {wrong}"
+from conftest import assert_cells_equal_qom_get, json_text, manifest, qom_read_all, sample_combos
 
 
 def test_cheap_reading_is_marked_and_learned(small_run: Path) -> None:
