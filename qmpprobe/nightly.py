@@ -1,15 +1,19 @@
 """Nightly: probe the configured QEMU binaries, accelerators and topologies; index the nights.
 
 Each night goes to `<root>/<date>/<name>/<run folder>` (one `qmpprobe run` per binary,
-accelerator and topology, each with its report), `<root>/<date>/night.json` lists what ran and
+accelerator and topology, each with its report); each run is diffed against the same binary,
+accelerator and topology of the latest earlier night, and adjacent QEMU releases of the night
+against each other (`<root>/<date>/releases/`). `<root>/<date>/night.json` lists what ran and
 how it ended, and `<root>/index.html` links every night. One failing binary does not stop the
-others. `scripts/nightly` sets up and calls `python -m qmpprobe.nightly`.
+others; the exit code is 1 when a run failed or a binary changed a shipped machine type since
+the previous night. `scripts/nightly` sets up and calls `python -m qmpprobe.nightly`.
 """
 
 from __future__ import annotations
 
 import argparse
 import html
+import itertools
 import json
 import os
 import re
@@ -89,6 +93,67 @@ def run_one(
     return entry
 
 
+def _diff(night: Path, a: Path, b: Path, out: Path) -> dict[str, Any]:
+    """`qmpprobe diff A B --out OUT`; its verdict (exit 1: a shipped machine type changed)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "qmpprobe", "diff", str(a), str(b), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    said = (done.stdout + done.stderr).strip().splitlines()
+    return {
+        "against": str(a),
+        "exit": done.returncode,
+        "summary": said[0] if said else "",
+        "diff": str(out.relative_to(night)) if (out / "diff.html").exists() else None,
+    }
+
+
+def previous_run(root: Path, night: Path, entry: dict[str, Any]) -> Path | None:
+    """The same binary, accelerator and topology on the latest earlier night, if complete."""
+    for earlier in sorted((p for p in root.iterdir() if p.name < night.name), reverse=True):
+        try:
+            runs = json.loads((earlier / "night.json").read_text())["runs"]
+        except (OSError, ValueError, KeyError):
+            continue
+        for e in runs:
+            same = all(e.get(k) == entry[k] for k in ("name", "accel", "smp"))
+            if same and e.get("complete") and e.get("run"):
+                return earlier / e["run"]
+    return None
+
+
+def _version_key(entry: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(int(x) for x in str(entry.get("version", "0")).split(".") if x.isdigit())
+
+
+def add_diffs(root: Path, night: Path, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Diff each run against its previous night, and adjacent releases within the night."""
+    done = [r for r in runs if r.get("complete")]
+    for r in done:
+        prev = previous_run(root, night, r)
+        if prev is not None:
+            out = (
+                night / r["name"] / f"diff-{r['accel']}-smp{r['smp']}-vs-{prev.parent.parent.name}"
+            )
+            r["previous"] = _diff(night, prev, night / r["run"], out)
+    releases = []
+    for accel, smp in sorted({(r["accel"], r["smp"]) for r in done}):
+        same = sorted((r for r in done if (r["accel"], r["smp"]) == (accel, smp)), key=_version_key)
+        for a, b in itertools.pairwise(same):
+            out = night / "releases" / f"{a['name']}--{b['name']}-{accel}-smp{smp}"
+            releases.append(
+                {
+                    "from": a["name"],
+                    "to": b["name"],
+                    "accel": accel,
+                    "smp": smp,
+                    **_diff(night, night / a["run"], night / b["run"], out),
+                }
+            )
+    return releases
+
+
 def write_index(root: Path) -> Path:
     """`<root>/index.html`: every night, newest first, with links to each run's report."""
     rows = []
@@ -105,7 +170,8 @@ def write_index(root: Path) -> Path:
                 f"<tr><td>{night.name}</td><td>{html.escape(e['name'])}</td>"
                 f"<td>{html.escape(e.get('version', '?'))}</td><td>{e['accel']}</td>"
                 f"<td>{html.escape(e['smp'])}</td><td>{html.escape(counts)}</td>"
-                f"<td>{e['exit']}</td><td>{cell}</td></tr>"
+                f"<td>{e['exit']}</td><td>{cell}</td>"
+                f"<td>{_diff_cell(night.name, e.get('previous'))}</td></tr>"
             )
     page = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -113,11 +179,44 @@ def write_index(root: Path) -> Path:
         "td,th{border:1px solid #ddd;padding:2px 8px}table{border-collapse:collapse}</style>"
         "</head><body><h1>qmpprobe nightly drift reports</h1><table><tr><th>night</th>"
         "<th>binary</th><th>QEMU</th><th>accel</th><th>-smp</th><th>combos</th><th>exit</th>"
-        "<th>report</th></tr>" + "".join(rows) + "</table></body></html>\n"
+        "<th>report</th><th>vs previous night</th></tr>"
+        + "".join(rows)
+        + "</table>"
+        + _release_table(root)
+        + "</body></html>\n"
     )
     out = root / "index.html"
     atomic_write(out, page.encode())
     return out
+
+
+def _diff_cell(night: str, d: dict[str, Any] | None) -> str:
+    if not d:
+        return ""
+    text = html.escape(d["summary"])
+    style = ' style="color:#b00020"' if d["exit"] == 1 else ""
+    return (
+        f'<a{style} href="{night}/{html.escape(d["diff"])}/diff.html">{text}</a>'
+        if d.get("diff")
+        else text
+    )
+
+
+def _release_table(root: Path) -> str:
+    rows = []
+    for night in sorted((p for p in root.iterdir() if (p / "night.json").exists()), reverse=True):
+        for d in json.loads((night / "night.json").read_text()).get("releases", []):
+            rows.append(
+                f"<tr><td>{night.name}</td><td>{html.escape(d['from'])} → "
+                f"{html.escape(d['to'])}</td><td>{d['accel']}</td><td>{d['smp']}</td>"
+                f"<td>{_diff_cell(night.name, d)}</td></tr>"
+            )
+    if not rows:
+        return ""
+    return (
+        "<h2>Adjacent releases</h2><table><tr><th>night</th><th>releases</th><th>accel</th>"
+        "<th>-smp</th><th>diff</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,13 +246,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for accel in accels
         for smp in args.smp.split(",")
     ]
-    atomic_write(
-        night / "night.json", json.dumps({"date": args.date, "runs": runs}, indent=1).encode()
-    )
+    releases = add_diffs(root, night, runs)
+    record = {"date": args.date, "runs": runs, "releases": releases}
+    atomic_write(night / "night.json", json.dumps(record, indent=1).encode())
     print(write_index(root))
     for r in runs:
-        print(f"{r['name']} {r['accel']} smp{r['smp']}: exit {r['exit']} {r.get('run') or ''}")
-    return 0 if all(r["exit"] == 0 and r.get("complete") for r in runs) else 1
+        vs = r.get("previous", {}).get("summary", "")
+        print(
+            f"{r['name']} {r['accel']} smp{r['smp']}: exit {r['exit']} {r.get('run') or ''}"
+            + (f"; vs previous night: {vs}" if vs else "")
+        )
+    # A failed run, or a binary whose shipped machine types changed since the previous night.
+    broken = any(r.get("previous", {}).get("exit") == 1 for r in runs)
+    return 0 if all(r["exit"] == 0 and r.get("complete") for r in runs) and not broken else 1
 
 
 if __name__ == "__main__":

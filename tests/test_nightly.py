@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,59 @@ def test_one_night(tmp_path: Path) -> None:
     index = (root / "index.html").read_text()
     assert index.count('href="2026-01-02/system/') == 2
     assert "not found" in index
+
+
+def night(root: Path, date: str, *qemus: str, env: dict[str, str] | None = None) -> int:
+    args = [a for q in qemus for a in ("--qemu", q)]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qmpprobe.nightly",
+            *args,
+            "--accel",
+            "tcg",
+            "--smp",
+            "1",
+            "--root",
+            str(root),
+            "--date",
+            date,
+            "--",
+            "--machines",
+            "pc-i440fx-2.3,pc-q35-7.2",
+            "--models",
+            "Haswell",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    return done.returncode
+
+
+def test_nights_are_diffed_against_the_previous_night_and_between_releases(tmp_path: Path) -> None:
+    root = tmp_path / "nightly"
+    env = {
+        **os.environ,
+        "PATCH_QEMU": qemu_path(),
+        "PATCH_GLOBAL": "Haswell-x86_64-cpu.stepping=9",
+        "PATCH_MACHINES": "",
+    }
+    patched = f"patched={REPO / 'tests' / 'patches' / 'qemu-patched'}"
+    assert night(root, "2026-01-01", f"system={qemu_path()}") == 0
+    assert night(root, "2026-01-02", f"system={qemu_path()}", patched, env=env) == 0
+    second = json.loads((root / "2026-01-02" / "night.json").read_text())
+    system = next(r for r in second["runs"] if r["name"] == "system")
+    assert system["previous"]["exit"] == 0
+    assert "no shipped machine type changed" in system["previous"]["summary"]
+    assert (root / "2026-01-02" / system["previous"]["diff"] / "diff.csv").exists()
+    (release,) = second["releases"]
+    assert release["exit"] == 1 and {release["from"], release["to"]} == {"system", "patched"}
+    index = (root / "index.html").read_text()
+    assert "Adjacent releases" in index and "vs previous night" in index
+    # The patched binary changes its shipped machine types from one night to the next: exit 1.
+    env["PATCH_GLOBAL"] = "Haswell-x86_64-cpu.stepping=8"
+    assert night(root, "2026-01-03", patched, env=env) == 1
