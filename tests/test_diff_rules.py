@@ -169,3 +169,22 @@ def test_accepted_changes_do_not_fail() -> None:
     d = diff.compare(run("a", a), run("b", b), accepted=accept)
     assert kinds(d) == [("accepted", "pc-q35-1.0", "Haswell", "stepping", "1", "2")]
     assert d.rows.iloc[0]["was"] == "abi-change" and d.breaks.empty
+
+
+def test_kvm_runs_of_two_hosts_need_cross_host() -> None:
+    import pytest
+
+    from qmpprobe.errors import InputError
+
+    rows = grid("stepping", {"pc-q35-1.0": 1})
+    a, b = run("a", rows), run("b", rows)
+    for r, host in ((a, "host-a"), (b, "host-b")):
+        r.manifest["accel"] = "kvm"
+        r.manifest["host"]["fingerprint"] = host
+    with pytest.raises(InputError, match="different hosts .*--cross-host"):
+        diff.compare(a, b)
+    d = diff.compare(a, b, cross_host=True)
+    assert d.rows.empty and d.notes and "different hosts" in d.notes[0]
+    b.manifest["accel"] = "tcg"
+    with pytest.raises(InputError, match="cannot compare a kvm run with a tcg run"):
+        diff.compare(a, b)
