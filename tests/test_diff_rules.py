@@ -181,7 +181,7 @@ def test_kvm_runs_of_two_hosts_need_cross_host() -> None:
     for r, host in ((a, "host-a"), (b, "host-b")):
         r.manifest["accel"] = "kvm"
         r.manifest["host"]["fingerprint"] = host
-    with pytest.raises(InputError, match="different hosts .*--cross-host"):
+    with pytest.raises(InputError, match=r"different hosts .*--cross-host"):
         diff.compare(a, b)
     d = diff.compare(a, b, cross_host=True)
     assert d.rows.empty and d.notes and "different hosts" in d.notes[0]
