@@ -1,7 +1,10 @@
 """A cache for what depends only on the QEMU files that ran, keyed by their fingerprint.
 
-Discovery's alias learning (hundreds of expansions, ~2 s) is the same for every run of the
-same QEMU files under the same accelerator, so it is kept here. The cache lives in
+Discovery's learning (feature aliases and CPUID bits, ~3 s) is the same for every run of the
+same QEMU files under the same accelerator, and a combo's journal entry is the same for every
+run with the same journal key (fingerprint, accelerator, topology, mode, extra flags,
+qmpprobe version, and the host for KVM), so both are kept here: `journal(key)` is a folder
+laid out like a run's `raw/`. The cache lives in
 `$QMPPROBE_CACHE` (default `$XDG_CACHE_HOME/qmpprobe`, i.e. `~/.cache/qmpprobe`); setting
 `QMPPROBE_CACHE=off` or passing `--no-cache` turns it off. Entries are written atomically and
 a damaged entry is treated as missing.
@@ -14,7 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qmpprobe.store import atomic_write
+from qmpprobe.host import digest
+from qmpprobe.store import RunFolder, atomic_write
 
 
 def root() -> Path | None:
@@ -52,3 +56,9 @@ def save(kind: str, key: str, obj: Any) -> None:
         atomic_write(path, json.dumps(obj, separators=(",", ":")).encode())
     except OSError:
         pass
+
+
+def journal(key: Any) -> RunFolder | None:
+    """The shared journal for one journal key (None when caching is off)."""
+    folder = root()
+    return RunFolder(folder / "journal" / digest(key)) if folder else None

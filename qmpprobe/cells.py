@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from qmpprobe.probe import OK, READ_QOM_GET
+from qmpprobe.probe import OK, READ_EXPAND, READ_LIST_GET, READ_QOM_GET
 
 SOURCE_REALIZED = "realized"
 SOURCE_EXPANSION = "expansion"
@@ -79,6 +79,17 @@ def realized_values(record: Mapping[str, Any], aliases: Mapping[str, list[str]])
     """Every readable property of the realized CPU in an `ok` record."""
     if record["read"] == READ_QOM_GET:
         return _returned(record["answers"]["qom-get"])
+    if record["read"] == READ_LIST_GET:
+        (cpu,) = record["answers"]["qom-list-get"]["return"]
+        return {p["name"]: p["value"] for p in cpu["properties"] if "value" in p}
+    if record["read"] == READ_EXPAND:
+        # The CPU the machine type asks for, before realize; what this machine type's
+        # query-cpu-definitions says the accelerator or host cannot provide.
+        values = dict(record["answers"]["query-cpu-model-expansion"]["return"]["model"]["props"])
+        definition = record["answers"].get("definition") or {}
+        if "unavailable-features" in definition:
+            values["unavailable-features"] = definition["unavailable-features"]
+        return values
     return expansion_values(record, aliases)
 
 
@@ -94,6 +105,8 @@ class RealizeOnly:
     unreadable: set[str] = field(default_factory=set)
     #: Reference combos learned from.
     combos: list[tuple[str, str]] = field(default_factory=list)
+    #: QOM types of the CPU's properties, as the reference combos listed them.
+    types: dict[str, str] = field(default_factory=dict)
 
     @property
     def gets(self) -> tuple[str, ...]:
@@ -126,6 +139,7 @@ def realize_only(
             if p not in absent and json_text(rebuilt.get(p)) != json_text(v)
         }
         learned.combos.append((rec["machine"], rec["model"]))
+        learned.types.update((p["name"], p["type"]) for p in answers["qom-list"]["return"])
     learned.unreadable = unreadable or set()
     return learned
 

@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", type=int, help="QEMUs at once (default: cores + 1)")
     r.add_argument("--timeout", type=float, help="seconds per combo before QEMU is killed (30)")
     r.add_argument(
+        "--mode",
+        default="exact",
+        choices=("exact", "expand"),
+        help="exact: one QEMU per combo, the realized CPU; expand: one QEMU per machine type, "
+        "each model expanded (fast; no realize-only values, -smp 1 only)",
+    )
+    r.add_argument(
         "--read",
         default="auto",
         choices=("auto", "qom-get"),
@@ -84,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--no-cache",
         action="store_true",
-        help="learn everything from QEMU again, ignoring ~/.cache/qmpprobe",
+        help="probe and learn everything again: do not read ~/.cache/qmpprobe",
     )
     r.add_argument(
         "--no-report",
@@ -116,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--models", help="names or globs (each QEMU must have a match)")
     ck.add_argument("--jobs", type=int, help="QEMUs at once (default: cores + 1)")
     ck.add_argument("--timeout", type=float, help="seconds per combo (30)")
+    ck.add_argument("--no-cache", action="store_true", help="probe both QEMUs again")
     _diff_args(ck, "results/check-<stamp> (with baseline/ and candidate/ runs)")
 
     e = sub.add_parser("export", help="write a run's cells in another format")
@@ -132,7 +140,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     progress = runmod.is_terminal() and not args.no_progress
     if args.resume:
         outcome = runmod.run_sync(
-            lambda: runmod.resume(args.resume, args.jobs, args.timeout, progress)
+            lambda: runmod.resume(args.resume, args.jobs, args.timeout, progress, not args.no_cache)
         )
     else:
         options = runmod.RunOptions(
@@ -144,6 +152,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             machines=args.machines,
             models=args.models,
             read=args.read,
+            mode=args.mode,
             cache=not args.no_cache,
             out=args.out,
             results=args.results,
@@ -235,6 +244,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             models=args.models,
             out=str(out / side),
             progress=runmod.is_terminal(),
+            cache=not args.no_cache,
         )
         if args.jobs:
             options.jobs = args.jobs

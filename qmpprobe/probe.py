@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ NO_CPU = "no CPU object"
 #: How the realized CPU is read.
 READ_QOM_GET = "qom-get"  # qom-list, then qom-get of every property: the reference
 READ_EXPANSION = "expansion+qom-get"  # full expansion in the same process + qom-get of the rest
+READ_LIST_GET = "qom-list-get"  # QEMU >= 10.1: every property in one command
+READ_EXPAND = "expand"  # --mode expand: one QEMU per machine type, the model only expanded
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class ReadPlan:
     method: str = READ_QOM_GET
     #: With READ_EXPANSION: properties read with qom-get on top of the expansion.
     gets: tuple[str, ...] = ()
+    #: With READ_EXPANSION: QOM types of the CPU's properties (to type `--cpu-flags k=v`).
+    types: tuple[tuple[str, str], ...] = ()
     #: Also ask `query-cpu-definitions` (alias-of and unavailable features per machine type).
     definitions: bool = False
 
@@ -63,6 +68,14 @@ def expansion_props(cpu_flags: str, types: dict[str, str]) -> dict[str, Any]:
     return props
 
 
+def _expansion_args(options: LaunchOptions, model: str, types: dict[str, str]) -> dict[str, Any]:
+    """`query-cpu-model-expansion` (full) of a model with the run's `--cpu-flags`."""
+    expansion: dict[str, Any] = {"type": "full", "model": {"name": model}}
+    if options.cpu_flags:
+        expansion["model"]["props"] = expansion_props(options.cpu_flags, types)
+    return expansion
+
+
 def _cpu_paths(cpus: list[dict[str, Any]]) -> list[str]:
     return [c["qom-path"] for c in sorted(cpus, key=lambda c: c.get("cpu-index", 0))]
 
@@ -77,51 +90,45 @@ async def _read_cpu(
     if not paths:
         return answers
     path = paths[0]
-    commands: list[tuple[str, dict[str, Any] | None]] = [("qom-list", {"path": path})]
-    if read.definitions:
-        commands.append(("query-cpu-definitions", None))
-    listed, *rest = await qemu.answers(commands)
-    answers["qom-list"] = listed
-    if read.definitions:
-        answers["query-cpu-definitions"] = rest[0]
-    types = {p["name"]: p["type"] for p in listed.get("return", [])}
-    expansion = {"type": "full", "model": {"name": model}}
-    if options.cpu_flags:
-        expansion["model"]["props"] = expansion_props(options.cpu_flags, types)
-    gets = list(types) if read.method == READ_QOM_GET else [g for g in read.gets if g in types]
-    got = await qemu.answers(
-        [("query-cpu-model-expansion", expansion)]
-        + [("qom-get", {"path": path, "property": p}) for p in gets]
+    extra: list[tuple[str, dict[str, Any] | None]] = (
+        [("query-cpu-definitions", None)] if read.definitions else []
     )
-    answers["query-cpu-model-expansion"] = got[0]
-    answers["qom-get"] = dict(zip(gets, got[1:], strict=True))
+    if read.method == READ_LIST_GET:
+        got = await qemu.answers([("qom-list-get", {"paths": [path]}), *extra])
+        answers["qom-list-get"] = got[0]
+    else:
+        if read.method == READ_QOM_GET:
+            listed = (await qemu.answers([("qom-list", {"path": path})]))[0]
+            answers["qom-list"] = listed
+            types = {p["name"]: p["type"] for p in listed.get("return", [])}
+            gets = list(types)
+        else:
+            types, gets = dict(read.types), list(read.gets)
+        got = await qemu.answers(
+            [("query-cpu-model-expansion", _expansion_args(options, model, types)), *extra]
+            + [("qom-get", {"path": path, "property": p}) for p in gets]
+        )
+        answers["query-cpu-model-expansion"] = got[0]
+        answers["qom-get"] = dict(zip(gets, got[1 + len(extra) :], strict=True))
+    if extra:
+        answers["query-cpu-definitions"] = got[1]
     return answers
 
 
-async def probe(
-    options: LaunchOptions,
-    machine: str,
-    model: str,
-    read: ReadPlan,
+async def _session(
+    argv: list[str],
+    env: dict[str, str] | None,
     timeout: float,
-    env: dict[str, str] | None = None,
+    name: str,
+    work: Callable[[QemuProcess, dict[str, Any]], Awaitable[None]],
 ) -> dict[str, Any]:
-    """Probe one combo once; always returns a record, never raises for QEMU's failures."""
-    argv = options.argv(machine, model)
-    record: dict[str, Any] = {
-        "machine": machine,
-        "model": model,
-        "argv": argv,
-        "read": read.method,
-        "status": ERROR,
-        "error": "",
-        "answers": {},
-    }
-    qemu = QemuProcess(argv, env=env, name=f"{machine}/{model}")
+    """Run one QEMU for `work`, within `timeout`; returns the record of how it went."""
+    record: dict[str, Any] = {"argv": argv, "status": ERROR, "error": "", "answers": {}}
+    qemu = QemuProcess(argv, env=env, name=name)
     started = time.monotonic()
     try:
         async with asyncio.timeout(timeout):
-            await _run(qemu, options, model, read, record)
+            await work(qemu, record)
     except TimeoutError:
         record["status"] = TIMEOUT
         record["error"] = f"no answer within {timeout:g} s"
@@ -134,6 +141,88 @@ async def probe(
     if record["status"] == ERROR and not record["error"]:
         record["error"] = qemu_message(qemu.output()) or _ended_text(ended)
     return record
+
+
+async def probe(
+    options: LaunchOptions,
+    machine: str,
+    model: str,
+    read: ReadPlan,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Probe one combo once; always returns a record, never raises for QEMU's failures."""
+
+    async def work(qemu: QemuProcess, record: dict[str, Any]) -> None:
+        await _run(qemu, options, model, read, record)
+
+    record = await _session(options.argv(machine, model), env, timeout, f"{machine}/{model}", work)
+    return {"machine": machine, "model": model, "read": read.method, **record}
+
+
+async def probe_machine(
+    options: LaunchOptions,
+    machine: str,
+    models: Sequence[str],
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Expand mode: one QEMU for a machine type, every model expanded in it; one record each.
+
+    The first record also carries the machine type's `query-cpu-definitions`.
+    """
+    expansions: list[dict[str, Any]] = []
+
+    async def work(qemu: QemuProcess, record: dict[str, Any]) -> None:
+        if not await _connect(qemu, record):
+            return
+        try:
+            cpus, defs, *got = await qemu.answers(
+                [("query-cpus-fast", None), ("query-cpu-definitions", None)]
+                + [("query-cpu-model-expansion", _expansion_args(options, m, {})) for m in models]
+            )
+        except (QMPError, OSError, EOFError) as e:
+            await qemu.wait_exit(0.5)
+            record["error"] = _failure(qemu, "QMP", e)
+            return
+        record["answers"] = {"query-cpus-fast": cpus, "query-cpu-definitions": defs}
+        if not _cpu_paths(cpus.get("return") or []):
+            record["error"] = NO_CPU
+            return
+        expansions.extend(got)
+        record["status"] = OK
+
+    machine_record = await _session(options.argv(machine), env, timeout, machine, work)
+    return split_machine_record(machine_record, machine, models, expansions)
+
+
+def split_machine_record(
+    record: dict[str, Any], machine: str, models: Sequence[str], expansions: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One record per model out of an expand-mode machine record."""
+    defs = record["answers"].get("query-cpu-definitions", {})
+    entries = {d["name"]: d for d in defs.get("return", [])}
+    share = round(record["seconds"] / max(1, len(models)), 4)
+    out = []
+    for i, model in enumerate(models):
+        rec = {
+            **record,
+            "machine": machine,
+            "model": model,
+            "read": READ_EXPAND,
+            "seconds": share,
+            "output": record["output"] if i == 0 else "",
+        }
+        answers: dict[str, Any] = {"definition": entries.get(model)}
+        if i == 0:
+            answers.update(record["answers"])
+        if record["status"] == OK:
+            answers["query-cpu-model-expansion"] = expansions[i]
+            if "error" in expansions[i]:
+                rec.update(status=ERROR, error=expansions[i]["error"].get("desc", ""))
+        rec["answers"] = answers
+        out.append(rec)
+    return out
 
 
 def _ended_text(ended: Ended | None) -> str:
@@ -154,9 +243,8 @@ def _failure(qemu: QemuProcess, what: str, exc: BaseException) -> str:
     return f"{what} failed: {type(exc).__name__}: {exc}"
 
 
-async def _run(
-    qemu: QemuProcess, options: LaunchOptions, model: str, read: ReadPlan, record: dict[str, Any]
-) -> None:
+async def _connect(qemu: QemuProcess, record: dict[str, Any]) -> bool:
+    """Start QEMU and negotiate QMP; on failure, record why and return False."""
     await qemu.start()
     try:
         await qemu.connect()
@@ -164,6 +252,14 @@ async def _run(
         # Most often QEMU refused the combo and exited: its message is in its output.
         await qemu.wait_exit(0.5)
         record["error"] = _failure(qemu, "QMP greeting", e)
+        return False
+    return True
+
+
+async def _run(
+    qemu: QemuProcess, options: LaunchOptions, model: str, read: ReadPlan, record: dict[str, Any]
+) -> None:
+    if not await _connect(qemu, record):
         return
     try:
         answers = await _read_cpu(qemu, options, model, read)
@@ -173,7 +269,7 @@ async def _run(
         record["error"] = _failure(qemu, "QMP", e)
         return
     record["answers"] = answers
-    if "qom-list" not in answers:
+    if not _cpu_paths(answers["query-cpus-fast"].get("return") or []):
         failed = answers["query-cpus-fast"].get("error")
         record["error"] = failed["desc"] if failed else NO_CPU
         return

@@ -10,6 +10,7 @@ in raw/ as soon as it ends, so an interrupted run loses only the combos in fligh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -23,27 +24,48 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from qmpprobe import __version__, reaper
-from qmpprobe.cells import SOURCE_REALIZED, CellBlock, RealizeOnly, realize_only, record_cells
+from qmpprobe import __version__, cache, reaper
+from qmpprobe.cells import (
+    SOURCE_EXPANSION,
+    SOURCE_REALIZED,
+    CellBlock,
+    RealizeOnly,
+    realize_only,
+    record_cells,
+)
 from qmpprobe.discover import Discovery, discover
 from qmpprobe.errors import InputError, Interrupted
 from qmpprobe.host import host_facts
 from qmpprobe.plan import Combo, parse_smp, plan, reference_round, topology_cpus
 from qmpprobe.probe import (
+    ERROR,
     OK,
     PENDING,
     READ_EXPANSION,
+    READ_LIST_GET,
     READ_QOM_GET,
     SKIPPED,
     STATUSES,
     TIMEOUT,
     ReadPlan,
     probe,
+    probe_machine,
 )
 from qmpprobe.qemu import OWNER_ENV, LaunchOptions, kill_owned
 from qmpprobe.store import SCHEMA, RunFolder, cells_table, combos_frame
 
-MODE_EXACT = "exact"
+MODE_EXACT, MODE_EXPAND = "exact", "expand"
+
+#: What expand mode cannot see; repeated in its manifests.
+EXPAND_LIMITS = (
+    "Expand mode reads query-cpu-model-expansion (full) of each model inside one QEMU per "
+    "machine type: the CPU the machine type asks for, before realize. It cannot see what only "
+    "realize sets or filters: feature-words and filtered-features, phys-bits, topology ids "
+    "(apic-id, core-id, ...), ucode-rev, hv-vendor-id, KVM's tsc-frequency, properties such as "
+    "type and hotplugged, and, with several CPUs, ht/cmp-legacy (QEMU >= 10.0); so it refuses "
+    "-smp > 1. Features the accelerator or host cannot provide are counted as requested; "
+    "unavailable-features comes from the machine type's query-cpu-definitions."
+)
 
 #: What QMP shows and what it cannot; repeated in every manifest so no reader misses it.
 QMP_LIMITS = (
@@ -74,6 +96,7 @@ class RunOptions:
     timeout: float = 30.0
     retries: int = 1
     read: str = "auto"
+    mode: str = MODE_EXACT
     cache: bool = True
     out: str | None = None
     results: str = "results"
@@ -86,10 +109,13 @@ class RunOptions:
         )
 
 
-def folder_name(started: datetime, discovery: Discovery, accel: str, topology: str) -> str:
-    """`<UTC timestamp>-<qemu version>-<accel>-smp<N>`."""
+def folder_name(
+    started: datetime, discovery: Discovery, accel: str, topology: str, mode: str
+) -> str:
+    """`<UTC timestamp>-<qemu version>-<accel>-smp<N>[-expand]`."""
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{discovery.version}-{accel}-smp{topology_cpus(topology)}"
+    name = f"{stamp}-{discovery.version}-{accel}-smp{topology_cpus(topology)}"
+    return name + ("-expand" if mode == MODE_EXPAND else "")
 
 
 def journal_key(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -172,6 +198,9 @@ class Runner:
         self.learned = RealizeOnly()
         self.env = {**os.environ, OWNER_ENV: manifest["run_id"], "LC_ALL": "C"}
         self.counts: Counter[str] = Counter()
+        self.shared = cache.journal(self.key) if options.cache else None
+        # QEMU >= 10.1 reads every property of the realized CPU in one command: no references.
+        self.list_get = options.read == "auto" and "qom-list-get" in discovery.commands
         self._asking_definitions: set[str] = set()
 
     # -- journal ---------------------------------------------------------------------------
@@ -184,15 +213,35 @@ class Runner:
                 self._keep(rec, journal=False)
         return len(self.records)
 
-    def _keep(self, record: dict[str, Any], journal: bool = True) -> None:
+    def load_cached(self) -> int:
+        """Take finished combos from the shared journal (same key); returns how many."""
+        if self.shared is None:
+            return 0
+        found = 0
+        for c in self.combos:
+            if c.skip or (c.machine, c.model) in self.records:
+                continue
+            rec = self.shared.read_record(c.machine, c.model)
+            if rec is not None and rec.get("key") == self.key:
+                self._keep(rec, share=False)
+                found += 1
+        self.manifest["from_cache"] = self.manifest.get("from_cache", 0) + found
+        return found
+
+    def _keep(self, record: dict[str, Any], journal: bool = True, share: bool = True) -> None:
         record["key"] = self.key
         if journal:
-            self.folder.write_record(record)
+            data = self.folder.write_record(record)
+            # A timeout says nothing about QEMU: only final answers are worth reusing.
+            if share and self.shared is not None and record["status"] in (OK, ERROR):
+                with contextlib.suppress(OSError):
+                    self.shared.put_record(record["machine"], record["model"], data)
         combo = (record["machine"], record["model"])
         defs = record["answers"].get("query-cpu-definitions", {}).get("return")
         if defs is not None:
             self.definitions[record["machine"]] = {d["name"]: d.get("alias-of") for d in defs}
-        self.blocks[combo] = record_cells(record, self.discovery.feature_aliases, SOURCE_REALIZED)
+        source = SOURCE_EXPANSION if self.options.mode == MODE_EXPAND else SOURCE_REALIZED
+        self.blocks[combo] = record_cells(record, self.discovery.feature_aliases, source)
         # Keep the small part; answers live in raw/ (reference answers teach `realize_only`).
         self.records[combo] = {k: v for k, v in record.items() if k not in ("answers", "output")}
         if record["read"] == READ_QOM_GET and record["status"] == OK:
@@ -204,9 +253,12 @@ class Runner:
         wants = machine not in self.definitions and machine not in self._asking_definitions
         if wants:
             self._asking_definitions.add(machine)
+        if self.list_get:
+            return ReadPlan(READ_LIST_GET, definitions=wants)
         if reference or self.options.read == READ_QOM_GET or not self.learned.combos:
             return ReadPlan(READ_QOM_GET, definitions=wants)
-        return ReadPlan(READ_EXPANSION, self.learned.gets, definitions=wants)
+        types = tuple(sorted(self.learned.types.items()))
+        return ReadPlan(READ_EXPANSION, self.learned.gets, types, definitions=wants)
 
     async def _probe(self, combo: Combo, reference: bool) -> None:
         read = self._read_plan(combo.machine, reference)
@@ -244,6 +296,37 @@ class Runner:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
+    async def _probe_machines(self, combos: Sequence[Combo], bar: Progress) -> None:
+        """Expand mode: one QEMU per machine type for all of its pending models."""
+        by_machine: dict[str, list[str]] = {}
+        for c in combos:
+            by_machine.setdefault(c.machine, []).append(c.model)
+        queue = list(by_machine.items())
+
+        async def worker() -> None:
+            while queue:
+                machine, models = queue.pop(0)
+                attempts = 0
+                while True:
+                    attempts += 1
+                    records = await probe_machine(
+                        self.launch, machine, models, self.options.timeout, self.env
+                    )
+                    if records[0]["status"] != TIMEOUT or attempts > self.options.retries:
+                        break
+                for rec in records:
+                    rec["attempts"] = attempts
+                    self._keep(rec)
+                    bar.advance(self.counts)
+
+        workers = [asyncio.create_task(worker()) for _ in range(max(1, self.options.jobs))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
     def _learn(self) -> None:
         refs = [r for r in self.records.values() if r["read"] == READ_QOM_GET and r["status"] == OK]
         if self.options.read == "auto" and refs:
@@ -252,7 +335,10 @@ class Runner:
     async def probe_pending(self, bar: Progress) -> None:
         """Probe what the journal does not have: reference combos first, then the rest."""
         todo = [c for c in self.combos if not c.skip and (c.machine, c.model) not in self.records]
-        if self.options.read == "auto":
+        if self.options.mode == MODE_EXPAND:
+            await self._probe_machines(todo, bar)
+            return
+        if self.options.read == "auto" and not self.list_get:
             for round_no in itertools.count():
                 covered = {
                     m
@@ -298,6 +384,15 @@ class Runner:
             rows.append(row)
         return rows
 
+    def _method(self) -> str:
+        if self.options.mode == MODE_EXPAND:
+            return "expand"
+        if self.list_get:
+            return READ_LIST_GET
+        if self.options.read == "auto" and self.learned.combos:
+            return READ_EXPANSION
+        return READ_QOM_GET
+
     def save(self, complete: bool, started: float) -> None:
         """Write combos.csv and cells.parquet, then the manifest (last)."""
         rows = self.combo_rows()
@@ -312,9 +407,7 @@ class Runner:
             counts={s: counts[s] for s in STATUSES},
             planned=len(rows),
             read={
-                "method": self.options.read
-                if self.options.read != "auto"
-                else (READ_EXPANSION if self.learned.combos else READ_QOM_GET),
+                "method": self._method(),
                 "reference_combos": [list(c) for c in self.learned.combos],
                 "qom_get": list(self.learned.gets),
                 "differ_from_expansion": sorted(self.learned.differ),
@@ -345,7 +438,7 @@ def new_manifest(
             "kvm": discovery.kvm,
         },
         "accel": launch.accel,
-        "mode": MODE_EXACT,
+        "mode": options.mode,
         "topology": launch.topology,
         "cpus": topology_cpus(launch.topology),
         "cpu_flags": launch.cpu_flags,
@@ -357,6 +450,7 @@ def new_manifest(
         "retries": options.retries,
         "host": host_facts(),
         "qmp_limits": QMP_LIMITS,
+        **({"expand_limits": EXPAND_LIMITS} if options.mode == MODE_EXPAND else {}),
         "machines": [asdict(m) for m in discovery.machines],
         "models": [asdict(m) for m in discovery.models],
         "features": discovery.features,
@@ -378,6 +472,7 @@ def options_from_manifest(manifest: dict[str, Any], **overrides: Any) -> RunOpti
             models=manifest["filters"]["models"],
             timeout=manifest["timeout"],
             retries=manifest["retries"],
+            mode=manifest.get("mode", MODE_EXACT),
         ),
         **{k: v for k, v in overrides.items() if v is not None},
     )
@@ -428,6 +523,13 @@ async def run(options: RunOptions) -> Outcome:
     launch = options.launch()
     if options.read not in ("auto", READ_QOM_GET):
         raise InputError(f"--read: use auto or {READ_QOM_GET}")
+    if options.mode not in (MODE_EXACT, MODE_EXPAND):
+        raise InputError(f"--mode: use {MODE_EXACT} or {MODE_EXPAND}")
+    if options.mode == MODE_EXPAND and topology_cpus(launch.topology) > 1:
+        raise InputError(
+            "--mode expand cannot see what realize sets with several CPUs (ht, "
+            "topology): use --smp 1, or the exact mode"
+        )
     discovery = await discover(launch, options.cache)
     combos = plan(discovery, options.machines, options.models, launch.topology)
     now = datetime.now(UTC)
@@ -435,7 +537,8 @@ async def run(options: RunOptions) -> Outcome:
     path = (
         Path(options.out)
         if options.out
-        else Path(options.results) / folder_name(now, discovery, launch.accel, launch.topology)
+        else Path(options.results)
+        / folder_name(now, discovery, launch.accel, launch.topology, options.mode)
     )
     if (path / "manifest.json").exists():
         raise InputError(f"{path} already holds a run (use --resume to finish it)")
@@ -443,16 +546,21 @@ async def run(options: RunOptions) -> Outcome:
     folder.create()
     folder.write_discovery(discovery.answers)
     runner = Runner(folder, manifest, discovery, combos, replace(options, qemu=discovery.qemu))
+    runner.load_cached()
     runner.save(complete=False, started=started)
     return await _execute(runner, options, started)
 
 
-async def resume(path: str, jobs: int | None, timeout: float | None, progress: bool) -> Outcome:
+async def resume(
+    path: str, jobs: int | None, timeout: float | None, progress: bool, use_cache: bool = True
+) -> Outcome:
     """Finish an interrupted run: same QEMU (checked by fingerprint), only the missing combos."""
     started = time.monotonic()
     folder = RunFolder(path)
     manifest = folder.read_manifest()
-    options = options_from_manifest(manifest, jobs=jobs, timeout=timeout, progress=progress)
+    options = options_from_manifest(
+        manifest, jobs=jobs, timeout=timeout, progress=progress, cache=use_cache
+    )
     # A QEMU a killed attempt left behind (e.g. the child of a wrapper) dies first.
     kill_owned(manifest["run_id"])
     discovery = await discover(options.launch(), options.cache)
@@ -464,6 +572,7 @@ async def resume(path: str, jobs: int | None, timeout: float | None, progress: b
     combos = plan(discovery, options.machines, options.models, parse_smp(options.smp))
     runner = Runner(folder, manifest, discovery, combos, options, manifest.get("duration", 0.0))
     runner.load_journal()
+    runner.load_cached()
     return await _execute(runner, options, started)
 
 

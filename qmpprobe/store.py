@@ -104,12 +104,19 @@ class RunFolder:
         """Where the journal entry of one combo lives."""
         return self.path / RAW / _safe(machine) / f"{_safe(model)}.json.gz"
 
-    def write_record(self, record: dict[str, Any]) -> None:
+    def write_record(self, record: dict[str, Any]) -> bytes:
         """Journal one finished combo (QEMU's answers and how it ended), compressed."""
-        path = self.raw_path(record["machine"], record["model"])
-        path.parent.mkdir(exist_ok=True)
-        data = json.dumps(record, separators=(",", ":")).encode()
-        atomic_write(path, gzip.compress(data, compresslevel=1, mtime=0))
+        data = gzip.compress(
+            json.dumps(record, separators=(",", ":")).encode(), compresslevel=1, mtime=0
+        )
+        self.put_record(record["machine"], record["model"], data)
+        return data
+
+    def put_record(self, machine: str, model: str, data: bytes) -> None:
+        """Store an already compressed journal entry."""
+        path = self.raw_path(machine, model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data)
 
     def write_discovery(self, answers: dict[str, Any]) -> None:
         """Keep discovery's QMP answers beside the combos'."""

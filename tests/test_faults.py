@@ -46,6 +46,7 @@ def faulty_run(tmp: Path, wrapper: str, mode: str, *extra: str) -> tuple[Path, p
         "--timeout",
         "2",
         "--no-report",
+        "--no-cache",
         *extra,
         env=env,
     )
@@ -145,7 +146,14 @@ def test_wrapper_that_keeps_qemu_as_its_child(tmp_path: Path, healthy: pd.DataFr
 
 
 def test_many_jobs_give_the_same_cells(tmp_path: Path) -> None:
-    plan = ["--machines", "pc-i440fx-2.*", "--models", "Haswell*,qemu64,EPYC", "--no-report"]
+    plan = [
+        "--machines",
+        "pc-i440fx-2.*",
+        "--models",
+        "Haswell*,qemu64,EPYC",
+        "--no-report",
+        "--no-cache",
+    ]
     one = run_folder(tmp_path / "one", *plan, "--jobs", "1")
     many = run_folder(tmp_path / "many", *plan, "--jobs", str(4 * (os.cpu_count() or 1)))
     combos = pd.read_csv(many / "combos.csv")

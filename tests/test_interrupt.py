@@ -32,6 +32,7 @@ def start_run(
         MACHINES,
         "--models",
         MODELS,
+        "--no-cache",
     ]
     return subprocess.Popen(
         [sys.executable, "-m", "qmpprobe", *argv],
@@ -94,7 +95,7 @@ def test_signal_stops_cleanly_and_resume_finishes(
     # Incomplete runs are refused by readers that need a whole run.
     assert cli("export", str(out), "--csv").returncode == 0
 
-    done = cli("run", "--resume", str(out), check=True)
+    done = cli("run", "--resume", str(out), "--no-cache", check=True)
     assert "complete" in done.stdout
     m2 = manifest(out)
     assert m2["complete"] is True and m2["counts"]["pending"] == 0
@@ -115,7 +116,7 @@ def test_sigkill_leaves_no_qemu_and_resume_finishes(tmp_path: Path, uninterrupte
     proc.communicate(timeout=30)
     assert not wait_gone(run_id), "QEMU survived SIGKILL of qmpprobe"
     assert manifest(out)["complete"] is False
-    cli("run", "--resume", str(out), check=True)
+    cli("run", "--resume", str(out), "--no-cache", check=True)
     assert manifest(out)["complete"] is True
     pd.testing.assert_frame_equal(sorted_cells(out), sorted_cells(uninterrupted))
 

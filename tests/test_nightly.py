@@ -86,6 +86,7 @@ def night(root: Path, date: str, *qemus: str, env: dict[str, str] | None = None)
             "pc-i440fx-2.3,pc-q35-7.2",
             "--models",
             "Haswell",
+            "--no-cache",
         ],
         cwd=REPO,
         capture_output=True,

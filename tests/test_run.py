@@ -262,3 +262,41 @@ def test_cpu_flags_and_globals_pass_through(tmp_path: Path) -> None:
     assert cell(cells, "pc-q35-7.2", "qemu64", "sse4_2") is False
     assert cell(cells, "pc-q35-7.2", "qemu64", "model-id") == "Patched"
     assert cell(cells, "pc-q35-7.2", "Haswell", "model-id") != "Patched"
+
+
+def test_cached_rerun_gives_identical_files(small_run: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    cli(
+        "run",
+        "--qemu",
+        qemu_path(),
+        "--out",
+        str(again),
+        "--machines",
+        SMALL_MACHINES,
+        "--models",
+        SMALL_MODELS,
+        check=True,
+    )
+    m = manifest(again)
+    assert (
+        m["from_cache"]
+        == manifest(small_run)["counts"]["ok"] + manifest(small_run)["counts"]["error"]
+    )
+    for name in ("combos.csv", "cells.parquet", "transitions.csv", "matrix.csv", "runnability.csv"):
+        assert (again / name).read_bytes() == (small_run / name).read_bytes(), name
+    fresh = tmp_path / "fresh"
+    cli(
+        "run",
+        "--qemu",
+        qemu_path(),
+        "--out",
+        str(fresh),
+        "--machines",
+        "pc-q35-7.2",
+        "--models",
+        "qemu64",
+        "--no-cache",
+        check=True,
+    )
+    assert manifest(fresh).get("from_cache", 0) == 0
