@@ -10,7 +10,6 @@ comparing both readings of the same combos, so nothing about QEMU is assumed her
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,18 +155,42 @@ class CellBlock:
     source: str
 
 
+class Texts:
+    """Shared text of repeated names and scalar values: millions of cells, few distinct ones.
+
+    Each distinct string is kept once (memory) and each distinct scalar encoded once (time).
+    """
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+        self.scalars: dict[tuple[type, Any], tuple[str, str]] = {}
+
+    def name(self, name: str) -> str:
+        """The shared copy of a property name."""
+        return self.names.setdefault(name, name)
+
+    def value(self, value: Any) -> tuple[str, str]:
+        """(JSON text, JSON type) of a value."""
+        if isinstance(value, list | dict):
+            return json_text(value), json_type(value)
+        key = (type(value), value)  # True and 1 are equal keys otherwise
+        found = self.scalars.get(key)
+        if found is None:
+            found = self.scalars[key] = (json_text(value), json_type(value))
+        return found
+
+
 def record_cells(
-    record: Mapping[str, Any], aliases: Mapping[str, list[str]], source: str
+    record: Mapping[str, Any], aliases: Mapping[str, list[str]], source: str, texts: Texts
 ) -> CellBlock:
-    """The cells of one `ok` record (empty for any other status)."""
+    """The cells of one `ok` record (empty for any other status), in QEMU's order."""
     found = realized_values(record, aliases) if record["status"] == OK else {}
-    values = {p: found[p] for p in sorted(found)}  # same order however the combo was read
-    intern = sys.intern
+    encoded = [texts.value(v) for v in found.values()]
     return CellBlock(
         machine=record["machine"],
         model=record["model"],
-        props=[intern(p) for p in values],
-        values=[intern(json_text(v)) for v in values.values()],
-        types=[json_type(v) for v in values.values()],
+        props=[texts.name(p) for p in found],
+        values=[t for t, _ in encoded],
+        types=[k for _, k in encoded],
         source=source,
     )

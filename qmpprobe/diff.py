@@ -169,10 +169,10 @@ def fact_rows(a: Run, b: Run, shipped: set[str]) -> pd.DataFrame:
             only_a,
             ~versioned,
             ~changed["machine"].isin(shipped),
-            new_flag,
             ~changed["model"].map(safe).fillna(True).astype(bool),
+            new_flag,
         ],
-        [NEW_PROP, REMOVED_PROP, UNVERSIONED, UNSHIPPED, NEW_FEATURE, UNSAFE],
+        [NEW_PROP, REMOVED_PROP, UNVERSIONED, UNSHIPPED, UNSAFE, NEW_FEATURE],
         default=ABI,
     )
     changed["kind"] = kind

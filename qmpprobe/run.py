@@ -30,6 +30,7 @@ from qmpprobe.cells import (
     SOURCE_REALIZED,
     CellBlock,
     RealizeOnly,
+    Texts,
     realize_only,
     record_cells,
 )
@@ -198,6 +199,7 @@ class Runner:
         self.learned = RealizeOnly()
         self.env = {**os.environ, OWNER_ENV: manifest["run_id"], "LC_ALL": "C"}
         self.counts: Counter[str] = Counter()
+        self.texts = Texts()
         self.shared = cache.journal(self.key) if options.cache else None
         # QEMU >= 10.1 reads every property of the realized CPU in one command: no references.
         self.list_get = options.read == "auto" and "qom-list-get" in discovery.commands
@@ -241,7 +243,9 @@ class Runner:
         if defs is not None:
             self.definitions[record["machine"]] = {d["name"]: d.get("alias-of") for d in defs}
         source = SOURCE_EXPANSION if self.options.mode == MODE_EXPAND else SOURCE_REALIZED
-        self.blocks[combo] = record_cells(record, self.discovery.feature_aliases, source)
+        self.blocks[combo] = record_cells(
+            record, self.discovery.feature_aliases, source, self.texts
+        )
         # Keep the small part; answers live in raw/ (reference answers teach `realize_only`).
         self.records[combo] = {k: v for k, v in record.items() if k not in ("answers", "output")}
         if record["read"] == READ_QOM_GET and record["status"] == OK:

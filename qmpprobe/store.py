@@ -237,7 +237,7 @@ def cells_table(accel: str, blocks: Sequence[CellBlock]) -> pa.Table:
     if not blocks or n == 0:
         empty = {c: pa.array([], pa.dictionary(pa.int32(), pa.string())) for c in CELL_COLUMNS}
         return pa.table(empty)
-    return pa.table(
+    table = pa.table(
         {
             "accel": pa.DictionaryArray.from_arrays(
                 pa.array(np.zeros(n, dtype=np.int32)), pa.array([accel], pa.string())
@@ -250,3 +250,11 @@ def cells_table(accel: str, blocks: Sequence[CellBlock]) -> pa.Table:
             "source": repeated([b.source for b in blocks]),
         }
     )
+    # Combos stay in plan order; within a combo, properties by name, however it was read.
+    prop = table["prop"].combine_chunks()
+    names = np.asarray(prop.dictionary.to_pylist(), dtype=object)
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[np.argsort(names)] = np.arange(len(names))
+    block = np.repeat(np.arange(len(blocks), dtype=np.int64), sizes)
+    order = np.argsort(block * len(names) + rank[prop.indices.to_numpy()], kind="stable")
+    return table.take(pa.array(order))

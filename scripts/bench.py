@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Benchmark qmpprobe against the floor of QEMU's own start-up, all in one run on one machine.
+
+For one plan (default: the full matrix of the installed QEMU under TCG) it measures:
+  1. the floor: start `qemu -S` with each combo's command line, read the QMP greeting, stop
+     it, at the same concurrency as the runs;
+  2. exact mode (`qmpprobe run`, an empty journal cache);
+  3. expand mode (`qmpprobe run --mode expand`);
+  4. a naive baseline: one combo after another through qemu.qmp, qom-list and one qom-get per
+     property, on a random sample of combos, extrapolated to the plan;
+  5. `qmpprobe report` on the exact run (wall time and peak memory);
+  6. a cached re-run of the exact plan (every combo from the journal cache).
+It prints the ratios and writes results/bench/<date>-<host>.json.
+  scripts/bench [--qemu PATH] [--machines GLOBS] [--models GLOBS] [--jobs N] [--sample N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from qemu.qmp import ExecuteError, QMPClient
+
+from qmpprobe.discover import discover
+from qmpprobe.plan import parse_smp, plan
+from qmpprobe.qemu import LaunchOptions, QemuProcess
+from qmpprobe.run import default_jobs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def qmpprobe(*args: str, env: dict[str, str]) -> float:
+    """Run the qmpprobe CLI; returns its wall time (it must succeed)."""
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "qmpprobe", *args],
+        check=True,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.monotonic() - started
+
+
+async def floor(argvs: list[list[str]], jobs: int) -> float:
+    """Start, greet and stop a bare `qemu -S` for every command line, `jobs` at a time."""
+    queue = list(argvs)
+
+    async def worker() -> None:
+        while queue:
+            qemu = QemuProcess(queue.pop())
+            try:
+                await qemu.start()
+                await qemu.connect()
+            except Exception:  # a combo QEMU refuses costs what it costs: still the floor
+                pass
+            finally:
+                await qemu.stop()
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(jobs)))
+    return time.monotonic() - started
+
+
+async def naive_one(argv: list[str]) -> None:
+    """The obvious way: qemu.qmp, qom-list, then one qom-get per property, nothing else."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = os.path.join(tmp, "qmp.sock")
+        proc = subprocess.Popen(
+            [*argv, "-qmp", f"unix:{sock},server=on,wait=off"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            while not os.path.exists(sock):
+                if proc.poll() is not None:
+                    return
+                await asyncio.sleep(0.005)
+            client = QMPClient("naive")
+            await client.connect(sock)
+            cpus = await client.execute("query-cpus-fast")
+            if cpus:
+                path = cpus[0]["qom-path"]
+                for prop in await client.execute("qom-list", {"path": path}):
+                    with contextlib.suppress(ExecuteError):
+                        await client.execute("qom-get", {"path": path, "property": prop["name"]})
+            await client.execute("quit")
+            with contextlib.suppress(EOFError):
+                await client.disconnect()
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+async def naive(argvs: list[list[str]]) -> float:
+    """One combo after another; returns the mean seconds per combo."""
+    started = time.monotonic()
+    for argv in argvs:
+        await naive_one(argv)
+    return (time.monotonic() - started) / len(argvs)
+
+
+def peak_of(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and peak resident MiB of a command (run in a child of a fresh process)."""
+    code = (
+        "import resource,subprocess,sys,time;t=time.monotonic();"
+        "subprocess.run(sys.argv[1:],check=True,stdout=subprocess.DEVNULL);"
+        "print(time.monotonic()-t,resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *cmd],
+        check=True,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return float(out[0]), int(out[1]) / 1024
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--qemu", default="qemu-system-x86_64")
+    p.add_argument("--machines")
+    p.add_argument("--models")
+    p.add_argument("--jobs", type=int, default=default_jobs())
+    p.add_argument("--sample", type=int, default=100, help="combos in the naive baseline")
+    p.add_argument("--out", default=str(REPO / "results" / "bench"))
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="qmpprobe-bench-"))
+    env = {**os.environ, "QMPPROBE_CACHE": str(work / "cache")}
+    plan_args = [
+        a
+        for k, v in (("--machines", args.machines), ("--models", args.models))
+        if v
+        for a in (k, v)
+    ]
+    common = ["--qemu", args.qemu, "--jobs", str(args.jobs), "--no-progress", *plan_args]
+    results: dict[str, float] = {}
+
+    # Discovery once, so that every run below starts from the same learned features.
+    results["discovery_s"] = qmpprobe("discover", "--qemu", args.qemu, env=env)
+    launch = LaunchOptions(args.qemu, "tcg", parse_smp("1"))
+    found = asyncio.run(discover(launch))
+    combos = [c for c in plan(found, args.machines, args.models, launch.topology) if not c.skip]
+    argvs = [
+        LaunchOptions(found.qemu, "tcg", parse_smp("1")).argv(c.machine, c.model) for c in combos
+    ]
+    print(f"plan: {len(combos)} combos, QEMU {found.version}, jobs {args.jobs}", flush=True)
+
+    results["floor_s"] = asyncio.run(floor(argvs, args.jobs))
+    print(f"floor: {results['floor_s']:.1f} s", flush=True)
+    exact = work / "exact"
+    results["exact_s"] = qmpprobe("run", *common, "--out", str(exact), "--no-report", env=env)
+    print(f"exact: {results['exact_s']:.1f} s", flush=True)
+    results["expand_s"] = qmpprobe(
+        "run", *common, "--mode", "expand", "--no-report", "--out", str(work / "expand"), env=env
+    )
+    print(f"expand: {results['expand_s']:.1f} s", flush=True)
+    results["report_s"], results["report_peak_mib"] = peak_of(
+        [sys.executable, "-m", "qmpprobe", "report", str(exact)], env
+    )
+    print(f"report: {results['report_s']:.1f} s, {results['report_peak_mib']:.0f} MiB", flush=True)
+    results["cached_rerun_s"] = qmpprobe(
+        "run", *common, "--out", str(work / "cached"), "--no-report", env=env
+    )
+    print(f"cached re-run: {results['cached_rerun_s']:.1f} s", flush=True)
+    sample = random.Random(0).sample(argvs, min(args.sample, len(argvs)))
+    per_combo = asyncio.run(naive(sample))
+    results["naive_sample"] = len(sample)
+    results["naive_s_per_combo"] = per_combo
+    results["naive_extrapolated_s"] = per_combo * len(argvs)
+    print(
+        f"naive: {per_combo * 1000:.0f} ms per combo, {results['naive_extrapolated_s']:.0f} s "
+        f"for the plan (from {len(sample)} combos)",
+        flush=True,
+    )
+
+    ratios = {
+        "exact_over_floor": results["exact_s"] / results["floor_s"],
+        "naive_over_exact": results["naive_extrapolated_s"] / results["exact_s"],
+        "naive_over_expand": results["naive_extrapolated_s"] / results["expand_s"],
+    }
+    doc = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": {
+            "name": platform.node(),
+            "cpus": os.cpu_count(),
+            "cpu": next(
+                (
+                    ln.split(":", 1)[1].strip()
+                    for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")
+                ),
+                "",
+            ),
+        },
+        "qemu": {"path": found.qemu, "version": found.version, "package": found.package},
+        "plan": {
+            "machines": args.machines,
+            "models": args.models,
+            "combos": len(combos),
+            "jobs": args.jobs,
+        },
+        "results": results,
+        "ratios": ratios,
+        "max_rss_bench_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{datetime.now(UTC):%Y-%m-%d}-{platform.node()}-qemu-{found.version}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
