@@ -10,6 +10,7 @@ comparing both readings of the same combos, so nothing about QEMU is assumed her
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,38 +146,56 @@ def realize_only(
 
 @dataclass
 class CellBlock:
-    """Cells of one combo, as parallel columns."""
+    """Cells of one combo, as parallel columns of codes into a `Texts`' tables."""
 
     machine: str
     model: str
-    props: list[str]
-    values: list[str]
-    types: list[str]
+    props: array[int]
+    values: array[int]
+    types: array[int]
     source: str
 
 
-class Texts:
-    """Shared text of repeated names and scalar values: millions of cells, few distinct ones.
+class Codes:
+    """A growing table of distinct strings, each with a small integer code."""
 
-    Each distinct string is kept once (memory) and each distinct scalar encoded once (time).
+    def __init__(self) -> None:
+        self.code: dict[str, int] = {}
+        self.strings: list[str] = []
+
+    def __call__(self, text: str) -> int:
+        """The code of a string, adding it when new."""
+        found = self.code.get(text)
+        if found is None:
+            found = self.code[text] = len(self.strings)
+            self.strings.append(text)
+        return found
+
+
+class Texts:
+    """Cells as codes: millions of cells, a few thousand distinct names and values.
+
+    Each distinct string is stored once (memory), each distinct scalar encoded to JSON once
+    (time), and the cell table is built from integer codes, not from millions of strings.
     """
 
     def __init__(self) -> None:
-        self.names: dict[str, str] = {}
-        self.scalars: dict[tuple[type, Any], tuple[str, str]] = {}
+        self.props, self.values, self.types = Codes(), Codes(), Codes()
+        self._scalars: dict[tuple[type, Any], tuple[int, int]] = {}
+        self.true = (self.values("true"), self.types("boolean"))
+        self.false = (self.values("false"), self.types("boolean"))
 
-    def name(self, name: str) -> str:
-        """The shared copy of a property name."""
-        return self.names.setdefault(name, name)
-
-    def value(self, value: Any) -> tuple[str, str]:
-        """(JSON text, JSON type) of a value."""
+    def value(self, value: Any) -> tuple[int, int]:
+        """(value code, type code) of a QMP value."""
         if isinstance(value, list | dict):
-            return json_text(value), json_type(value)
+            return self.values(json_text(value)), self.types(json_type(value))
         key = (type(value), value)  # True and 1 are equal keys otherwise
-        found = self.scalars.get(key)
+        found = self._scalars.get(key)
         if found is None:
-            found = self.scalars[key] = (json_text(value), json_type(value))
+            found = self._scalars[key] = (
+                self.values(json_text(value)),
+                self.types(json_type(value)),
+            )
         return found
 
 
@@ -185,12 +204,18 @@ def record_cells(
 ) -> CellBlock:
     """The cells of one `ok` record (empty for any other status), in QEMU's order."""
     found = realized_values(record, aliases) if record["status"] == OK else {}
-    encoded = [texts.value(v) for v in found.values()]
+    known = texts.props.code.get
+    props = [known(p) for p in found]
+    if None in props:
+        props = [texts.props(p) for p in found]
+    value, true, false = texts.value, texts.true, texts.false
+    # Most cells are booleans: those need no call.
+    coded = [true if v is True else false if v is False else value(v) for v in found.values()]
     return CellBlock(
-        machine=record["machine"],
-        model=record["model"],
-        props=[texts.name(p) for p in found],
-        values=[t for t, _ in encoded],
-        types=[k for _, k in encoded],
-        source=source,
+        record["machine"],
+        record["model"],
+        array("i", props),
+        array("i", [c[0] for c in coded]),
+        array("i", [c[1] for c in coded]),
+        source,
     )

@@ -230,14 +230,17 @@ class Runner:
         self.manifest["from_cache"] = self.manifest.get("from_cache", 0) + found
         return found
 
+    def _journal(self, record: dict[str, Any], share: bool) -> None:
+        data = self.folder.write_record(record)
+        # A timeout says nothing about QEMU: only final answers are worth reusing.
+        if share and self.shared is not None and record["status"] in (OK, ERROR):
+            with contextlib.suppress(OSError):
+                self.shared.put_record(record["machine"], record["model"], data)
+
     def _keep(self, record: dict[str, Any], journal: bool = True, share: bool = True) -> None:
         record["key"] = self.key
         if journal:
-            data = self.folder.write_record(record)
-            # A timeout says nothing about QEMU: only final answers are worth reusing.
-            if share and self.shared is not None and record["status"] in (OK, ERROR):
-                with contextlib.suppress(OSError):
-                    self.shared.put_record(record["machine"], record["model"], data)
+            self._journal(record, share)
         combo = (record["machine"], record["model"])
         defs = record["answers"].get("query-cpu-definitions", {}).get("return")
         if defs is not None:
@@ -402,7 +405,9 @@ class Runner:
         rows = self.combo_rows()
         self.folder.write_combos(combos_frame(rows))
         order = [(c.machine, c.model) for c in self.combos if (c.machine, c.model) in self.blocks]
-        self.folder.write_cells(cells_table(self.launch.accel, [self.blocks[k] for k in order]))
+        self.folder.write_cells(
+            cells_table(self.launch.accel, [self.blocks[k] for k in order], self.texts)
+        )
         counts = Counter(r["status"] for r in rows)
         self.manifest.update(
             complete=complete and counts[PENDING] == 0,
