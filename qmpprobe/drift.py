@@ -86,19 +86,24 @@ def _set_bits(value: str) -> list[str]:
 
 def _requested_bits(cells: pd.DataFrame, named: set[str]) -> pd.DataFrame:
     """Rows for CPUID bits no named flag covers: requested = feature-words | filtered."""
-    words = cells.loc[
-        cells["prop"].isin(["feature-words", "filtered-features"]), ["machine", "model", "value"]
-    ].astype(str)
-    # Many combos share the same words: decode each distinct value once.
-    decoded = {v: [b for b in _set_bits(v) if b not in named] for v in words["value"].unique()}
-    on = words.assign(prop=words["value"].map(decoded)).explode("prop").dropna(subset=["prop"])
-    on = on[["machine", "model", "prop"]].drop_duplicates()
+    rows = cells[cells["prop"].isin(["feature-words", "filtered-features"])]
+    # Many combos share the same words: decode each distinct value once, by its category code.
+    codes = rows["value"].cat.codes.to_numpy()
+    texts = rows["value"].cat.categories
+    decoded = {c: [b for b in _set_bits(texts[c]) if b not in named] for c in np.unique(codes)}
+    where = pd.DataFrame(
+        {
+            "machine": rows["machine"].astype(str).to_numpy(),
+            "model": rows["model"].astype(str).to_numpy(),
+        }
+    )
+    on = where.assign(prop=[decoded[c] for c in codes]).explode("prop").dropna(subset=["prop"])
+    on = on.drop_duplicates()
     if on.empty:
         return pd.DataFrame(columns=["machine", "model", "prop", "value", "type"])
     on["prop"] = BIT_PREFIX + on["prop"]
     # A bit set anywhere for a model is a row on every machine type of that model.
-    combos = words[["machine", "model"]].drop_duplicates()
-    universe = combos.merge(on[["model", "prop"]].drop_duplicates(), on="model")
+    universe = where.drop_duplicates().merge(on[["model", "prop"]].drop_duplicates(), on="model")
     universe = universe.merge(on.assign(hit=True), on=["machine", "model", "prop"], how="left")
     universe["value"] = np.where(universe["hit"].eq(True), "true", "false")
     universe["type"] = "boolean"
@@ -199,36 +204,70 @@ def changes(along: pd.DataFrame, few: float = 0.1) -> tuple[pd.DataFrame, pd.Dat
     type; models whose own value already was `old` simply do not change. So a change is
     `all-models` when at most `few` of the models that have the property on both machine
     types (at least 2 allowed) do something else: those are its named exceptions.
+    Computed on category codes: millions of pairs, strings only for the rows that changed.
     """
-    pairs = along[along["from_machine"].notna()].rename(
-        columns={"machine": "to_machine", "value": "new"}
+    pairs = along[along["from_machine"].notna()]
+    k = pd.DataFrame(
+        {
+            "family": pairs["family"].cat.codes,
+            "prop": pairs["prop"].cat.codes,
+            "from": pairs["from_machine"].cat.codes,
+            "to": pairs["machine"].cat.codes,
+            "model": pairs["model"].cat.codes,
+            "old": pairs["old_code"].astype(np.int32),
+            "new": pairs["code"].astype(np.int32),
+            "rank": pairs["rank"],
+        }
     )
-    moved = pairs[pairs["code"] != pairs["old_code"]]
-    text = ["family", "model", "prop", "from_machine", "to_machine", "old", "new"]
-    per_model = moved[[*text, "rank"]].astype({c: str for c in text})
-    distinct = per_model.groupby(CHANGE_KEY, sort=False).agg(
-        models=("model", "size"), changed=("model", lambda m: set(m)), rank=("rank", "first")
+    pair_key, change_key = (
+        ["family", "prop", "from", "to"],
+        ["family", "prop", "from", "to", "old", "new"],
     )
-    distinct = distinct.reset_index()
+    moved = k[k["old"] != k["new"]]
+    distinct = (
+        moved.groupby(change_key, sort=False)
+        .agg(models=("model", "size"), rank=("rank", "first"))
+        .reset_index()
+    )
     # Every model with the property on both machine types of a pair where something changed.
-    keys = distinct[CHANGE_KEY[:4]].drop_duplicates()
-    around = pairs[pairs["prop"].isin(keys["prop"])][text].astype({c: str for c in text})
-    around = around.merge(keys, on=CHANGE_KEY[:4])
-    both = around.merge(distinct[CHANGE_KEY], on=CHANGE_KEY[:4], suffixes=("", "_c"))
-    same_start = both["old"] == both["old_c"]
-    conforms = same_start & ((both["new"] == both["new_c"]) | (both["new"] == both["old_c"]))
-    both = both.assign(odd=np.where(conforms, "", both["model"]))
-    ckey = [f"{c}_c" if c in ("old", "new") else c for c in CHANGE_KEY]
-    summary = both.groupby(ckey, sort=False).agg(
-        having=("model", "size"), exceptions=("odd", lambda m: " ".join(sorted(x for x in m if x)))
+    around = k.merge(distinct[pair_key].drop_duplicates(), on=pair_key)
+    both = around.merge(distinct[change_key], on=pair_key, suffixes=("", "_c"))
+    conforms = (both["old"] == both["old_c"]) & (
+        (both["new"] == both["new_c"]) | (both["new"] == both["old_c"])
     )
-    summary.index = summary.index.set_names(CHANGE_KEY)
-    distinct = distinct.join(summary, on=CHANGE_KEY)
-    odd = distinct["exceptions"].str.split().str.len().fillna(0)
+    ckey = [*pair_key, "old_c", "new_c"]
+    having = both.groupby(ckey, sort=False).size().rename("having")
+    names = pairs["model"].cat.categories
+    odd = both[~conforms].assign(name=lambda f: names[f["model"].to_numpy()])
+    exceptions = odd.groupby(ckey, sort=False)["name"].agg(lambda m: " ".join(sorted(m)))
+    distinct = distinct.join(having.rename_axis(change_key), on=change_key).join(
+        exceptions.rename("exceptions").rename_axis(change_key), on=change_key
+    )
+    distinct["exceptions"] = distinct["exceptions"].fillna("")
+    n_odd = distinct["exceptions"].str.split().str.len().fillna(0)
     allowed = np.maximum(2, np.floor(few * distinct["having"]))
-    shared = (odd <= allowed) & (distinct["models"] > allowed)
+    shared = (n_odd <= allowed) & (distinct["models"] > allowed)
     distinct["scope"] = np.where(shared, ALL_MODELS, MODEL)
-    return per_model, distinct
+    # Back to names: for the changed rows only.
+    decode = {
+        "family": pairs["family"].cat.categories,
+        "prop": pairs["prop"].cat.categories,
+        "from": pairs["machine"].cat.categories,
+        "to": pairs["machine"].cat.categories,
+        "old": pairs["value"].cat.categories,
+        "new": pairs["value"].cat.categories,
+        "model": names,
+    }
+    renamed = {"from": "from_machine", "to": "to_machine"}
+
+    def named(frame: pd.DataFrame) -> pd.DataFrame:
+        out = frame.copy()
+        for col, cats in decode.items():
+            if col in out:
+                out[col] = np.asarray(cats, dtype=object)[out[col].to_numpy()]
+        return out.rename(columns=renamed)
+
+    return named(moved), named(distinct)
 
 
 def transitions(per_model: pd.DataFrame, distinct: pd.DataFrame, accel: str) -> pd.DataFrame:

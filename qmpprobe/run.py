@@ -18,11 +18,11 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qmpprobe import __version__, cache, reaper
 from qmpprobe.cells import (
@@ -56,6 +56,7 @@ from qmpprobe.qemu import OWNER_ENV, LaunchOptions, kill_owned
 from qmpprobe.store import SCHEMA, RunFolder, cells_table, combos_frame
 
 MODE_EXACT, MODE_EXPAND = "exact", "expand"
+T = TypeVar("T")
 
 #: What expand mode cannot see; repeated in its manifests.
 EXPAND_LIMITS = (
@@ -225,22 +226,24 @@ class Runner:
                 continue
             rec = self.shared.read_record(c.machine, c.model)
             if rec is not None and rec.get("key") == self.key:
-                self._keep(rec, share=False)
+                # The entry is written once already: link it into this run as it is.
+                self.folder.adopt_record(self.shared.raw_path(c.machine, c.model))
+                self._keep(rec, journal=False)
                 found += 1
         self.manifest["from_cache"] = self.manifest.get("from_cache", 0) + found
         return found
 
-    def _journal(self, record: dict[str, Any], share: bool) -> None:
+    def _journal(self, record: dict[str, Any]) -> None:
         data = self.folder.write_record(record)
         # A timeout says nothing about QEMU: only final answers are worth reusing.
-        if share and self.shared is not None and record["status"] in (OK, ERROR):
+        if self.shared is not None and record["status"] in (OK, ERROR):
             with contextlib.suppress(OSError):
                 self.shared.put_record(record["machine"], record["model"], data)
 
-    def _keep(self, record: dict[str, Any], journal: bool = True, share: bool = True) -> None:
+    def _keep(self, record: dict[str, Any], journal: bool = True) -> None:
         record["key"] = self.key
         if journal:
-            self._journal(record, share)
+            self._journal(record)
         combo = (record["machine"], record["model"])
         defs = record["answers"].get("query-cpu-definitions", {}).get("return")
         if defs is not None:
@@ -267,33 +270,22 @@ class Runner:
         types = tuple(sorted(self.learned.types.items()))
         return ReadPlan(READ_EXPANSION, self.learned.gets, types, definitions=wants)
 
-    async def _probe(self, combo: Combo, reference: bool) -> None:
-        read = self._read_plan(combo.machine, reference)
-        attempts, seconds = 0, 0.0
-        try:
-            while True:
-                attempts += 1
-                record = await probe(
-                    self.launch, combo.machine, combo.model, read, self.options.timeout, self.env
-                )
-                seconds += record["seconds"]
-                if record["status"] != TIMEOUT or attempts > self.options.retries:
-                    break
-        finally:
-            self._asking_definitions.discard(combo.machine)
-        record["attempts"], record["seconds"] = attempts, round(seconds, 4)
-        self._keep(record)
+    async def _retrying(
+        self, attempt: Callable[[], Awaitable[T]], status: Callable[[T], str]
+    ) -> list[T]:
+        """Every attempt's result: a timeout is tried again (`retries` times, once by default)."""
+        results = [await attempt()]
+        while status(results[-1]) == TIMEOUT and len(results) <= self.options.retries:
+            results.append(await attempt())
+        return results
 
-    async def _probe_all(self, combos: Sequence[Combo], reference: bool, bar: Progress) -> None:
-        queue: asyncio.Queue[Combo] = asyncio.Queue()
-        for c in combos:
-            queue.put_nowait(c)
+    async def _pool(self, items: Sequence[T], handle: Callable[[T], Awaitable[None]]) -> None:
+        """Handle items with `--jobs` workers; cancelling the pool cancels them all."""
+        queue = list(reversed(items))
 
         async def worker() -> None:
-            while not queue.empty():
-                combo = queue.get_nowait()
-                await self._probe(combo, reference)
-                bar.advance(self.counts)
+            while queue:
+                await handle(queue.pop())
 
         workers = [asyncio.create_task(worker()) for _ in range(max(1, self.options.jobs))]
         try:
@@ -302,37 +294,45 @@ class Runner:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _probe(self, combo: Combo, reference: bool, bar: Progress) -> None:
+        read = self._read_plan(combo.machine, reference)
+        try:
+            tries = await self._retrying(
+                lambda: probe(
+                    self.launch, combo.machine, combo.model, read, self.options.timeout, self.env
+                ),
+                lambda r: r["status"],
+            )
+        finally:
+            self._asking_definitions.discard(combo.machine)
+        record = tries[-1]
+        record["attempts"] = len(tries)
+        record["seconds"] = round(sum(r["seconds"] for r in tries), 4)
+        self._keep(record)
+        bar.advance(self.counts)
+
+    async def _probe_all(self, combos: Sequence[Combo], reference: bool, bar: Progress) -> None:
+        await self._pool(combos, lambda c: self._probe(c, reference, bar))
+
+    async def _probe_machine(self, machine: str, models: list[str], bar: Progress) -> None:
+        tries = await self._retrying(
+            lambda: probe_machine(self.launch, machine, models, self.options.timeout, self.env),
+            lambda records: records[0]["status"],
+        )
+        for rec in tries[-1]:
+            rec["attempts"] = len(tries)
+            self._keep(rec)
+            bar.advance(self.counts)
 
     async def _probe_machines(self, combos: Sequence[Combo], bar: Progress) -> None:
         """Expand mode: one QEMU per machine type for all of its pending models."""
         by_machine: dict[str, list[str]] = {}
         for c in combos:
             by_machine.setdefault(c.machine, []).append(c.model)
-        queue = list(by_machine.items())
-
-        async def worker() -> None:
-            while queue:
-                machine, models = queue.pop(0)
-                attempts = 0
-                while True:
-                    attempts += 1
-                    records = await probe_machine(
-                        self.launch, machine, models, self.options.timeout, self.env
-                    )
-                    if records[0]["status"] != TIMEOUT or attempts > self.options.retries:
-                        break
-                for rec in records:
-                    rec["attempts"] = attempts
-                    self._keep(rec)
-                    bar.advance(self.counts)
-
-        workers = [asyncio.create_task(worker()) for _ in range(max(1, self.options.jobs))]
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+        await self._pool(
+            list(by_machine.items()), lambda item: self._probe_machine(item[0], item[1], bar)
+        )
 
     def _learn(self) -> None:
         refs = [r for r in self.records.values() if r["read"] == READ_QOM_GET and r["status"] == OK]

@@ -25,6 +25,10 @@ from qmpprobe.cells import CELL_COLUMNS, CellBlock, Codes, Texts
 from qmpprobe.errors import InputError
 from qmpprobe.probe import STATUSES
 
+# Arrow's default allocator keeps what it frees; the system one gives it back, which keeps a
+# report of millions of cells within its memory budget.
+pa.set_memory_pool(pa.system_memory_pool())
+
 #: Bumped on any incompatible change to the files of a run folder.
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -132,6 +136,19 @@ class RunFolder:
         write_atomically(self.path / CELLS, lambda tmp: pq.write_table(table, tmp))
 
     # -- reading -------------------------------------------------------------------------
+    def adopt_record(self, source: Path) -> None:
+        """Take another journal's entry for the same combo as is (a hard link when possible)."""
+        path = self.path / RAW / source.parent.name / source.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.link")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            os.link(source, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            atomic_write(path, source.read_bytes())
+
     def read_record(self, machine: str, model: str) -> dict[str, Any] | None:
         """The journal entry of one combo, or None when there is none (or it is unreadable)."""
         try:
@@ -187,7 +204,9 @@ class RunFolder:
     def read_cells(self) -> pd.DataFrame:
         """cells.parquet as a DataFrame with categorical columns."""
         try:
-            return pq.read_table(self.path / CELLS).to_pandas()
+            table = pq.read_table(self.path / CELLS, memory_map=True)
+            # Hand Arrow's buffers back while pandas takes the data: half the peak memory.
+            return table.to_pandas(self_destruct=True, split_blocks=True)
         except (OSError, pa.ArrowException) as e:
             raise InputError(f"corrupted run folder: {self.path / CELLS}: {e}") from None
 

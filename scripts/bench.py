@@ -31,7 +31,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from qmpprobe.discover import discover
 from qmpprobe.plan import parse_smp, plan
@@ -89,7 +89,10 @@ async def naive_one(argv: list[str]) -> None:
                     return
                 await asyncio.sleep(0.005)
             client = QMPClient("naive")
-            await client.connect(sock)
+            try:
+                await client.connect(sock)
+            except QMPError:
+                return  # QEMU refused the combo: it costs what it costs
             cpus = await client.execute("query-cpus-fast")
             if cpus:
                 path = cpus[0]["qom-path"]
