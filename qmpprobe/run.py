@@ -224,11 +224,12 @@ class Runner:
         for c in self.combos:
             if c.skip or (c.machine, c.model) in self.records:
                 continue
-            rec = self.shared.read_record(c.machine, c.model)
-            if rec is not None and rec.get("key") == self.key:
-                # The entry is written once already: link it into this run as it is.
-                self.folder.adopt_record(self.shared.raw_path(c.machine, c.model))
-                self._keep(rec, journal=False)
+            entry = self.shared.read_record_bytes(c.machine, c.model)
+            if entry is not None and entry[0].get("key") == self.key:
+                # Compressed once already: copy the bytes (a hard link would let a change to
+                # one journal reach the other).
+                self.folder.put_record(c.machine, c.model, entry[1])
+                self._keep(entry[0], journal=False)
                 found += 1
         self.manifest["from_cache"] = self.manifest.get("from_cache", 0) + found
         return found
@@ -555,8 +556,8 @@ async def run(options: RunOptions) -> Outcome:
     folder.create()
     folder.write_discovery(discovery.answers)
     runner = Runner(folder, manifest, discovery, combos, replace(options, qemu=discovery.qemu))
-    runner.load_cached()
     runner.save(complete=False, started=started)
+    runner.load_cached()
     return await _execute(runner, options, started)
 
 

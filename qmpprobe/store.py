@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import itertools
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,21 +42,14 @@ COMBO_COLUMNS = (
 )  # fmt: skip
 
 
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-#: Mode of the files a run writes (mkstemp's 0600 would hide published reports from others).
-FILE_MODE = _file_mode()
+#: Unique temp names within this process (with the PID, unique on the host).
+_temp_names = itertools.count()
 
 
 def write_atomically(path: Path, write: Callable[[str], object]) -> None:
     """Let `write` fill a temp file in `path`'s folder, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, FILE_MODE)
-    os.close(fd)
+    # Unique among live processes (the PID), so an old leftover is simply overwritten.
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{next(_temp_names)}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -71,7 +64,17 @@ def write_atomically(path: Path, write: Callable[[str], object]) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically."""
-    write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+
+    def write(tmp: str) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    write_atomically(path, write)
 
 
 def _safe(name: str) -> str:
@@ -136,23 +139,16 @@ class RunFolder:
         write_atomically(self.path / CELLS, lambda tmp: pq.write_table(table, tmp))
 
     # -- reading -------------------------------------------------------------------------
-    def adopt_record(self, source: Path) -> None:
-        """Take another journal's entry for the same combo as is (a hard link when possible)."""
-        path = self.path / RAW / source.parent.name / source.name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.link")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        try:
-            os.link(source, tmp)
-            os.replace(tmp, path)
-        except OSError:
-            atomic_write(path, source.read_bytes())
-
     def read_record(self, machine: str, model: str) -> dict[str, Any] | None:
         """The journal entry of one combo, or None when there is none (or it is unreadable)."""
+        found = self.read_record_bytes(machine, model)
+        return found[0] if found else None
+
+    def read_record_bytes(self, machine: str, model: str) -> tuple[dict[str, Any], bytes] | None:
+        """The journal entry of one combo and its compressed bytes, or None."""
         try:
-            return json.loads(gzip.decompress(self.raw_path(machine, model).read_bytes()))
+            data = self.raw_path(machine, model).read_bytes()
+            return json.loads(gzip.decompress(data)), data
         except (OSError, EOFError, ValueError):
             return None
 
