@@ -1,10 +1,12 @@
 """Run: probe every planned combo with bounded concurrency and keep the run folder valid.
 
-The order of work: discovery → plan → a few *reference* combos read with `qom-get` of every
-property (they teach `cells.realize_only` what the expansion cannot tell) → every other combo
-read the cheap way → combos.csv, cells.parquet and the manifest. Each combo is journalled
-in raw/ as soon as it ends, so an interrupted run loses only the combos in flight, and
-`run --resume` finishes it. Ctrl-C and SIGTERM kill every QEMU and leave the folder valid.
+The order of work: discovery → plan → what the shared journal already has → before QEMU
+10.1, one *reference* combo per model read with `qom-get` of every property (they teach
+`cells.realize_only` what the expansion cannot tell) → every other combo read the cheap way
+(one `qom-list-get` from QEMU 10.1; one QEMU per machine type in expand mode) → combos.csv,
+cells.parquet and the manifest. Each combo is journalled in raw/ as soon as it ends, so an
+interrupted run loses only the combos in flight, and `run --resume` finishes it. Ctrl-C and
+SIGTERM kill every QEMU and leave the folder valid.
 """
 
 from __future__ import annotations
