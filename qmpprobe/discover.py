@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -73,6 +74,11 @@ class Discovery:
     feature_bits: dict[str, str]
     feature_aliases: dict[str, list[str]]
     fingerprint: dict[str, Any]
+    #: Per machine type, its declared compat props on x86 CPU types and their ancestors, as
+    #: `[qom-type, property, value]` in QEMU's order (QEMU >= 9.1; None when not declared).
+    compat_props: dict[str, list[list[str]]] | None = None
+    #: Each CPU model's QOM type → its ancestors, nearest first (from `qom-list-types`).
+    cpu_types: dict[str, list[str]] = field(default_factory=dict)
     answers: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -218,6 +224,59 @@ async def _discover(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bo
         return await _ask(proc, qemu_path, accel, use_cache)
 
 
+def ancestry(types: list[dict[str, Any]], typenames: Iterable[str]) -> dict[str, list[str]]:
+    """Each type of `typenames` → its ancestors, nearest first, from `qom-list-types`."""
+    parent = {t["name"]: t.get("parent") for t in types}
+
+    def chain(name: str) -> list[str]:
+        out: list[str] = []
+        while (name := parent.get(name)) and name not in out:
+            out.append(name)
+        return out
+
+    return {t: chain(t) for t in typenames if t in parent}
+
+
+def cpu_compat_props(
+    machines: list[dict[str, Any]], cpu_types: Mapping[str, list[str]]
+) -> dict[str, list[list[str]]]:
+    """Declared compat props that can touch an x86 CPU, per machine type, in QEMU's order.
+
+    Kept: entries on a CPU model's type or one of its ancestors, and entries on types named
+    like a CPU model (`<name>-<CPU base type>`) that this QEMU no longer has.
+    """
+    related = set(cpu_types) | {a for chain in cpu_types.values() for a in chain}
+    bases = {chain[0] for chain in cpu_types.values() if chain}
+    suffixes = tuple(f"-{b}" for b in bases)
+    return {
+        m["name"]: [
+            [e["qom-type"], e["property"], e["value"]]
+            for e in m.get("compat-props", [])
+            if e["qom-type"] in related or e["qom-type"].endswith(suffixes)
+        ]
+        for m in machines
+    }
+
+
+async def _compat(
+    proc: QemuProcess, models: list[Model]
+) -> tuple[dict[str, list[list[str]]] | None, dict[str, list[str]], dict[str, Any]]:
+    """Declared CPU compat props and the CPU type tree, when this QEMU declares them (>= 9.1).
+
+    Asked last: `qom-list-types` loads every module into the discovery process.
+    """
+    asked = await proc.answers(
+        [("query-machines", {"compat-props": True}), ("qom-list-types", {"abstract": True})]
+    )
+    answers = {"query-machines-compat": asked[0], "qom-list-types": asked[1]}
+    if "return" not in asked[1]:
+        return None, {}, answers
+    cpu_types = ancestry(asked[1]["return"], (m.typename for m in models if m.typename))
+    if "return" not in asked[0]:
+        return None, cpu_types, answers
+    return cpu_compat_props(asked[0]["return"], cpu_types), cpu_types, answers
+
+
 async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -> Discovery:
     names = [
         "query-version",
@@ -252,6 +311,8 @@ async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -
         learned["answers"]["cached"] = key
     answers["aliases"] = learned["answers"]
     answers["feature-bits"] = {"bits": learned["bits"], "crashed": learned["crashed"]}
+    compat_props, cpu_types, compat_answers = await _compat(proc, models)
+    answers.update(compat_answers)
     v = qv["qemu"]
     kvm = answers["query-kvm"].get("return", {})
     return Discovery(
@@ -270,5 +331,7 @@ async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -
         feature_bits=feature_bits({f: set(b) for f, b in learned["bits"].items()}),
         feature_aliases=learned["aliases"],
         fingerprint=fingerprint,
+        compat_props=compat_props,
+        cpu_types=cpu_types,
         answers=answers,
     )

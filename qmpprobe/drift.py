@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import union_categoricals
 
+from qmpprobe import compat
 from qmpprobe.learn import bit_key
 
 VERSIONED = re.compile(r"^(?P<prefix>.+?)-(?P<version>\d+(?:\.\d+)+)$")
@@ -33,6 +34,7 @@ BIT_PREFIX = "feature-words:"
 ALL_MODELS, MODEL = "all-models", "model"
 TRANSITION_COLUMNS = [
     "accel", "family", "model", "prop", "from_machine", "to_machine", "old", "new", "scope",
+    "cause_kind", "cause",
 ]  # fmt: skip
 
 
@@ -273,7 +275,8 @@ def changes(along: pd.DataFrame, few: float = 0.1) -> tuple[pd.DataFrame, pd.Dat
 def transitions(per_model: pd.DataFrame, distinct: pd.DataFrame, accel: str) -> pd.DataFrame:
     """One row per model and property whose value differs between adjacent machine types."""
     out = per_model.merge(distinct[[*CHANGE_KEY, "scope"]], on=CHANGE_KEY)
-    out = out.assign(accel=accel).sort_values(["family", "prop", "rank", "model"])
+    out = out.assign(accel=accel, cause_kind="", cause="")
+    out = out.sort_values(["family", "prop", "rank", "model"])
     return out[TRANSITION_COLUMNS].reset_index(drop=True)
 
 
@@ -378,6 +381,8 @@ class Drift:
     alias_changes: pd.DataFrame
     matrix: pd.DataFrame
     distance: pd.DataFrame
+    #: Declared entries that change nothing measurable (None: QEMU declared no compat props).
+    dead: pd.DataFrame | None = None
 
 
 def analyse(manifest: Mapping[str, Any], combos: pd.DataFrame, cells: pd.DataFrame) -> Drift:
@@ -392,6 +397,9 @@ def analyse(manifest: Mapping[str, Any], combos: pd.DataFrame, cells: pd.DataFra
     along = along_families(req, order)
     per_model, distinct = changes(along)
     trans = transitions(per_model, distinct, manifest["accel"])
+    dead = None
+    if compat.declares(manifest):
+        trans, dead = _attribute(manifest, combos, trans, order, req)
     run = runnability(combos, cells)
     return Drift(
         accel=manifest["accel"],
@@ -403,4 +411,35 @@ def analyse(manifest: Mapping[str, Any], combos: pd.DataFrame, cells: pd.DataFra
         alias_changes=alias_changes(combos, order),
         matrix=matrix(req, trans, order),
         distance=distance_to_newest(along, order),
+        dead=dead,
     )
+
+
+def model_types(manifest: Mapping[str, Any]) -> pd.DataFrame:
+    """`model, qom_type` of every model the run's QEMU has."""
+    models = manifest.get("models", [])
+    return pd.DataFrame(
+        {"model": [m["name"] for m in models], "qom_type": [m["typename"] for m in models]}
+    )
+
+
+def _attribute(
+    manifest: Mapping[str, Any],
+    combos: pd.DataFrame,
+    trans: pd.DataFrame,
+    order: pd.DataFrame,
+    req: pd.DataFrame,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Transitions with their declared cause, and the entries that cause nothing."""
+    canon = canonical_names(manifest.get("feature_aliases", {}), manifest.get("features", []))
+    ent = compat.entries(manifest["compat_props"])
+    applying = compat.applies(manifest.get("cpu_types", {}), model_types(manifest))
+    force = compat.in_force(ent, applying, canon)
+    ending = compat.ends(ent, order)
+    attributed = compat.attribute(
+        trans.drop(columns=["cause_kind", "cause"]), force, ending, applying, set(canon)
+    )
+    props = set(req["prop"].astype(str).unique())
+    probed = set(combos.loc[combos["status"].astype(str) == "ok", "model"].astype(str))
+    dead = compat.dead_entries(ending, force, attributed, applying, canon, props, probed)
+    return attributed[TRANSITION_COLUMNS], dead

@@ -17,6 +17,8 @@ from typing import Any
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from qmpprobe import compat
+from qmpprobe.compat import DECLARED, UNDECLARED
 from qmpprobe.drift import ALL_MODELS, MODEL, Drift, analyse, hex_text
 from qmpprobe.store import RunFolder, atomic_write
 
@@ -24,6 +26,9 @@ FILES = (
     "transitions.csv",
     "runnability.csv",
     "matrix.csv",
+    "compat_props.csv",
+    "undeclared.csv",
+    "dead_entries.csv",
     "heatmap.png",
     "report.md",
     "report.html",
@@ -129,6 +134,34 @@ def _runnability_rows(d: Drift) -> list[str]:
     return lines
 
 
+def _by_cause(d: Drift) -> list[dict[str, Any]]:
+    """Transitions grouped by the declared entry (or entries) behind them."""
+    t = d.transitions[d.transitions["cause_kind"] != UNDECLARED]
+    # One row per entry, whatever family it ends in.
+    t = t.assign(cause=t["cause"].str.replace(compat.UP_TO, "", regex=True))
+    groups = t.groupby(["cause_kind", "cause"], sort=False)
+    rows = [
+        {
+            "kind": kind,
+            "cause": cause,
+            "pairs": _abbrev(sorted(set(g["from_machine"] + " → " + g["to_machine"])), 4),
+            "props": _abbrev(sorted(set(g["prop"])), 6),
+            "models": g["model"].nunique(),
+            "rows": len(g),
+        }
+        for (kind, cause), g in groups
+    ]
+    return sorted(rows, key=lambda r: (r["kind"] != DECLARED, r["cause"]))
+
+
+def undeclared(d: Drift) -> pd.DataFrame:
+    """Each undeclared change once, with the models that make it."""
+    t = d.transitions[d.transitions["cause_kind"] == UNDECLARED]
+    key = ["accel", "family", "from_machine", "to_machine", "prop", "old", "new"]
+    out = t.groupby(key, sort=False)["model"].agg(lambda m: " ".join(sorted(m))).reset_index()
+    return out.rename(columns={"model": "models"})
+
+
 def _failures(combos: pd.DataFrame) -> list[dict[str, Any]]:
     bad = combos[combos["status"].astype(str).isin(["error", "timeout"])]
     out = []
@@ -212,6 +245,10 @@ def context(manifest: Mapping[str, Any], combos: pd.DataFrame, d: Drift) -> dict
         "runnability": _runnability_rows(d),
         "failures": _failures(combos),
         "limits": manifest.get("qmp_limits", ""),
+        "declared": d.dead is not None,
+        "causes": _by_cause(d) if d.dead is not None else [],
+        "undeclared": undeclared(d).to_dict("records"),
+        "dead": [] if d.dead is None else d.dead.to_dict("records"),
         "all_models": ALL_MODELS,
     }
 
@@ -226,6 +263,7 @@ def write_report(path: str | Path) -> list[Path]:
     atomic_write(out / "transitions.csv", d.transitions.to_csv(index=False).encode())
     atomic_write(out / "runnability.csv", d.runnability.to_csv(index=False).encode())
     atomic_write(out / "matrix.csv", d.matrix.to_csv(index=False).encode())
+    _write_compat(out, manifest, d)
     ctx = context(manifest, combos, d)
     png = heatmap_png(d.distance, ctx["title"])
     atomic_write(out / "heatmap.png", png)
@@ -238,7 +276,19 @@ def write_report(path: str | Path) -> list[Path]:
     ctx["heatmap"] = "data:image/png;base64," + base64.b64encode(png).decode()
     atomic_write(out / "report.html", env.get_template("report.html.j2").render(ctx).encode())
     atomic_write(out / "report.md", env.get_template("report.md.j2").render(ctx).encode())
-    return [out / f for f in FILES]
+    return [out / f for f in FILES if (out / f).exists()]
+
+
+def _write_compat(out: Path, manifest: Mapping[str, Any], d: Drift) -> None:
+    """The declared CPU compat props and both mismatch tables, when QEMU declares them."""
+    if d.dead is None:
+        for name in ("compat_props.csv", "undeclared.csv", "dead_entries.csv"):
+            (out / name).unlink(missing_ok=True)
+        return
+    entries = compat.entries(manifest["compat_props"])
+    atomic_write(out / "compat_props.csv", entries.to_csv(index=False).encode())
+    atomic_write(out / "undeclared.csv", undeclared(d).to_csv(index=False).encode())
+    atomic_write(out / "dead_entries.csv", d.dead.to_csv(index=False).encode())
 
 
 DIFF_FILES = ("diff.csv", "diff.json", "diff.md", "diff.html")

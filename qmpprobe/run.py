@@ -468,6 +468,8 @@ def new_manifest(
         "features": discovery.features,
         "feature_bits": discovery.feature_bits,
         "feature_aliases": discovery.feature_aliases,
+        "compat_props": discovery.compat_props,
+        "cpu_types": discovery.cpu_types,
     }
 
 
