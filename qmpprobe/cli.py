@@ -126,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--no-cache", action="store_true", help="probe both QEMUs again")
     _diff_args(ck, "results/check-<stamp> (with baseline/ and candidate/ runs)")
 
+    x = sub.add_parser(
+        "explain", help="how a machine type's CPU differs from the newest of its family, and why"
+    )
+    x.add_argument("machine", metavar="MACHINE", help="machine type, e.g. pc-i440fx-2.4")
+    x.add_argument("--run", metavar="RUN", help="a run with MACHINE and its family's newest")
+    _probe_args(x)
+    x.add_argument("--smp", default="1", help="topology when probing (no --run)")
+    x.add_argument("--model", help="models (names or globs; default: all)")
+    x.add_argument(
+        "--as-globals",
+        action="store_true",
+        help="print the -globals that make the newest machine type's CPU equal, and verify",
+    )
+    x.add_argument("--out", help="run folder when probing (default: results/explain-<stamp>)")
+    x.add_argument("--jobs", type=int, help="QEMUs at once (default: cores + 1)")
+    x.add_argument("--timeout", type=float, default=30.0, help="seconds per QEMU (30)")
+
     e = sub.add_parser("export", help="write a run's cells in another format")
     e.add_argument("run", metavar="RUN", help="run folder")
     e.add_argument(
@@ -254,6 +271,93 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return _diff_and_write(str(out / "baseline"), str(out / "candidate"), args, str(out))
 
 
+def _explain_run(args: argparse.Namespace) -> str:
+    """Probe MACHINE and the newest of its family into a new run; its folder."""
+    from datetime import UTC, datetime
+
+    from qmpprobe import run as runmod
+    from qmpprobe.discover import discover
+    from qmpprobe.explain import newest_of_family
+    from qmpprobe.qemu import LaunchOptions
+
+    found = asyncio.run(discover(LaunchOptions(args.qemu, args.accel)))
+    machines = [vars(m) for m in found.machines]
+    newest = newest_of_family(machines, args.machine)
+    out = args.out or f"results/explain-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    options = runmod.RunOptions(
+        qemu=args.qemu,
+        accel=args.accel,
+        smp=args.smp,
+        machines=f"{args.machine},{newest}",
+        models=args.model,
+        out=out,
+        progress=runmod.is_terminal(),
+    )
+    if args.jobs:
+        options.jobs = args.jobs
+    print(runmod.summary(runmod.run_sync(lambda: runmod.run(options))))
+    return out
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    from qmpprobe import explain
+    from qmpprobe.run import default_jobs
+    from qmpprobe.store import RunFolder
+
+    folder = RunFolder(args.run or _explain_run(args))
+    manifest = folder.read_manifest(require_complete=True)
+    newest = explain.newest_of_family(manifest["machines"], args.machine)
+    cells = folder.read_cells()
+    if args.model:
+        globs = [g.strip() for g in args.model.split(",") if g.strip()]
+        names = [str(m) for m in cells["model"].cat.categories]
+        wanted = [m for m in names if any(fnmatch.fnmatchcase(m, g) for g in globs)]
+        if not wanted:
+            raise InputError(f"--model {args.model} matches no model of this run")
+        cells = cells[cells["model"].isin(wanted)]
+    diffs = explain.causes(
+        manifest, explain.differences(manifest, cells, args.machine, newest), args.machine, newest
+    )
+    print(
+        f"{args.machine} vs {newest} ({manifest['qemu']['version']}, {manifest['accel']}, "
+        f"-smp {manifest['topology']}): {len(diffs)} difference(s), "
+        f"{diffs['model'].nunique()} model(s)"
+    )
+    for model, group in diffs.groupby("model", sort=True):
+        print(f"{model}:")
+        for r in group.itertuples():
+            why = f"{r.cause_kind}: {r.cause}" if r.cause_kind else "compat props not declared"
+            print(f"  {r.prop}: {r.value} (newest: {r.newest_value})  [{why}]")
+    if not args.as_globals:
+        return EXIT_OK
+    plans = {
+        m: explain.globals_for(manifest, diffs, args.machine, newest, m)
+        for m in sorted(diffs["model"].unique())
+    }
+    trips = asyncio.run(
+        explain.verify(
+            manifest, cells, args.machine, newest, plans, args.jobs or default_jobs(), args.timeout
+        )
+    )
+    failed = 0
+    for t in trips:
+        print(f"{t.model} on {newest}: " + " ".join(f"-global {g}" for g in t.globals))
+        if t.status != "ok":
+            print(f"  round trip: {t.status}: {t.error}")
+        elif t.left:
+            print(
+                "  round trip: left over: "
+                + ", ".join(f"{p} {a} (with globals: {b})" for p, (a, b) in sorted(t.left.items()))
+            )
+        else:
+            print(f"  round trip: equal to {args.machine}")
+        failed += t.status != "ok" or bool(t.left)
+    print(f"round trip: {len(trips) - failed}/{len(trips)} model(s) equal")
+    return EXIT_CHANGED if failed else EXIT_OK
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from qmpprobe.store import RunFolder
 
@@ -270,6 +374,7 @@ COMMANDS = {
     "diff": _cmd_diff,
     "check": _cmd_check,
     "export": _cmd_export,
+    "explain": _cmd_explain,
 }
 
 

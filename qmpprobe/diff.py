@@ -20,12 +20,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qmpprobe.drift import BIT_PREFIX, VERSIONED, machine_order, requested
+from qmpprobe import compat
+from qmpprobe.drift import (
+    BIT_PREFIX,
+    VERSIONED,
+    canonical_names,
+    machine_order,
+    model_types,
+    requested,
+)
 from qmpprobe.errors import InputError
 from qmpprobe.store import RunFolder
 
 SCHEMA = 1
-COLUMNS = ["kind", "accel", "machine", "model", "prop", "old", "new"]
+COLUMNS = ["kind", "accel", "machine", "model", "prop", "old", "new", "compat"]
 ABI, UNSAFE, NEW_FEATURE = "abi-change", "unsafe-model-change", "new-feature-enabled"
 UNSHIPPED, UNVERSIONED = "unshipped-change", "unversioned-change"
 NEW_PROP, REMOVED_PROP = "new-prop", "removed-prop"
@@ -278,10 +286,11 @@ def read_accepted(path: str | Path) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as e:
         raise InputError(f"--accept {path}: {e}") from None
-    missing = [c for c in COLUMNS if c not in df.columns]
+    # `compat` came later: accept files written before it still work.
+    missing = [c for c in COLUMNS if c not in df.columns and c != "compat"]
     if missing:
         raise InputError(f"--accept {path}: missing columns {', '.join(missing)}")
-    return df[COLUMNS]
+    return df.reindex(columns=COLUMNS, fill_value="")
 
 
 def apply_accepted(rows: pd.DataFrame, accepted: pd.DataFrame) -> pd.DataFrame:
@@ -312,6 +321,8 @@ class Diff:
     unreleased: list[str]
     cross_host: bool
     notes: list[str] = field(default_factory=list)
+    #: Undeclared ABI changes and the entry that would restore the old value.
+    restore: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def breaks(self) -> pd.DataFrame:
@@ -343,10 +354,8 @@ def compare(
     rows = rows.sort_values(
         ["kind", "machine", "model", "prop"], key=lambda s: s.map(order) if s.name == "kind" else s
     )
-    rows = apply_accepted(
-        rows.reset_index(drop=True),
-        accepted if accepted is not None else pd.DataFrame(columns=COLUMNS),
-    )
+    rows, restore = covered(rows.reset_index(drop=True), b)
+    rows = apply_accepted(rows, accepted if accepted is not None else pd.DataFrame(columns=COLUMNS))
     notes = []
     if a.manifest["accel"] == "kvm" and (
         a.manifest["host"]["fingerprint"] != b.manifest["host"]["fingerprint"]
@@ -355,7 +364,62 @@ def compare(
             "KVM runs from different hosts (--cross-host): host differences show up "
             "as capability and status changes, not as QEMU's."
         )
-    return Diff(a, b, rows, shipped, list(unreleased), cross_host, notes)
+    return Diff(a, b, rows, shipped, list(unreleased), cross_host, notes, restore)
+
+
+def covered(rows: pd.DataFrame, b: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mark each `abi-change` with the candidate's entry in force for it, or `undeclared`.
+
+    An undeclared one is what a forgotten compat entry causes; `restore` says which entry
+    (`TYPE.PROP=OLD` for machine types up to X.Y) would bring the old value back.
+    """
+    rows = rows.assign(compat="")
+    m = b.manifest
+    if not compat.declares(m):
+        return rows, pd.DataFrame(columns=RESTORE_COLUMNS)
+    canon = canonical_names(m.get("feature_aliases", {}), m.get("features", []))
+    applying = compat.applies(m.get("cpu_types", {}), model_types(m))
+    force = compat.in_force(compat.entries(m["compat_props"]), applying, canon)
+    abi = (
+        rows[rows["kind"] == ABI]
+        .reset_index()
+        .merge(force, on=["machine", "model", "prop"], how="left")
+    )
+    text = "declared: " + compat.entry_text(abi)
+    rows.loc[abi["index"], "compat"] = text.fillna("undeclared").to_numpy()
+    return rows, restore_entries(rows[rows["compat"] == "undeclared"], m)
+
+
+RESTORE_COLUMNS = ["family", "qom_type", "property", "value", "up_to", "models", "machines"]
+
+
+def restore_entries(undeclared: pd.DataFrame, manifest: dict[str, Any]) -> pd.DataFrame:
+    """The compat entry that would give each undeclared change its old value back.
+
+    On the CPU base type when every model of the candidate that changed on those machine
+    types changed alike, else on the model's own type; up to the newest machine type hit.
+    """
+    if undeclared.empty:
+        return pd.DataFrame(columns=RESTORE_COLUMNS)
+    order = machine_order(manifest["machines"])[["machine", "family", "rank"]]
+    df = undeclared.merge(order, on="machine")
+    types = model_types(manifest).set_index("model")["qom_type"]
+    cpu_types = manifest.get("cpu_types", {})
+    df["own"] = df["model"].map(types)
+    key = ["family", "prop", "old", "new"]
+    n_models = df.groupby(key)["model"].transform("nunique")
+    shared = n_models >= max(2, 0.9 * len(types))
+    base = df["own"].map(lambda t: (cpu_types.get(t) or [t])[0])
+    df["qom_type"] = np.where(shared, base, df["own"])
+    df["value"] = df["old"].map(compat.qemu_value)
+    df = df.sort_values("rank")
+    out = df.groupby([*key, "qom_type", "value"], sort=False).agg(
+        up_to=("machine", "last"),
+        models=("model", "nunique"),
+        machines=("machine", "nunique"),
+    )
+    out = out.reset_index().rename(columns={"prop": "property"})
+    return out[RESTORE_COLUMNS].sort_values(["family", "qom_type", "property"])
 
 
 def summary(d: Diff) -> str:
@@ -363,4 +427,11 @@ def summary(d: Diff) -> str:
     counts = ", ".join(f"{n} {k}" for k, n in d.counts().items()) or "no differences"
     n = d.breaks["machine"].nunique()
     verdict = f"{n} shipped machine type(s) changed" if n else "no shipped machine type changed"
-    return f"{d.a.name} -> {d.b.name}: {counts}; {verdict}"
+    line = f"{d.a.name} -> {d.b.name}: {counts}; {verdict}"
+    for r in d.restore.itertuples():
+        line += (
+            f"\nundeclared: {r.property} changed on {r.machines} {r.family} machine type(s) "
+            f"({r.models} model(s)); restore with -global {r.qom_type}.{r.property}={r.value} "
+            f"for machine types <= {r.up_to}"
+        )
+    return line

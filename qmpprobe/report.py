@@ -330,6 +330,7 @@ def write_diff(d: Any, out: str | Path) -> list[Path]:
         "counts": d.counts(),
         "breaks": len(d.breaks),
         "summary": summary(d),
+        "restore": d.restore.to_dict(orient="records"),
         "rows": rows.to_dict(orient="records"),
     }
     atomic_write(folder / "diff.json", (json.dumps(doc, indent=1) + "\n").encode())

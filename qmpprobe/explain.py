@@ -1,0 +1,168 @@
+"""Explain one machine type: how its CPU differs from the newest of its family, and why.
+
+Analysis on a run (the machine type and the newest of its family probed), plus one optional
+probing step, `verify`: start the newest machine type with the `-global`s that should make its
+CPU equal this one's, and compare. The globals are the compat entries this machine type
+carries and the newest does not, in QEMU's order, then a direct `-global` for any difference
+no entry explains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pandas as pd
+
+from qmpprobe import compat
+from qmpprobe.cells import json_text, realized_values
+from qmpprobe.drift import (
+    BIT_PREFIX,
+    canonical_names,
+    machine_order,
+    model_types,
+    requested,
+)
+from qmpprobe.errors import InputError
+from qmpprobe.probe import READ_QOM_GET, ReadPlan, probe
+from qmpprobe.qemu import LaunchOptions
+
+#: Facts of the host and accelerator, not of the CPU asked for.
+NOT_COMPARED = {"filtered-features", "unavailable-features"}
+
+
+def newest_of_family(machines: Sequence[Mapping[str, Any]], machine: str) -> str:
+    """The newest machine type of `machine`'s family (InputError when it has no family)."""
+    order = machine_order(machines)
+    row = order[order["machine"] == machine]
+    if row.empty:
+        raise InputError(f"no machine type {machine!r} in this QEMU")
+    if not bool(row["versioned"].iloc[0]):
+        raise InputError(f"{machine} has no version: it has no family to compare with")
+    family = row["family"].iloc[0]
+    return str(order.loc[order["family"] == family, "machine"].iloc[-1])
+
+
+def differences(
+    manifest: Mapping[str, Any], cells: pd.DataFrame, machine: str, newest: str
+) -> pd.DataFrame:
+    """`model, prop, value, newest_value`: the requested CPU of `machine` vs the newest."""
+    req = requested(
+        cells[cells["machine"].isin([machine, newest])],
+        manifest.get("feature_aliases", {}),
+        manifest.get("features", []),
+        manifest.get("feature_bits", {}),
+    ).astype(str)
+    wide = req.pivot_table(
+        index=["model", "prop"], columns="machine", values="value", aggfunc="first"
+    )
+    if machine not in wide or newest not in wide:
+        return pd.DataFrame(columns=["model", "prop", "value", "newest_value"])
+    wide = wide.rename(columns={machine: "value", newest: "newest_value"}).reset_index()
+    differ = wide["value"].ne(wide["newest_value"]) & wide["value"].notna()
+    return wide.loc[differ, ["model", "prop", "value", "newest_value"]].reset_index(drop=True)
+
+
+def _carried(manifest: Mapping[str, Any], machine: str, newest: str) -> pd.DataFrame:
+    """Entries of `machine` the newest does not carry, each with the models it applies to."""
+    ent = compat.entries(manifest["compat_props"])
+    mine = ent[ent["machine"] == machine]
+    theirs = ent.loc[ent["machine"] == newest, compat.ENTRY].drop_duplicates()
+    mine = mine.merge(theirs, on=compat.ENTRY, how="left", indicator=True)
+    mine = mine[mine["_merge"] == "left_only"].drop(columns="_merge")
+    applying = compat.applies(manifest.get("cpu_types", {}), model_types(manifest))
+    return mine.merge(applying, on="qom_type").sort_values("pos")
+
+
+def causes(
+    manifest: Mapping[str, Any], diffs: pd.DataFrame, machine: str, newest: str
+) -> pd.DataFrame:
+    """The differences with `cause_kind` and `cause` (see `compat`)."""
+    if not compat.declares(manifest):
+        return diffs.assign(cause_kind="", cause="")
+    canon = canonical_names(manifest.get("feature_aliases", {}), manifest.get("features", []))
+    applying = compat.applies(manifest.get("cpu_types", {}), model_types(manifest))
+    ent = compat.entries(manifest["compat_props"])
+    force = compat.in_force(ent[ent["machine"].isin([machine, newest])], applying, canon)
+    trans = diffs.assign(from_machine=machine, to_machine=newest, family="")
+    ending = (
+        _carried(manifest, machine, newest)
+        .rename(columns={"machine": "up_to"})
+        .assign(next_machine=newest, family="")[["family", *compat.ENTRY, "up_to", "next_machine"]]
+    )
+    out = compat.attribute(trans, force, ending.drop_duplicates(), applying, set(canon))
+    return out[[*diffs.columns, "cause_kind", "cause"]]
+
+
+def globals_for(
+    manifest: Mapping[str, Any], explained: pd.DataFrame, machine: str, newest: str, model: str
+) -> list[str]:
+    """`-global`s that should turn the newest machine type's `model` into this one's."""
+    out: list[str] = []
+    if compat.declares(manifest):
+        carried = _carried(manifest, machine, newest)
+        # QEMU's option syntax doubles a comma inside a value.
+        out = list(compat.entry_text(carried[carried["model"] == model]).str.replace(",", ",,"))
+    types = model_types(manifest).set_index("model")["qom_type"]
+    rest = explained[
+        (explained["model"] == model)
+        & (explained["cause_kind"] != compat.DECLARED)
+        & ~explained["prop"].str.startswith(BIT_PREFIX)
+        & ~explained["prop"].isin(NOT_COMPARED)
+    ]
+    if compat.declares(manifest):
+        rest = rest[rest["cause_kind"] == compat.UNDECLARED]
+    out += [f"{types[model]}.{r.prop}={compat.qemu_value(r.value)}" for r in rest.itertuples()]
+    return out
+
+
+@dataclass
+class RoundTrip:
+    """Newest machine type + globals, compared with the machine type explained."""
+
+    model: str
+    globals: list[str]
+    status: str
+    error: str = ""
+    left: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+async def verify(
+    manifest: Mapping[str, Any],
+    cells: pd.DataFrame,
+    machine: str,
+    newest: str,
+    plans: Mapping[str, list[str]],
+    jobs: int,
+    timeout: float,
+) -> list[RoundTrip]:
+    """Probe the newest machine type with each model's globals; what is still different."""
+    base = LaunchOptions(
+        qemu=manifest["qemu"]["path"],
+        accel=manifest["accel"],
+        topology=manifest["topology"],
+        cpu_flags=manifest.get("cpu_flags", ""),
+        globals=tuple(manifest.get("globals", [])),
+    )
+    aliases = manifest.get("feature_aliases", {})
+    mine = cells[cells["machine"] == machine].astype(str)
+    gate = asyncio.Semaphore(jobs)
+
+    async def one(model: str, extra: list[str]) -> RoundTrip:
+        options = replace(base, globals=(*base.globals, *extra))
+        async with gate:
+            record = await probe(options, newest, model, ReadPlan(READ_QOM_GET), timeout)
+        if record["status"] != "ok":
+            return RoundTrip(model, extra, record["status"], record.get("error", ""))
+        got = {p: json_text(v) for p, v in realized_values(record, aliases).items()}
+        want = mine[mine["model"] == model].set_index("prop")["value"].to_dict()
+        left = {
+            p: (want[p], got.get(p, "(none)"))
+            for p in want
+            if p not in NOT_COMPARED and got.get(p) != want[p]
+        }
+        return RoundTrip(model, extra, "ok", left=left)
+
+    return list(await asyncio.gather(*(one(m, g) for m, g in plans.items())))
