@@ -8,8 +8,9 @@ QOM type or one of its ancestors. A transition between adjacent machine types is
 
 - `declared`: the entry in force on the older machine type sets this very property and is
   not in force on the newer one;
-- `derived`: no entry sets this property, but entries that apply to this model end at this
-  pair (a knob such as `full-cpuid-auto-level` moves `level`; a flag moves `xlevel`);
+- `derived`: no entry sets this property, but declared changes of the same model happen at
+  the same pair (a knob such as `full-cpuid-auto-level` moves `level`; `mpx` moves the XSAVE
+  bits of leaf 0xD);
 - `undeclared`: nothing declared changes for this model here (a machine-type option, an
   accelerator default, or a code change).
 
@@ -59,7 +60,7 @@ def in_force(ent: pd.DataFrame, applying: pd.DataFrame, canon: Mapping[str, str]
     `prop` is QEMU's canonical spelling, so `sse4_1` and `sse4.1` are one property.
     """
     df = ent.merge(applying, on="qom_type")
-    df["prop"] = df["property"].map(canon).fillna(df["property"])
+    df["prop"] = df["property"].replace(dict(canon))
     df = df.sort_values("pos", kind="stable")
     df = df.drop_duplicates(["machine", "model", "prop"], keep="last")
     return df[["machine", "model", "prop", *ENTRY]].reset_index(drop=True)
@@ -87,31 +88,22 @@ def _with_entry(trans: pd.DataFrame, force: pd.DataFrame, side: str) -> pd.DataF
     return trans.merge(f, on=[f"{side}_machine", "model", "prop"], how="left")
 
 
-def attribute(
-    trans: pd.DataFrame,
-    force: pd.DataFrame,
-    ending: pd.DataFrame,
-    applying: pd.DataFrame,
-    flags: set[str],
-) -> pd.DataFrame:
+def attribute(trans: pd.DataFrame, force: pd.DataFrame) -> pd.DataFrame:
     """Transitions with `cause_kind` and `cause` (the entry, its last machine type).
 
-    A derived change names the entries ending there, knobs before feature `flags`.
+    A derived change names the declared changes of the same model at the same pair, knobs
+    (entries on a property that is not the one changing) first.
     """
     df = _with_entry(_with_entry(trans, force, "from"), force, "to")
     old_text = df["from_qom_type"] + "." + df["from_property"] + "=" + df["from_value"]
     new_text = df["to_qom_type"] + "." + df["to_property"] + "=" + df["to_value"]
     direct = df["from_qom_type"].notna() & (new_text.isna() | (old_text != new_text))
-    # Entries that end at this pair and apply to this model: what a derived change follows.
-    ended = ending.merge(applying, on="qom_type").rename(
-        columns={"up_to": "from_machine", "next_machine": "to_machine"}
-    )
-    ended = ended.assign(text=entry_text(ended), flag=ended["property"].isin(flags))
-    ended = ended.sort_values(["flag", "text"])
-    nearby = ended.groupby(["family", "from_machine", "to_machine", "model"])["text"].agg(
+    pair = ["family", "from_machine", "to_machine", "model"]
+    declared = df[direct].assign(text=old_text[direct]).sort_values("text")
+    nearby = declared.groupby(pair)["text"].agg(
         lambda t: " ".join(t.head(4)) + (f" (+{len(t) - 4} more)" if len(t) > 4 else "")
     )
-    near = df.join(nearby, on=["family", "from_machine", "to_machine", "model"])["text"]
+    near = df.join(nearby.rename("near"), on=pair)["near"]
     df["cause_kind"] = UNDECLARED
     df.loc[near.notna(), "cause_kind"] = DERIVED
     df.loc[direct, "cause_kind"] = DECLARED
@@ -131,7 +123,7 @@ def dead_entries(
     probed: set[str],
 ) -> pd.DataFrame:
     """Entries that end somewhere and change nothing measurable there, with the reason."""
-    df = ending.assign(prop=ending["property"].map(canon).fillna(ending["property"]))
+    df = ending.assign(prop=ending["property"].replace(dict(canon)))
     on = df.merge(applying, on="qom_type")
     key = ["family", *ENTRY, "up_to"]
     counted = on.assign(probed=on["model"].isin(probed)).groupby(key)

@@ -432,13 +432,15 @@ def _attribute(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Transitions with their declared cause, and the entries that cause nothing."""
     canon = canonical_names(manifest.get("feature_aliases", {}), manifest.get("features", []))
+    # Adjacent means adjacent in this run: a plan may leave machine types out.
+    planned = set(combos["machine"].astype(str))
+    order = machine_order([m for m in manifest["machines"] if m["name"] in planned])
     ent = compat.entries(manifest["compat_props"])
+    ent = ent[ent["machine"].isin(planned)]
     applying = compat.applies(manifest.get("cpu_types", {}), model_types(manifest))
     force = compat.in_force(ent, applying, canon)
     ending = compat.ends(ent, order)
-    attributed = compat.attribute(
-        trans.drop(columns=["cause_kind", "cause"]), force, ending, applying, set(canon)
-    )
+    attributed = compat.attribute(trans.drop(columns=["cause_kind", "cause"]), force)
     props = set(req["prop"].astype(str).unique())
     probed = set(combos.loc[combos["status"].astype(str) == "ok", "model"].astype(str))
     dead = compat.dead_entries(ending, force, attributed, applying, canon, props, probed)

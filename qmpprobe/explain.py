@@ -87,12 +87,7 @@ def causes(
     ent = compat.entries(manifest["compat_props"])
     force = compat.in_force(ent[ent["machine"].isin([machine, newest])], applying, canon)
     trans = diffs.assign(from_machine=machine, to_machine=newest, family="")
-    ending = (
-        _carried(manifest, machine, newest)
-        .rename(columns={"machine": "up_to"})
-        .assign(next_machine=newest, family="")[["family", *compat.ENTRY, "up_to", "next_machine"]]
-    )
-    out = compat.attribute(trans, force, ending.drop_duplicates(), applying, set(canon))
+    out = compat.attribute(trans, force)
     return out[[*diffs.columns, "cause_kind", "cause"]]
 
 

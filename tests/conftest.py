@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gzip
 import json
 import os
@@ -36,6 +37,18 @@ def qemu_path() -> str:
     if not found:
         pytest.fail(f"{QEMU} is not installed: run ./scripts/setup (tests need a real QEMU)")
     return found
+
+
+@functools.cache
+def fetched(version: str) -> str:
+    """A QEMU release from Debian beside the system one (scripts/fetch-qemu), or skip."""
+    done = subprocess.run(
+        [str(REPO / "scripts" / "fetch-qemu"), version], capture_output=True, text=True, timeout=900
+    )
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-2:])
+        pytest.skip(f"scripts/fetch-qemu {version} failed: {tail}")
+    return done.stdout.strip().splitlines()[-1]
 
 
 def cli(

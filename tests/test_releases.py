@@ -7,26 +7,12 @@ real break: `ht` turned on for machine types that had shipped, with several CPUs
 
 from __future__ import annotations
 
-import functools
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import REPO, assert_cells_equal_qom_get, cli, qemu_path, sample_combos
-
-
-@functools.cache
-def fetched(version: str) -> str:
-    done = subprocess.run(
-        [str(REPO / "scripts" / "fetch-qemu"), version], capture_output=True, text=True, timeout=900
-    )
-    if done.returncode != 0:
-        tail = " | ".join(done.stderr.strip().splitlines()[-2:])
-        pytest.skip(f"scripts/fetch-qemu {version} failed: {tail}")
-    return done.stdout.strip().splitlines()[-1]
-
+from conftest import assert_cells_equal_qom_get, cli, fetched, qemu_path, sample_combos
 
 #: Per release: a few machine types of its own, old and new.
 PLANS = {
