@@ -15,10 +15,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qmpprobe.guest import Dump
 from qmpprobe.probe import OK, READ_EXPAND, READ_LIST_GET, READ_QOM_GET
 
 SOURCE_REALIZED = "realized"
 SOURCE_EXPANSION = "expansion"
+SOURCE_GUEST = "guest"
 CELL_COLUMNS = ("accel", "machine", "model", "prop", "value", "type", "source")
 
 
@@ -218,4 +220,19 @@ def record_cells(
         array("i", [c[0] for c in coded]),
         array("i", [c[1] for c in coded]),
         source,
+    )
+
+
+def guest_cells(record: Mapping[str, Any], texts: Texts) -> CellBlock:
+    """The guest CPUID cells of one `ok` record (`source` guest; empty for any other status)."""
+    found = Dump(record["answers"]["guest-cpuid"]).values if record["status"] == OK else {}
+    value = texts.value
+    coded = [value(v) for v in found.values()]
+    return CellBlock(
+        record["machine"],
+        record["model"],
+        array("i", [texts.props(p) for p in found]),
+        array("i", [c[0] for c in coded]),
+        array("i", [c[1] for c in coded]),
+        SOURCE_GUEST,
     )

@@ -30,6 +30,14 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accel", default="tcg", choices=("tcg", "kvm"), help="accelerator (tcg)")
 
 
+def _guest_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--guest-cpuid",
+        action="store_true",
+        help="also boot qmpprobe's firmware and store the CPUID the guest reads (cpuid:* cells)",
+    )
+
+
 def _diff_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--out", help=f"where diff.csv/json/md/html go (default: {default_out})")
     p.add_argument(
@@ -93,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="probe and learn everything again: do not read ~/.cache/qmpprobe",
     )
+    _guest_arg(r)
     r.add_argument(
         "--no-report",
         action="store_true",
@@ -124,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--jobs", type=int, help="QEMUs at once (default: cores + 1)")
     ck.add_argument("--timeout", type=float, help="seconds per combo (30)")
     ck.add_argument("--no-cache", action="store_true", help="probe both QEMUs again")
+    _guest_arg(ck)
     _diff_args(ck, "results/check-<stamp> (with baseline/ and candidate/ runs)")
 
     x = sub.add_parser(
@@ -170,6 +180,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             models=args.models,
             read=args.read,
             mode=args.mode,
+            guest_cpuid=args.guest_cpuid,
             cache=not args.no_cache,
             out=args.out,
             results=args.results,
@@ -259,6 +270,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             smp=args.smp,
             machines=args.machines,
             models=args.models,
+            guest_cpuid=args.guest_cpuid,
             out=str(out / side),
             progress=runmod.is_terminal(),
             cache=not args.no_cache,

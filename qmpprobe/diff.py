@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import pandas as pd
 from qmpprobe import compat
 from qmpprobe.drift import (
     BIT_PREFIX,
+    GUEST_PREFIX,
     VERSIONED,
     canonical_names,
     machine_order,
@@ -344,6 +345,12 @@ def compare(
 ) -> Diff:
     """Compare a baseline run with a candidate run."""
     check_comparable(a, b, cross_host)
+    notes = []
+    if bool(a.manifest.get("guest_cpuid")) != bool(b.manifest.get("guest_cpuid")):
+        a, b = _without_guest(a), _without_guest(b)
+        notes.append(
+            "Only one run has guest CPUID cells (--guest-cpuid): they are left out of the diff."
+        )
     shipped = shipped_machines(a, unreleased)
     rows = pd.concat(
         [fact_rows(a, b, shipped), combo_rows(a, b, shipped), inventory_rows(a, b)],
@@ -356,7 +363,6 @@ def compare(
     )
     rows, restore = covered(rows.reset_index(drop=True), b)
     rows = apply_accepted(rows, accepted if accepted is not None else pd.DataFrame(columns=COLUMNS))
-    notes = []
     if a.manifest["accel"] == "kvm" and (
         a.manifest["host"]["fingerprint"] != b.manifest["host"]["fingerprint"]
     ):
@@ -365,6 +371,11 @@ def compare(
             "as capability and status changes, not as QEMU's."
         )
     return Diff(a, b, rows, shipped, list(unreleased), cross_host, notes, restore)
+
+
+def _without_guest(run: Run) -> Run:
+    guest = run.cells["prop"].astype(str).str.startswith(GUEST_PREFIX)
+    return replace(run, cells=run.cells[~guest])
 
 
 def covered(rows: pd.DataFrame, b: Run) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -31,6 +31,7 @@ VERSIONED = re.compile(r"^(?P<prefix>.+?)-(?P<version>\d+(?:\.\d+)+)$")
 #: Accelerator/host facts: they feed runnability, not the CPU a machine type asks for.
 NOT_REQUESTED = ("feature-words", "filtered-features", "unavailable-features")
 BIT_PREFIX = "feature-words:"
+GUEST_PREFIX = "cpuid:"
 ALL_MODELS, MODEL = "all-models", "model"
 TRANSITION_COLUMNS = [
     "accel", "family", "model", "prop", "from_machine", "to_machine", "old", "new", "scope",
@@ -164,9 +165,31 @@ def requested(
     cells = cells.assign(value=pd.Categorical.from_codes(codes, value.cat.categories))
     canon = canonical_names(aliases, features)
     drop = set(NOT_REQUESTED) | {a for a, c in canon.items() if a != c}
-    kept = cells[~cells["prop"].isin(drop)]
+    guest = cells["prop"].isin(
+        [p for p in cells["prop"].cat.categories if str(p).startswith(GUEST_PREFIX)]
+    )
+    kept = cells[~cells["prop"].isin(drop) & ~guest]
     bits = _requested_bits(cells, set(feature_bits.values()))
-    return _concat_categorical([kept, bits])
+    return _concat_categorical([kept, bits, _guest_universe(cells[guest])])
+
+
+def _guest_universe(guest: pd.DataFrame) -> pd.DataFrame:
+    """Guest CPUID cells, a subleaf one combo did not enumerate read as 0 for that combo.
+
+    The firmware lists only the subleaves that exist (leaf 4 up to cache type 0, ...): a
+    cache level that appears from one machine type on is then a change from 0, not a gap.
+    """
+    cols = ["machine", "model", "prop", "value", "type"]
+    if guest.empty:
+        return pd.DataFrame(columns=cols)
+    g = guest[cols].astype({"machine": str, "model": str, "prop": str, "value": str})
+    universe = (
+        g[["machine", "model"]]
+        .drop_duplicates()
+        .merge(g[["model", "prop"]].drop_duplicates(), on="model")
+    )
+    out = universe.merge(g, on=["machine", "model", "prop"], how="left")
+    return out.fillna({"value": "0", "type": "integer"})[cols]
 
 
 def along_families(req: pd.DataFrame, order: pd.DataFrame) -> pd.DataFrame:

@@ -20,6 +20,7 @@ from qmpprobe import compat
 from qmpprobe.cells import json_text, realized_values
 from qmpprobe.drift import (
     BIT_PREFIX,
+    GUEST_PREFIX,
     canonical_names,
     machine_order,
     model_types,
@@ -104,7 +105,7 @@ def globals_for(
     rest = explained[
         (explained["model"] == model)
         & (explained["cause_kind"] != compat.DECLARED)
-        & ~explained["prop"].str.startswith(BIT_PREFIX)
+        & ~explained["prop"].str.startswith((BIT_PREFIX, GUEST_PREFIX))
         & ~explained["prop"].isin(NOT_COMPARED)
     ]
     if compat.declares(manifest):
@@ -156,7 +157,7 @@ async def verify(
         left = {
             p: (want[p], got.get(p, "(none)"))
             for p in want
-            if p not in NOT_COMPARED and got.get(p) != want[p]
+            if p not in NOT_COMPARED and not p.startswith(GUEST_PREFIX) and got.get(p) != want[p]
         }
         return RoundTrip(model, extra, "ok", left=left)
 

@@ -8,14 +8,18 @@ is what `store` journals under `raw/`, so analysis can be redone without QEMU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPError
 
+from qmpprobe.guest import Dump
 from qmpprobe.qemu import Ended, LaunchOptions, QemuProcess
 
 #: Statuses a combo can end with (`pending` only while it has not been probed yet).
@@ -153,11 +157,56 @@ async def probe(
 ) -> dict[str, Any]:
     """Probe one combo once; always returns a record, never raises for QEMU's failures."""
 
-    async def work(qemu: QemuProcess, record: dict[str, Any]) -> None:
-        await _run(qemu, options, model, read, record)
+    argv = options.argv(machine, model)
+    if not options.firmware:
 
-    record = await _session(options.argv(machine, model), env, timeout, f"{machine}/{model}", work)
+        async def work(qemu: QemuProcess, record: dict[str, Any]) -> None:
+            await _run(qemu, options, model, read, record)
+
+        record = await _session(argv, env, timeout, f"{machine}/{model}", work)
+        return {"machine": machine, "model": model, "read": read.method, **record}
+    with tempfile.TemporaryDirectory(prefix="qmpprobe-cpuid-") as tmp:
+        dump = Path(tmp) / "dump"
+
+        async def guest_work(qemu: QemuProcess, record: dict[str, Any]) -> None:
+            await _run(qemu, options, model, read, record)
+            if record["status"] == OK:
+                await _guest(qemu, record)
+
+        argv += ["-debugcon", f"file:{dump}"]
+        record = await _session(argv, env, timeout, f"{machine}/{model}", guest_work)
+        _guest_result(record, dump.read_text(errors="replace") if dump.exists() else "")
     return {"machine": machine, "model": model, "read": read.method, **record}
+
+
+async def _guest(qemu: QemuProcess, record: dict[str, Any]) -> None:
+    """Let the firmware run (`cont`) until it ends QEMU; the session's timeout bounds it."""
+    record["status"], record["phase"] = ERROR, "guest CPUID"
+    # QEMU may end before it answers: the dump says whether the firmware got through.
+    with contextlib.suppress(QMPError, OSError, EOFError):
+        await qemu.execute("cont")
+    await qemu.wait_exit(float("inf"))
+    record["status"] = OK
+
+
+def _guest_result(record: dict[str, Any], text: str) -> None:
+    """Judge the dump: an `ok` combo whose dump is incomplete becomes an `error`."""
+    record["answers"]["guest-cpuid"] = text
+    if record.pop("phase", None) is None:
+        return  # the QMP read itself failed: its own status stands
+    dump = Dump(text)
+    if record["status"] == TIMEOUT:
+        record["error"] += f" in the guest (CPUID dump at step {dump.step!r})"
+    elif not dump.complete:
+        # QEMU's warnings about filtered features are not why the guest stopped.
+        said = [
+            ln.strip()
+            for ln in record.get("output", "").splitlines()
+            if ln.strip() and "warning:" not in ln
+        ]
+        how = " | ".join(said[-2:]) or _ended_text(Ended(record["exit"], record["signal"]))
+        record["status"] = ERROR
+        record["error"] = f"{dump.failure()} ({how})"
 
 
 async def probe_machine(

@@ -46,6 +46,8 @@ class LaunchOptions:
     topology: str = "1,sockets=1,cores=1,threads=1"
     cpu_flags: str = ""
     globals: tuple[str, ...] = ()
+    #: --guest-cpuid: the firmware image to boot after the QMP read (see `guest`).
+    firmware: str = ""
 
     def argv(self, machine: str, model: str | None = None) -> list[str]:
         """The QEMU command line for one machine type (and CPU model), without the monitor."""
@@ -54,6 +56,8 @@ class LaunchOptions:
         if model is not None:
             argv += ["-cpu", f"{model},{self.cpu_flags}" if self.cpu_flags else model]
             argv += ["-smp", self.topology]
+            if self.firmware:
+                argv += ["-bios", self.firmware, "-no-reboot", "-device", "isa-debug-exit"]
         for g in self.globals:
             argv += ["-global", g]
         return argv

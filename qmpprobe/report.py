@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from qmpprobe import compat
+from qmpprobe import compat, guest
 from qmpprobe.compat import DECLARED, UNDECLARED
 from qmpprobe.drift import ALL_MODELS, MODEL, Drift, analyse, hex_text
 from qmpprobe.store import RunFolder, atomic_write
@@ -67,7 +67,9 @@ def heatmap_png(distance: pd.DataFrame, title: str) -> bytes:
     return out.getvalue()
 
 
-def _change(old: str, new: str) -> str:
+def _change(old: str, new: str, prop: str = "") -> str:
+    if prop.startswith(guest.PREFIX):
+        return guest.decode(prop, old, new)
     return f"{hex_text(old)} → {hex_text(new)}"
 
 
@@ -77,7 +79,7 @@ def _shared_rows(d: Drift) -> list[dict[str, Any]]:
             "family": r.family,
             "pair": f"{r.from_machine} → {r.to_machine}",
             "prop": r.prop,
-            "change": _change(r.old, r.new),
+            "change": _change(r.old, r.new, r.prop),
             "models": f"{r.models}/{r.having}",
             "exceptions": r.exceptions,
         }
@@ -95,7 +97,7 @@ def _per_model(d: Drift) -> list[dict[str, Any]]:
                     "family": r.family,
                     "pair": f"{r.from_machine} → {r.to_machine}",
                     "prop": r.prop,
-                    "change": _change(r.old, r.new),
+                    "change": _change(r.old, r.new, r.prop),
                 }
                 for r in group.itertuples()
             ],

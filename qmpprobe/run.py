@@ -26,13 +26,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qmpprobe import __version__, cache, reaper
+from qmpprobe import __version__, cache, guest, reaper
 from qmpprobe.cells import (
     SOURCE_EXPANSION,
     SOURCE_REALIZED,
     CellBlock,
     RealizeOnly,
     Texts,
+    guest_cells,
     realize_only,
     record_cells,
 )
@@ -101,6 +102,7 @@ class RunOptions:
     retries: int = 1
     read: str = "auto"
     mode: str = MODE_EXACT
+    guest_cpuid: bool = False
     cache: bool = True
     out: str | None = None
     results: str = "results"
@@ -109,7 +111,12 @@ class RunOptions:
     def launch(self) -> LaunchOptions:
         """QEMU launch options for this run."""
         return LaunchOptions(
-            self.qemu, self.accel, parse_smp(self.smp), self.cpu_flags, tuple(self.globals)
+            self.qemu,
+            self.accel,
+            parse_smp(self.smp),
+            self.cpu_flags,
+            tuple(self.globals),
+            guest.image() if self.guest_cpuid else "",
         )
 
 
@@ -129,6 +136,7 @@ def journal_key(manifest: dict[str, Any]) -> dict[str, Any]:
         "accel": manifest["accel"],
         "topology": manifest["topology"],
         "mode": manifest["mode"],
+        "guest_cpuid": manifest.get("guest_cpuid", False),
         "cpu_flags": manifest["cpu_flags"],
         "globals": manifest["globals"],
         "qmpprobe": manifest["qmpprobe"],
@@ -198,6 +206,7 @@ class Runner:
         self.key = journal_key(manifest)
         self.records: dict[tuple[str, str], dict[str, Any]] = {}
         self.blocks: dict[tuple[str, str], CellBlock] = {}
+        self.guest_blocks: dict[tuple[str, str], CellBlock] = {}
         self.definitions: dict[str, dict[str, str | None]] = {}
         self.learned = RealizeOnly()
         self.env = {**os.environ, OWNER_ENV: manifest["run_id"], "LC_ALL": "C"}
@@ -255,6 +264,8 @@ class Runner:
         self.blocks[combo] = record_cells(
             record, self.discovery.feature_aliases, source, self.texts
         )
+        if "guest-cpuid" in record["answers"]:
+            self.guest_blocks[combo] = guest_cells(record, self.texts)
         # Keep the small part; answers live in raw/ (reference answers teach `realize_only`).
         self.records[combo] = {k: v for k, v in record.items() if k not in ("answers", "output")}
         if record["read"] == READ_QOM_GET and record["status"] == OK:
@@ -409,7 +420,11 @@ class Runner:
         self.folder.write_combos(combos_frame(rows))
         order = [(c.machine, c.model) for c in self.combos if (c.machine, c.model) in self.blocks]
         self.folder.write_cells(
-            cells_table(self.launch.accel, [self.blocks[k] for k in order], self.texts)
+            cells_table(
+                self.launch.accel,
+                [b for k in order for b in (self.blocks[k], self.guest_blocks.get(k)) if b],
+                self.texts,
+            )
         )
         counts = Counter(r["status"] for r in rows)
         self.manifest.update(
@@ -451,6 +466,7 @@ def new_manifest(
         },
         "accel": launch.accel,
         "mode": options.mode,
+        "guest_cpuid": options.guest_cpuid,
         "topology": launch.topology,
         "cpus": topology_cpus(launch.topology),
         "cpu_flags": launch.cpu_flags,
@@ -487,6 +503,7 @@ def options_from_manifest(manifest: dict[str, Any], **overrides: Any) -> RunOpti
             timeout=manifest["timeout"],
             retries=manifest["retries"],
             mode=manifest.get("mode", MODE_EXACT),
+            guest_cpuid=manifest.get("guest_cpuid", False),
         ),
         **{k: v for k, v in overrides.items() if v is not None},
     )
@@ -539,6 +556,8 @@ async def run(options: RunOptions) -> Outcome:
         raise InputError(f"--read: use auto or {READ_QOM_GET}")
     if options.mode not in (MODE_EXACT, MODE_EXPAND):
         raise InputError(f"--mode: use {MODE_EXACT} or {MODE_EXPAND}")
+    if options.mode == MODE_EXPAND and options.guest_cpuid:
+        raise InputError("--guest-cpuid needs the exact mode: expand mode starts no guest")
     if options.mode == MODE_EXPAND and topology_cpus(launch.topology) > 1:
         raise InputError(
             "--mode expand cannot see what realize sets with several CPUs (ht, "

@@ -1,0 +1,149 @@
+"""--guest-cpuid on the real QEMU under TCG: the firmware's dump, its cells, and what a guest
+sees that QMP does not (leaf 1 EBX's logical processors, the l3-cache leaves).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from qmpprobe.guest import Dump, cell_name, decode
+
+from conftest import FAULTS, cli, manifest, owned_pids
+
+
+def _run(tmp: Path, name: str, *args: str) -> Path:
+    out = tmp / name
+    cli("run", "--guest-cpuid", "--out", str(out), *args, check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def l3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _run(
+        tmp_path_factory.mktemp("guest"), "l3",
+        "--machines", "pc-i440fx-2.7,pc-i440fx-2.8,isapc,microvm",
+        "--models", "qemu64,EPYC,qemu32",
+    )  # fmt: skip
+
+
+def _cells(run: Path) -> pd.DataFrame:
+    return pd.read_parquet(run / "cells.parquet").astype(str)
+
+
+def _value(cells: pd.DataFrame, machine: str, model: str, prop: str) -> str:
+    hit = cells[(cells["machine"] == machine) & (cells["model"] == model) & (cells["prop"] == prop)]
+    assert len(hit) == 1, f"{machine}/{model}/{prop}: {len(hit)} cells"
+    return str(hit["value"].iloc[0])
+
+
+def test_dumps_are_complete_on_every_machine_type(l3_run: Path) -> None:
+    combos = pd.read_csv(l3_run / "combos.csv", keep_default_na=False)
+    assert (combos["status"] == "ok").all(), combos[combos["status"] != "ok"]
+    cells = _cells(l3_run)
+    guest = cells[cells["source"] == "guest"]
+    per_combo = guest.groupby(["machine", "model"]).size()
+    assert len(per_combo) == len(combos) and (per_combo > 40).all()
+    # A 64-bit model is dumped in both modes; qemu32 has no long mode: real only.
+    modes = guest["prop"].str.split(":").str[1]
+    assert set(modes[guest["model"] == "qemu64"]) == {"real", "long"}
+    assert set(modes[guest["model"] == "qemu32"]) == {"real"}
+    assert manifest(l3_run)["guest_cpuid"] is True
+
+
+def test_guest_vendor_and_signature_agree_with_qom(l3_run: Path) -> None:
+    cells = _cells(l3_run)
+    m, model = "pc-i440fx-2.8", "qemu64"
+
+    def reg(leaf: int, r: str) -> int:
+        return int(_value(cells, m, model, cell_name("real", leaf, 0, r)))
+
+    vendor = b"".join(reg(0, r).to_bytes(4, "little") for r in ("ebx", "edx", "ecx")).decode()
+    assert f'"{vendor}"' == _value(cells, m, model, "vendor")
+    eax = reg(1, "eax")
+    family = (eax >> 8 & 0xF) + ((eax >> 20 & 0xFF) if (eax >> 8 & 0xF) == 0xF else 0)
+    model_no = (eax >> 4 & 0xF) | ((eax >> 16 & 0xF) << 4 if (eax >> 8 & 0xF) in (6, 0xF) else 0)
+    assert str(family) == _value(cells, m, model, "family")
+    assert str(model_no) == _value(cells, m, model, "model")
+    assert str(eax & 0xF) == _value(cells, m, model, "stepping")
+
+
+def test_l3_cache_shows_in_leaves_2_4_and_0x80000006(l3_run: Path) -> None:
+    t = pd.read_csv(l3_run / "transitions.csv", keep_default_na=False)
+    pair = t[
+        (t["model"] == "EPYC")
+        & (t["from_machine"] == "pc-i440fx-2.7")
+        & (t["to_machine"] == "pc-i440fx-2.8")
+    ]
+    leaves = set(pair.loc[pair["prop"].str.startswith("cpuid:long:"), "prop"].str.split(":").str[2])
+    assert {"0x00000002", "0x00000004", "0x80000006"} <= leaves
+    # QMP sees the knob; the guest sees its effect (a level-3 cache appears in leaf 4).
+    assert "l3-cache" in set(pair["prop"])
+    new_level = pair[pair["prop"] == "cpuid:long:0x00000004:3:eax"]["new"].iloc[0]
+    assert int(new_level) >> 5 & 7 == 3
+    report = (l3_run / "report.md").read_text()
+    assert "EAX[7:5] cache level 0 → 3" in report
+
+
+def test_topology_shows_in_leaf_1_ebx(tmp_path: Path) -> None:
+    plan = ("--machines", "pc-q35-7.2", "--models", "qemu64")
+    one = _cells(_run(tmp_path, "smp1", *plan, "--smp", "1"))
+    two = _cells(_run(tmp_path, "smp2", *plan, "--smp", "2,sockets=1,cores=2"))
+    prop = cell_name("real", 1, 0, "ebx")
+    a = int(_value(one, "pc-q35-7.2", "qemu64", prop))
+    b = int(_value(two, "pc-q35-7.2", "qemu64", prop))
+    assert (a >> 16 & 0xFF) != (b >> 16 & 0xFF)
+    assert b >> 16 & 0xFF == 2
+    assert manifest(tmp_path / "smp2")["topology"] == "2,sockets=1,cores=2"
+
+
+def test_a_guest_that_kills_qemu_is_an_error_naming_the_step(tmp_path: Path) -> None:
+    # QEMU 7.2-11.1 under TCG: Opteron_G4 triple faults when the firmware sets CR4.OSXSAVE.
+    run = _run(tmp_path, "g4", "--machines", "pc-q35-7.2", "--models", "Opteron_G4,qemu64")
+    combos = pd.read_csv(run / "combos.csv", keep_default_na=False).set_index("model")
+    assert combos.loc["qemu64", "status"] == "ok"
+    assert combos.loc["Opteron_G4", "status"] == "error"
+    assert "stopped at step 'osxsave'" in combos.loc["Opteron_G4", "error"]
+    assert "Opteron_G4" in (run / "report.md").read_text().split("## Failures")[1]
+
+
+def test_a_guest_that_never_ends_is_a_timeout_and_no_qemu_remains(tmp_path: Path) -> None:
+    out = tmp_path / "hang"
+    done = cli(
+        "run", "--guest-cpuid", "--qemu", str(FAULTS / "qemu-reboots"), "--out", str(out),
+        "--machines", "pc-q35-7.2", "--models", "Opteron_G4,qemu64", "--timeout", "3",
+        "--no-cache",
+        env={**os.environ, "REAL_QEMU": "qemu-system-x86_64"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    combos = pd.read_csv(out / "combos.csv", keep_default_na=False).set_index("model")
+    assert combos.loc["qemu64", "status"] == "ok"
+    assert combos.loc["Opteron_G4", "status"] == "timeout"
+    assert combos.loc["Opteron_G4", "attempts"] == 2
+    assert "in the guest" in combos.loc["Opteron_G4", "error"]
+    assert not owned_pids(manifest(out)["run_id"]), "a QEMU outlived the run"
+
+
+def test_dump_framing_detects_truncation() -> None:
+    full = "\n".join(
+        [
+            "QMPPROBE-CPUID 1", "M real", "L 00000000 00000000 0000000d 1 2 3", "E real 00000001",
+            "S long", "M long", "L 00000000 00000000 0000000d 1 2 3", "E long 00000001", "DONE",
+        ]
+    )  # fmt: skip
+    assert Dump(full).complete
+    assert Dump(full).values[cell_name("long", 0, 0, "eax")] == 13
+    cut = full.rsplit("\n", 3)[0]
+    assert not Dump(cut).complete and Dump(cut).step == "long dump"
+    assert not Dump(full.replace("E real 00000001", "E real 00000002")).complete
+    assert not Dump("garbage\n" + full).complete
+    no_long = "QMPPROBE-CPUID 1\nM real\nE real 00000000\nX long\nDONE"
+    assert Dump(no_long).complete
+
+
+def test_decode_names_changed_fields() -> None:
+    text = decode(cell_name("real", 1, 0, "ebx"), str(0x800), str(0x20800))
+    assert text == "0x800 → 0x20800 (EBX[23:16] logical processors 0 → 2)"
