@@ -379,7 +379,8 @@ def _without_guest(run: Run) -> Run:
 
 
 def covered(rows: pd.DataFrame, b: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Mark each `abi-change` with the candidate's entry in force for it, or `undeclared`.
+    """Mark each `abi-change` of a QOM property with the candidate's entry in force for it,
+    or `undeclared`.
 
     An undeclared one is what a forgotten compat entry causes; `restore` says which entry
     (`TYPE.PROP=OLD` for machine types up to X.Y) would bring the old value back.
@@ -391,8 +392,10 @@ def covered(rows: pd.DataFrame, b: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
     canon = canonical_names(m.get("feature_aliases", {}), m.get("features", []))
     applying = compat.applies(m.get("cpu_types", {}), model_types(m))
     force = compat.in_force(compat.entries(m["compat_props"]), applying, canon)
+    # Guest CPUID values and unnamed bits have no property an entry could set.
+    qom = ~rows["prop"].str.startswith((GUEST_PREFIX, BIT_PREFIX))
     abi = (
-        rows[rows["kind"] == ABI]
+        rows[(rows["kind"] == ABI) & qom]
         .reset_index()
         .merge(force, on=["machine", "model", "prop"], how="left")
     )

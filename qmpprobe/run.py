@@ -137,6 +137,7 @@ def journal_key(manifest: dict[str, Any]) -> dict[str, Any]:
         "topology": manifest["topology"],
         "mode": manifest["mode"],
         "guest_cpuid": manifest.get("guest_cpuid", False),
+        "guest_firmware": manifest.get("guest_firmware", ""),
         "cpu_flags": manifest["cpu_flags"],
         "globals": manifest["globals"],
         "qmpprobe": manifest["qmpprobe"],
@@ -467,6 +468,8 @@ def new_manifest(
         "accel": launch.accel,
         "mode": options.mode,
         "guest_cpuid": options.guest_cpuid,
+        # The image's name carries a hash of its source: a changed firmware is a new key.
+        "guest_firmware": Path(launch.firmware).name if launch.firmware else "",
         "topology": launch.topology,
         "cpus": topology_cpus(launch.topology),
         "cpu_flags": launch.cpu_flags,

@@ -168,11 +168,19 @@ def test_accepted_changes_do_not_fail() -> None:
     a = grid("stepping", {"pc-q35-1.0": 1, "pc-q35-2.0": 4})
     b = grid("stepping", {"pc-q35-1.0": 2, "pc-q35-2.0": 4})
     accept = pd.DataFrame(
-        [["abi-change", "tcg", "pc-q35-*", "Has*", "stepping", "", ""]], columns=diff.COLUMNS
+        [["abi-change", "tcg", "pc-q35-*", "Has*", "stepping", "", "", ""]], columns=diff.COLUMNS
     )
     d = diff.compare(run("a", a), run("b", b), accepted=accept)
     assert kinds(d) == [("accepted", "pc-q35-1.0", "Haswell", "stepping", "1", "2")]
     assert d.rows.iloc[0]["was"] == "abi-change" and d.breaks.empty
+
+
+def test_accept_files_from_before_the_compat_column_still_work(tmp_path: Path) -> None:
+    old = tmp_path / "accept.csv"
+    old.write_text("kind,accel,machine,model,prop,old,new\nabi-change,tcg,pc-*,*,ht,false,true\n")
+    accepted = diff.read_accepted(old)
+    assert list(accepted.columns) == diff.COLUMNS
+    assert accepted.iloc[0]["compat"] == ""
 
 
 def test_kvm_runs_of_two_hosts_need_cross_host() -> None:
