@@ -333,6 +333,7 @@ def write_diff(d: Any, out: str | Path) -> list[Path]:
         "breaks": len(d.breaks),
         "summary": summary(d),
         "restore": d.restore.to_dict(orient="records"),
+        "guest": bool(d.a.manifest.get("guest_cpuid") and d.b.manifest.get("guest_cpuid")),
         "rows": rows.to_dict(orient="records"),
     }
     atomic_write(folder / "diff.json", (json.dumps(doc, indent=1) + "\n").encode())

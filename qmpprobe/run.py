@@ -79,6 +79,11 @@ QMP_LIMITS = (
     "cache descriptors under l3-cache/legacy-cache, XSAVE layout, vendor-only leaves) and "
     "code changes with no property behind them are invisible here."
 )
+GUEST_LIMITS = (
+    "Cells are QEMU's QOM properties of the CPU object and, from --guest-cpuid, the CPUID "
+    "values the guest read at reset (real mode) and in long mode with OSXSAVE, XCR0 and PKE "
+    "set (cpuid:* cells). MSRs and CPUID after other guest state changes are not read."
+)
 
 
 def default_jobs() -> int:
@@ -480,7 +485,7 @@ def new_manifest(
         "timeout": options.timeout,
         "retries": options.retries,
         "host": host_facts(),
-        "qmp_limits": QMP_LIMITS,
+        "qmp_limits": GUEST_LIMITS if options.guest_cpuid else QMP_LIMITS,
         **({"expand_limits": EXPAND_LIMITS} if options.mode == MODE_EXPAND else {}),
         "machines": [asdict(m) for m in discovery.machines],
         "models": [asdict(m) for m in discovery.models],

@@ -9,9 +9,11 @@ For one plan (default: the full matrix of the installed QEMU under TCG) it measu
   4. a naive baseline: one combo after another through qemu.qmp, qom-list and one qom-get per
      property, on a random sample of combos, extrapolated to the plan;
   5. `qmpprobe report` on the exact run (wall time and peak memory);
-  6. a cached re-run of the exact plan (every combo from the journal cache).
-It prints the ratios and writes results/bench/<date>-<host>.json.
+  6. a cached re-run of the exact plan (every combo from the journal cache);
+  7. with --guest-cpuid, exact mode with the guest CPUID dump (its cost over exact mode).
+It prints the ratios and writes results/bench/<date>-<host>-qemu-<version>[-<tag>].json.
   scripts/bench [--qemu PATH] [--machines GLOBS] [--models GLOBS] [--jobs N] [--sample N]
+                [--guest-cpuid] [--tag TAG]
 """
 
 from __future__ import annotations
@@ -141,6 +143,8 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=default_jobs())
     p.add_argument("--sample", type=int, default=100, help="combos in the naive baseline")
     p.add_argument("--out", default=str(REPO / "results" / "bench"))
+    p.add_argument("--guest-cpuid", action="store_true", help="also time --guest-cpuid")
+    p.add_argument("--tag", help="appended to the result file's name (e.g. the plan)")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="qmpprobe-bench-"))
@@ -181,6 +185,11 @@ def main() -> int:
         "run", *common, "--out", str(work / "cached"), "--no-report", env=env
     )
     print(f"cached re-run: {results['cached_rerun_s']:.1f} s", flush=True)
+    if args.guest_cpuid:
+        results["guest_s"] = qmpprobe(
+            "run", *common, "--guest-cpuid", "--no-report", "--out", str(work / "guest"), env=env
+        )
+        print(f"exact + guest CPUID: {results['guest_s']:.1f} s", flush=True)
     sample = random.Random(0).sample(argvs, min(args.sample, len(argvs)))
     per_combo = asyncio.run(naive(sample))
     results["naive_sample"] = len(sample)
@@ -197,6 +206,8 @@ def main() -> int:
         "naive_over_exact": results["naive_extrapolated_s"] / results["exact_s"],
         "naive_over_expand": results["naive_extrapolated_s"] / results["expand_s"],
     }
+    if "guest_s" in results:
+        ratios["guest_over_exact"] = results["guest_s"] / results["exact_s"]
     doc = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": {
@@ -224,7 +235,8 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{datetime.now(UTC):%Y-%m-%d}-{platform.node()}-qemu-{found.version}.json"
+    tag = f"-{args.tag}" if args.tag else ""
+    path = out / f"{datetime.now(UTC):%Y-%m-%d}-{platform.node()}-qemu-{found.version}{tag}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
