@@ -321,6 +321,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     folder = RunFolder(args.run or _explain_run(args))
     manifest = folder.read_manifest(require_complete=True)
     newest = explain.newest_of_family(manifest["machines"], args.machine)
+    probed = set(folder.read_combos()["machine"].astype(str))
+    missing = [m for m in (args.machine, newest) if m not in probed]
+    if missing:
+        raise InputError(
+            f"{folder.path} has no {' and '.join(missing)}: explain needs {args.machine} and "
+            f"{newest} (leave out --run to probe both)"
+        )
     cells = folder.read_cells()
     if args.model:
         globs = [g.strip() for g in args.model.split(",") if g.strip()]

@@ -204,6 +204,8 @@ def test_explain_bad_input_is_one_line(run10: Path) -> None:
     done = cli("explain", "isapc", "--run", str(run10))
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "no family" in done.stderr
+    done = cli("explain", "pc-q35-3.0", "--run", str(run10))
+    assert done.returncode == 2 and "has no pc-q35-3.0" in done.stderr
 
 
 def test_check_marks_a_break_no_compat_entry_covers(tmp_path: Path) -> None:
