@@ -171,7 +171,7 @@ async def probe(
         async def guest_work(qemu: QemuProcess, record: dict[str, Any]) -> None:
             await _run(qemu, options, model, read, record)
             if record["status"] == OK:
-                await _guest(qemu, record)
+                await _guest(qemu, record, dump)
 
         argv += ["-debugcon", f"file:{dump}"]
         record = await _session(argv, env, timeout, f"{machine}/{model}", guest_work)
@@ -179,13 +179,28 @@ async def probe(
     return {"machine": machine, "model": model, "read": read.method, **record}
 
 
-async def _guest(qemu: QemuProcess, record: dict[str, Any]) -> None:
-    """Let the firmware run (`cont`) until it ends QEMU; the session's timeout bounds it."""
+#: A healthy dump writes a line every few milliseconds: this long without a byte, the guest
+#: (or QEMU running it) is stuck, as Opteron_G4 is on CR4.OSXSAVE under TCG 7.2 to 11.1.
+GUEST_STALL = 1.5
+_POLL = 0.02
+
+
+async def _guest(qemu: QemuProcess, record: dict[str, Any], dump: Path) -> None:
+    """Let the firmware run (`cont`) until it ends QEMU, or until it stops making progress."""
     record["status"], record["phase"] = ERROR, "guest CPUID"
     # QEMU may end before it answers: the dump says whether the firmware got through.
     with contextlib.suppress(QMPError, OSError, EOFError):
         await qemu.execute("cont")
-    await qemu.wait_exit(float("inf"))
+    size, since = -1, time.monotonic()
+    while await qemu.wait_exit(_POLL) is None:
+        now = dump.stat().st_size if dump.exists() else 0
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since > GUEST_STALL:
+            # The same guest hangs the same way every time: final, not retried, journaled.
+            record["status"], record["stalled"] = TIMEOUT, True
+            record["error"] = f"no progress for {GUEST_STALL:g} s"
+            return
     record["status"] = OK
 
 

@@ -254,7 +254,8 @@ class Runner:
     def _journal(self, record: dict[str, Any]) -> None:
         data = self.folder.write_record(record)
         # A timeout says nothing about QEMU: only final answers are worth reusing.
-        if self.shared is not None and record["status"] in (OK, ERROR):
+        final = record["status"] in (OK, ERROR) or record.get("stalled")
+        if self.shared is not None and final:
             with contextlib.suppress(OSError):
                 self.shared.put_record(record["machine"], record["model"], data)
 
@@ -322,7 +323,8 @@ class Runner:
                 lambda: probe(
                     self.launch, combo.machine, combo.model, read, self.options.timeout, self.env
                 ),
-                lambda r: r["status"],
+                # A stalled guest is QEMU's answer, the same every time: not worth a retry.
+                lambda r: OK if r.get("stalled") else r["status"],
             )
         finally:
             self._asking_definitions.discard(combo.machine)

@@ -27,7 +27,7 @@ EXITP   equ 0x501               ; isa-debug-exit
 PML4    equ 0x1000              ; page tables in low RAM: PML4, PDPT, 4 page directories
 PDPT    equ 0x2000
 PD      equ 0x3000
-STACK   equ 0x7000
+STACK   equ 0x9000              ; above the page tables (0x1000-0x6FFF)
 ; scratch variables in low RAM (DS = 0 in real mode, identity-mapped in long mode)
 V_LEAF  equ 0x500
 V_SUB   equ 0x504
@@ -385,9 +385,11 @@ s_step_pke:     db "S pke", 10, 0
 s_done:         db "DONE", 10, 0
 
         align 8
+; The accessed bits are set: the GDT lives in ROM, and under KVM a CPU that has to set them
+; writes to ROM again and again instead of going on.
 gdt:    dq 0
-        dq 0x00AF9A000000FFFF   ; 0x08: 64-bit code
-        dq 0x00CF92000000FFFF   ; 0x10: data
+        dq 0x00AF9B000000FFFF   ; 0x08: 64-bit code
+        dq 0x00CF93000000FFFF   ; 0x10: data
 gdtr:   dw gdtr - gdt - 1
         dd gdt
 
