@@ -180,8 +180,9 @@ async def probe(
 
 
 #: A healthy dump writes a line every few milliseconds: this long without a byte, the guest
-#: (or QEMU running it) is stuck, as Opteron_G4 is on CR4.OSXSAVE under TCG 7.2 to 11.1.
-GUEST_STALL = 1.5
+#: (or QEMU running it) is stuck, as Opteron_G4 is on CR4.OSXSAVE under TCG 7.2 to 11.1 (and
+#: a stuck TCG vCPU burns a whole core meanwhile, so waiting longer is not free).
+GUEST_STALL = 0.5
 _POLL = 0.02
 
 
