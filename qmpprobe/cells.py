@@ -206,6 +206,18 @@ def record_cells(
 ) -> CellBlock:
     """The cells of one `ok` record (empty for any other status), in QEMU's order."""
     found = realized_values(record, aliases) if record["status"] == OK else {}
+    return _block(record, found, source, texts)
+
+
+def guest_cells(record: Mapping[str, Any], texts: Texts) -> CellBlock:
+    """The guest CPUID cells of one `ok` record (`source` guest; empty for any other status)."""
+    found = Dump(record["answers"]["guest-cpuid"]).values if record["status"] == OK else {}
+    return _block(record, found, SOURCE_GUEST, texts)
+
+
+def _block(
+    record: Mapping[str, Any], found: Mapping[str, Any], source: str, texts: Texts
+) -> CellBlock:
     known = texts.props.code.get
     props = [known(p) for p in found]
     if None in props:
@@ -220,19 +232,4 @@ def record_cells(
         array("i", [c[0] for c in coded]),
         array("i", [c[1] for c in coded]),
         source,
-    )
-
-
-def guest_cells(record: Mapping[str, Any], texts: Texts) -> CellBlock:
-    """The guest CPUID cells of one `ok` record (`source` guest; empty for any other status)."""
-    found = Dump(record["answers"]["guest-cpuid"]).values if record["status"] == OK else {}
-    value = texts.value
-    coded = [value(v) for v in found.values()]
-    return CellBlock(
-        record["machine"],
-        record["model"],
-        array("i", [texts.props(p) for p in found]),
-        array("i", [c[0] for c in coded]),
-        array("i", [c[1] for c in coded]),
-        SOURCE_GUEST,
     )

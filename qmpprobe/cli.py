@@ -351,10 +351,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             print(f"  {r.prop}: {r.value} (newest: {r.newest_value})  [{why}]")
     if not args.as_globals:
         return EXIT_OK
-    plans = {
-        m: explain.globals_for(manifest, diffs, args.machine, newest, m)
-        for m in sorted(diffs["model"].unique())
-    }
+    plans = explain.globals_plans(manifest, diffs, args.machine, newest)
     trips = asyncio.run(
         explain.verify(
             manifest, cells, args.machine, newest, plans, args.jobs or default_jobs(), args.timeout

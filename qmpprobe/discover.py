@@ -263,18 +263,18 @@ async def _compat(
 ) -> tuple[dict[str, list[list[str]]] | None, dict[str, list[str]], dict[str, Any]]:
     """Declared CPU compat props and the CPU type tree, when this QEMU declares them (>= 9.1).
 
-    Asked last: `qom-list-types` loads every module into the discovery process.
+    Asked last, and only then: `qom-list-types` loads every module into the process.
     """
-    asked = await proc.answers(
-        [("query-machines", {"compat-props": True}), ("qom-list-types", {"abstract": True})]
-    )
-    answers = {"query-machines-compat": asked[0], "qom-list-types": asked[1]}
-    if "return" not in asked[1]:
+    (machines,) = await proc.answers([("query-machines", {"compat-props": True})])
+    answers = {"query-machines-compat": machines}
+    if "return" not in machines:
         return None, {}, answers
-    cpu_types = ancestry(asked[1]["return"], (m.typename for m in models if m.typename))
-    if "return" not in asked[0]:
-        return None, cpu_types, answers
-    return cpu_compat_props(asked[0]["return"], cpu_types), cpu_types, answers
+    (types,) = await proc.answers([("qom-list-types", {"abstract": True})])
+    answers["qom-list-types"] = types
+    if "return" not in types:
+        return None, {}, answers
+    cpu_types = ancestry(types["return"], (m.typename for m in models if m.typename))
+    return cpu_compat_props(machines["return"], cpu_types), cpu_types, answers
 
 
 async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -> Discovery:

@@ -422,7 +422,7 @@ def analyse(manifest: Mapping[str, Any], combos: pd.DataFrame, cells: pd.DataFra
     trans = transitions(per_model, distinct, manifest["accel"])
     dead = None
     if compat.declares(manifest):
-        trans, dead = _attribute(manifest, combos, trans, order, req)
+        trans, dead = _attribute(manifest, combos, trans, req)
     run = runnability(combos, cells)
     return Drift(
         accel=manifest["accel"],
@@ -450,7 +450,6 @@ def _attribute(
     manifest: Mapping[str, Any],
     combos: pd.DataFrame,
     trans: pd.DataFrame,
-    order: pd.DataFrame,
     req: pd.DataFrame,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Transitions with their declared cause, and the entries that cause nothing."""

@@ -92,26 +92,35 @@ def causes(
     return out[[*diffs.columns, "cause_kind", "cause"]]
 
 
-def globals_for(
-    manifest: Mapping[str, Any], explained: pd.DataFrame, machine: str, newest: str, model: str
-) -> list[str]:
-    """`-global`s that should turn the newest machine type's `model` into this one's."""
-    out: list[str] = []
-    if compat.declares(manifest):
-        carried = _carried(manifest, machine, newest)
-        # QEMU's option syntax doubles a comma inside a value.
-        out = list(compat.entry_text(carried[carried["model"] == model]).str.replace(",", ",,"))
+def globals_plans(
+    manifest: Mapping[str, Any], explained: pd.DataFrame, machine: str, newest: str
+) -> dict[str, list[str]]:
+    """Per model, the `-global`s that should turn the newest machine type's CPU into this one's.
+
+    First the entries this machine type carries and the newest does not, in QEMU's order;
+    then a direct `-global` for each difference no entry explains.
+    """
+    declares = compat.declares(manifest)
+    carried = _carried(manifest, machine, newest) if declares else None
     types = model_types(manifest).set_index("model")["qom_type"]
-    rest = explained[
-        (explained["model"] == model)
-        & (explained["cause_kind"] != compat.DECLARED)
+    direct = explained[
+        (explained["cause_kind"] == compat.UNDECLARED if declares else True)
         & ~explained["prop"].str.startswith((BIT_PREFIX, GUEST_PREFIX))
         & ~explained["prop"].isin(NOT_COMPARED)
     ]
-    if compat.declares(manifest):
-        rest = rest[rest["cause_kind"] == compat.UNDECLARED]
-    out += [f"{types[model]}.{r.prop}={compat.qemu_value(r.value)}" for r in rest.itertuples()]
-    return out
+    plans = {}
+    for model in sorted(explained["model"].unique()):
+        out: list[str] = []
+        if carried is not None:
+            # QEMU's option syntax doubles a comma inside a value.
+            mine = carried[carried["model"] == model]
+            out = list(compat.entry_text(mine).str.replace(",", ",,"))
+        out += [
+            f"{types[model]}.{r.prop}={compat.qemu_value(r.value)}"
+            for r in direct[direct["model"] == model].itertuples()
+        ]
+        plans[model] = out
+    return plans
 
 
 @dataclass

@@ -157,25 +157,22 @@ async def probe(
 ) -> dict[str, Any]:
     """Probe one combo once; always returns a record, never raises for QEMU's failures."""
 
-    argv = options.argv(machine, model)
-    if not options.firmware:
+    with (
+        tempfile.TemporaryDirectory(prefix="qmpprobe-cpuid-")
+        if options.firmware
+        else contextlib.nullcontext("")
+    ) as tmp:
+        dump = Path(tmp) / "dump" if tmp else None
+        argv = options.argv(machine, model) + (["-debugcon", f"file:{dump}"] if dump else [])
 
         async def work(qemu: QemuProcess, record: dict[str, Any]) -> None:
             await _run(qemu, options, model, read, record)
-
-        record = await _session(argv, env, timeout, f"{machine}/{model}", work)
-        return {"machine": machine, "model": model, "read": read.method, **record}
-    with tempfile.TemporaryDirectory(prefix="qmpprobe-cpuid-") as tmp:
-        dump = Path(tmp) / "dump"
-
-        async def guest_work(qemu: QemuProcess, record: dict[str, Any]) -> None:
-            await _run(qemu, options, model, read, record)
-            if record["status"] == OK:
+            if dump and record["status"] == OK:
                 await _guest(qemu, record, dump)
 
-        argv += ["-debugcon", f"file:{dump}"]
-        record = await _session(argv, env, timeout, f"{machine}/{model}", guest_work)
-        _guest_result(record, dump.read_text(errors="replace") if dump.exists() else "")
+        record = await _session(argv, env, timeout, f"{machine}/{model}", work)
+        if dump:
+            _guest_result(record, dump.read_text(errors="replace") if dump.exists() else "")
     return {"machine": machine, "model": model, "read": read.method, **record}
 
 

@@ -159,27 +159,19 @@ V_R     equ 0x530               ; the current leaf's eax, ebx, ecx, edx
         call %1_spchex
         mov eax, [V_SUB]
         call %1_spchex
+        mov edi, V_R            ; subleaf 0's registers are kept apart in V_R0
         cmp dword [V_SUB], 0
-        jne %%cur
-        mov eax, [V_R0]
+        jne %%regs
+        mov edi, V_R0
+%%regs:
+        mov eax, [edi]
         call %1_spchex
-        mov eax, [V_R0+4]
+        mov eax, [edi + 4]
         call %1_spchex
-        mov eax, [V_R0+8]
+        mov eax, [edi + 8]
         call %1_spchex
-        mov eax, [V_R0+12]
+        mov eax, [edi + 12]
         call %1_spchex
-        jmp %%eol
-%%cur:
-        mov eax, [V_R]
-        call %1_spchex
-        mov eax, [V_R+4]
-        call %1_spchex
-        mov eax, [V_R+8]
-        call %1_spchex
-        mov eax, [V_R+12]
-        call %1_spchex
-%%eol:
         mov al, 10
         call %1_putc
         ret
