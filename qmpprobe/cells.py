@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from qmpprobe.guest import Dump
-from qmpprobe.probe import OK, READ_EXPAND, READ_LIST_GET, READ_QOM_GET
+from qmpprobe.probe import EDGES, OK, READ_EXPAND, READ_LIST_GET, READ_QOM_GET, is_edge
 
 SOURCE_REALIZED = "realized"
 SOURCE_EXPANSION = "expansion"
@@ -56,6 +56,11 @@ def _returned(answers: Mapping[str, Any]) -> dict[str, Any]:
     return {p: a["return"] for p, a in answers.items() if "return" in a}
 
 
+def _first_cpu(answers: Mapping[str, Any]) -> dict[str, Any]:
+    cpus = answers["query-cpus-fast"]["return"]
+    return dict(min(cpus, key=lambda c: c.get("cpu-index", 0)))
+
+
 def expansion_values(
     record: Mapping[str, Any], aliases: Mapping[str, list[str]], gets: Iterable[str] | None = None
 ) -> dict[str, Any]:
@@ -74,16 +79,47 @@ def expansion_values(
             if isinstance(values.get(alias), bool):
                 values[alias] = False
     values.update(got)
+    # The slot's topology ids are the ones pre-plug gave the CPU (references check it).
+    slot = _first_cpu(answers).get("props", {})
+    values.update((p, slot[p]) for p in record.get("slot", ()) if p not in got and p in slot)
     return values
 
 
-def realized_values(record: Mapping[str, Any], aliases: Mapping[str, list[str]]) -> dict[str, Any]:
-    """Every readable property of the realized CPU in an `ok` record."""
+def _own(values: dict[str, Any], plumbing: Collection[str]) -> dict[str, Any]:
+    """The CPU's own values: without what every device has (`plumbing`)."""
+    for p in plumbing:
+        values.pop(p, None)
+    return values
+
+
+def realized_values(
+    record: Mapping[str, Any], aliases: Mapping[str, list[str]], plumbing: Collection[str] = ()
+) -> dict[str, Any]:
+    """Every readable property of the realized CPU in an `ok` record that is a cell.
+
+    `plumbing`: properties that are not cells (discovery asks QEMU which, `Discovery.plumbing`).
+    """
+    # Links and children are told by their QOM type, where the reading has it.
     if record["read"] == READ_QOM_GET:
-        return _returned(record["answers"]["qom-get"])
+        listed = record["answers"]["qom-list"]["return"]
+        edges = {p["name"] for p in listed if is_edge(p["type"])}
+        return _own(_returned(record["answers"]["qom-get"]), {*plumbing, *edges})
     if record["read"] == READ_LIST_GET:
         (cpu,) = record["answers"]["qom-list-get"]["return"]
-        return {p["name"]: p["value"] for p in cpu["properties"] if "value" in p}
+        values = {
+            p["name"]: p["value"]
+            for p in cpu["properties"]
+            if "value" in p and not p["type"].startswith(EDGES)
+        }
+        return _own(values, plumbing)
+    # Exact mode asks for no edge; an expansion has no edge but the plumbing's `memory` link.
+    return _own(_unrealized_values(record, aliases), plumbing)
+
+
+def _unrealized_values(
+    record: Mapping[str, Any], aliases: Mapping[str, list[str]]
+) -> dict[str, Any]:
+    """The realized CPU from an expansion: expand mode's, or exact mode's with its qom-gets."""
     if record["read"] == READ_EXPAND:
         # The CPU the machine type asks for, before realize; what this machine type's
         # query-cpu-definitions says the accelerator or host cannot provide.
@@ -109,27 +145,33 @@ class RealizeOnly:
     combos: list[tuple[str, str]] = field(default_factory=list)
     #: QOM types of the CPU's properties, as the reference combos listed them.
     types: dict[str, str] = field(default_factory=dict)
+    #: Topology ids equal to `query-cpus-fast`'s slot `props` on every reference combo.
+    slot: set[str] = field(default_factory=set)
 
     @property
     def gets(self) -> tuple[str, ...]:
         """Properties to read with qom-get on top of the expansion."""
-        return tuple(sorted((self.absent | self.differ) - self.unreadable))
+        return tuple(sorted((self.absent | self.differ) - self.unreadable - self.slot))
 
 
 def realize_only(
-    records: Iterable[Mapping[str, Any]], aliases: Mapping[str, list[str]]
+    records: Iterable[Mapping[str, Any]],
+    aliases: Mapping[str, list[str]],
+    plumbing: Collection[str] = (),
 ) -> RealizeOnly:
     """Compare the reference reading of each `ok` record with its reconstruction."""
     learned = RealizeOnly()
     unreadable: set[str] | None = None
+    slot: set[str] | None = None
     for rec in records:
         if rec["status"] != OK or rec["read"] != READ_QOM_GET:
             continue
         answers = rec["answers"]
         if "return" not in answers.get("query-cpu-model-expansion", {}):
             continue
-        truth = _returned(answers["qom-get"])
-        failed = set(answers["qom-get"]) - set(truth)
+        listed = {p["name"]: p["type"] for p in answers["qom-list"]["return"]}
+        failed = set(answers["qom-get"]) - set(_returned(answers["qom-get"]))
+        truth = realized_values(rec, aliases, plumbing)
         unreadable = failed if unreadable is None else unreadable & failed
         expanded = answers["query-cpu-model-expansion"]["return"]["model"]["props"]
         absent = set(truth) - set(expanded)
@@ -140,9 +182,13 @@ def realize_only(
             for p, v in truth.items()
             if p not in absent and json_text(rebuilt.get(p)) != json_text(v)
         }
+        props = _first_cpu(answers).get("props", {})
+        agree = {p for p, v in props.items() if p in truth and json_text(truth[p]) == json_text(v)}
+        slot = agree if slot is None else slot & agree
         learned.combos.append((rec["machine"], rec["model"]))
-        learned.types.update((p["name"], p["type"]) for p in answers["qom-list"]["return"])
+        learned.types.update(listed)
     learned.unreadable = unreadable or set()
+    learned.slot = (slot or set()) & (learned.absent | learned.differ)
     return learned
 
 
@@ -202,10 +248,14 @@ class Texts:
 
 
 def record_cells(
-    record: Mapping[str, Any], aliases: Mapping[str, list[str]], source: str, texts: Texts
+    record: Mapping[str, Any],
+    aliases: Mapping[str, list[str]],
+    source: str,
+    texts: Texts,
+    plumbing: Collection[str] = (),
 ) -> CellBlock:
     """The cells of one `ok` record (empty for any other status), in QEMU's order."""
-    found = realized_values(record, aliases) if record["status"] == OK else {}
+    found = realized_values(record, aliases, plumbing) if record["status"] == OK else {}
     return _block(record, found, source, texts)
 
 

@@ -19,6 +19,7 @@ from qmpprobe import __version__, cache
 from qmpprobe.errors import InputError
 from qmpprobe.host import kvm_usable, qemu_fingerprint
 from qmpprobe.learn import feature_bits, learn_aliases, learn_bits
+from qmpprobe.probe import is_edge
 from qmpprobe.qemu import LaunchOptions, QemuProcess
 
 #: Seconds to wait for the QMP greeting, then for all of discovery's answers.
@@ -79,6 +80,10 @@ class Discovery:
     compat_props: dict[str, list[list[str]]] | None = None
     #: Each CPU model's QOM type → its ancestors, nearest first (from `qom-list-types`).
     cpu_types: dict[str, list[str]] = field(default_factory=dict)
+    #: CPU properties that are not facts about the model, so not cells: what every QOM device
+    #: has (`qom-list-properties device`: type, realized, …) and the CPU type's links to other
+    #: objects (type `link<…>`, e.g. its memory; see `is_edge`).
+    plumbing: list[str] = field(default_factory=list)
     answers: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -277,6 +282,17 @@ async def _compat(
     return cpu_compat_props(machines["return"], cpu_types), cpu_types, answers
 
 
+async def _plumbing(proc: QemuProcess, models: list[Model], answers: dict[str, Any]) -> list[str]:
+    """What every device has, and the links of the `base` CPU type (see `Discovery.plumbing`)."""
+    cpu = next((m.typename for m in models if m.name == "base"), models[0].typename)
+    device, own = await proc.answers(
+        [("qom-list-properties", {"typename": t}) for t in ("device", cpu)]
+    )
+    answers["qom-list-properties"] = {"device": device, cpu: own}
+    edges = [p["name"] for p in own.get("return", []) if is_edge(p["type"])]
+    return sorted({p["name"] for p in device.get("return", [])} | set(edges))
+
+
 async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -> Discovery:
     names = [
         "query-version",
@@ -333,5 +349,6 @@ async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -
         fingerprint=fingerprint,
         compat_props=compat_props,
         cpu_types=cpu_types,
+        plumbing=await _plumbing(proc, models, answers),
         answers=answers,
     )

@@ -161,7 +161,8 @@ async def verify(
             record = await probe(options, newest, model, ReadPlan(READ_QOM_GET), timeout)
         if record["status"] != "ok":
             return RoundTrip(model, extra, record["status"], record.get("error", ""))
-        got = {p: json_text(v) for p, v in realized_values(record, aliases).items()}
+        found = realized_values(record, aliases, manifest.get("plumbing", ()))
+        got = {p: json_text(v) for p, v in found.items()}
         want = mine[mine["model"] == model].set_index("prop")["value"].to_dict()
         left = {
             p: (want[p], got.get(p, "(none)"))

@@ -43,8 +43,20 @@ class ReadPlan:
     gets: tuple[str, ...] = ()
     #: With READ_EXPANSION: QOM types of the CPU's properties (to type `--cpu-flags k=v`).
     types: tuple[tuple[str, str], ...] = ()
+    #: With READ_EXPANSION: properties taken from `query-cpus-fast`'s topology `props` (the
+    #: slot the CPU was plugged into) instead of a qom-get, when the combo's answer has them.
+    topology: tuple[str, ...] = ()
     #: Also ask `query-cpu-definitions` (alias-of and unavailable features per machine type).
     definitions: bool = False
+
+
+#: QOM type prefixes of links and children: a path to another object, not a value.
+EDGES = ("link<", "child<")
+
+
+def is_edge(qom_type: str) -> bool:
+    """A QOM link or child: the path of another object (the APIC, a memory region), no value."""
+    return qom_type.startswith(EDGES)
 
 
 def qemu_message(output: str) -> str:
@@ -80,8 +92,26 @@ def _expansion_args(options: LaunchOptions, model: str, types: dict[str, str]) -
     return expansion
 
 
-def _cpu_paths(cpus: list[dict[str, Any]]) -> list[str]:
-    return [c["qom-path"] for c in sorted(cpus, key=lambda c: c.get("cpu-index", 0))]
+def _cpus(answers: dict[str, Any]) -> list[dict[str, Any]]:
+    cpus = answers["query-cpus-fast"].get("return") or []
+    return sorted(cpus, key=lambda c: c.get("cpu-index", 0))
+
+
+async def _qom_gets(qemu: QemuProcess, path: str, props: Sequence[str]) -> dict[str, Any]:
+    """qom-get of each property, by the CPU's own name where that names it alone.
+
+    QEMU resolves a partial QOM path when exactly one object has that name, so the CPU's last
+    path component names the CPU or fails; it is shorter to send, and QEMU pays for every
+    byte it reads. Whatever fails by the short name is asked again by the full path.
+    """
+    short = path.rsplit("/", 1)[-1]
+    got = await qemu.answers([("qom-get", {"path": short, "property": p}) for p in props])
+    answers = dict(zip(props, got, strict=True))
+    again = [p for p, a in answers.items() if "error" in a]
+    if again and short != path:
+        got = await qemu.answers([("qom-get", {"path": path, "property": p}) for p in again])
+        answers.update(zip(again, got, strict=True))
+    return answers
 
 
 async def _read_cpu(
@@ -90,10 +120,10 @@ async def _read_cpu(
     """Ask QEMU about its first CPU; returns the answers by command."""
     answers: dict[str, Any] = {}
     answers["query-cpus-fast"] = (await qemu.answers([("query-cpus-fast", None)]))[0]
-    paths = _cpu_paths(answers["query-cpus-fast"].get("return") or [])
-    if not paths:
+    cpus = _cpus(answers)
+    if not cpus:
         return answers
-    path = paths[0]
+    path = cpus[0]["qom-path"]
     extra: list[tuple[str, dict[str, Any] | None]] = (
         [("query-cpu-definitions", None)] if read.definitions else []
     )
@@ -107,13 +137,17 @@ async def _read_cpu(
             types = {p["name"]: p["type"] for p in listed.get("return", [])}
             gets = list(types)
         else:
-            types, gets = dict(read.types), list(read.gets)
-        got = await qemu.answers(
-            [("query-cpu-model-expansion", _expansion_args(options, model, types)), *extra]
-            + [("qom-get", {"path": path, "property": p}) for p in gets]
+            slot = cpus[0].get("props") or {}
+            types = dict(read.types)
+            gets = list(read.gets) + [p for p in read.topology if p not in slot]
+        got, qom = await asyncio.gather(
+            qemu.answers(
+                [("query-cpu-model-expansion", _expansion_args(options, model, types)), *extra]
+            ),
+            _qom_gets(qemu, path, gets),
         )
         answers["query-cpu-model-expansion"] = got[0]
-        answers["qom-get"] = dict(zip(gets, got[1 + len(extra) :], strict=True))
+        answers["qom-get"] = qom
     if extra:
         answers["query-cpu-definitions"] = got[1]
     return answers
@@ -173,7 +207,8 @@ async def probe(
         record = await _session(argv, env, timeout, f"{machine}/{model}", work)
         if dump:
             _guest_result(record, dump.read_text(errors="replace") if dump.exists() else "")
-    return {"machine": machine, "model": model, "read": read.method, **record}
+    plan = {"read": read.method, **({"slot": list(read.topology)} if read.topology else {})}
+    return {"machine": machine, "model": model, **plan, **record}
 
 
 #: A healthy dump writes a line every few milliseconds: this long without a byte, the guest
@@ -248,7 +283,7 @@ async def probe_machine(
             record["error"] = _failure(qemu, "QMP", e)
             return
         record["answers"] = {"query-cpus-fast": cpus, "query-cpu-definitions": defs}
-        if not _cpu_paths(cpus.get("return") or []):
+        if not cpus.get("return"):
             record["error"] = NO_CPU
             return
         expansions.extend(got)
@@ -331,7 +366,7 @@ async def _run(
         record["error"] = _failure(qemu, "QMP", e)
         return
     record["answers"] = answers
-    if not _cpu_paths(answers["query-cpus-fast"].get("return") or []):
+    if not _cpus(answers):
         failed = answers["query-cpus-fast"].get("error")
         record["error"] = failed["desc"] if failed else NO_CPU
         return

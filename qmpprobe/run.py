@@ -66,8 +66,8 @@ EXPAND_LIMITS = (
     "Expand mode reads query-cpu-model-expansion (full) of each model inside one QEMU per "
     "machine type: the CPU the machine type asks for, before realize. It cannot see what only "
     "realize sets or filters: feature-words and filtered-features, phys-bits, topology ids "
-    "(apic-id, core-id, ...), ucode-rev, hv-vendor-id, KVM's tsc-frequency, properties such as "
-    "type and hotplugged, and, with several CPUs, ht/cmp-legacy (QEMU >= 10.0); so it refuses "
+    "(apic-id, core-id, ...), ucode-rev, hv-vendor-id, KVM's tsc-frequency, and, with several "
+    "CPUs, ht/cmp-legacy (QEMU >= 10.0); so it refuses "
     "-smp > 1. Features the accelerator or host cannot provide are counted as requested; "
     "unavailable-features comes from the machine type's query-cpu-definitions."
 )
@@ -269,7 +269,7 @@ class Runner:
             self.definitions[record["machine"]] = {d["name"]: d.get("alias-of") for d in defs}
         source = SOURCE_EXPANSION if self.options.mode == MODE_EXPAND else SOURCE_REALIZED
         self.blocks[combo] = record_cells(
-            record, self.discovery.feature_aliases, source, self.texts
+            record, self.discovery.feature_aliases, source, self.texts, self.discovery.plumbing
         )
         if "guest-cpuid" in record["answers"]:
             self.guest_blocks[combo] = guest_cells(record, self.texts)
@@ -289,7 +289,8 @@ class Runner:
         if reference or self.options.read == READ_QOM_GET or not self.learned.combos:
             return ReadPlan(READ_QOM_GET, definitions=wants)
         types = tuple(sorted(self.learned.types.items()))
-        return ReadPlan(READ_EXPANSION, self.learned.gets, types, definitions=wants)
+        slot = tuple(sorted(self.learned.slot))
+        return ReadPlan(READ_EXPANSION, self.learned.gets, types, slot, definitions=wants)
 
     async def _retrying(
         self, attempt: Callable[[], Awaitable[T]], status: Callable[[T], str]
@@ -359,7 +360,9 @@ class Runner:
     def _learn(self) -> None:
         refs = [r for r in self.records.values() if r["read"] == READ_QOM_GET and r["status"] == OK]
         if self.options.read == "auto" and refs:
-            self.learned = realize_only(refs, self.discovery.feature_aliases)
+            self.learned = realize_only(
+                refs, self.discovery.feature_aliases, self.discovery.plumbing
+            )
 
     async def probe_pending(self, bar: Progress) -> None:
         """Probe what the journal does not have: reference combos first, then the rest."""
@@ -445,6 +448,7 @@ class Runner:
                 "method": self._method(),
                 "reference_combos": [list(c) for c in self.learned.combos],
                 "qom_get": list(self.learned.gets),
+                "from_query_cpus_fast": sorted(self.learned.slot),
                 "differ_from_expansion": sorted(self.learned.differ),
                 "unreadable": sorted(self.learned.unreadable),
             },
@@ -496,6 +500,7 @@ def new_manifest(
         "feature_aliases": discovery.feature_aliases,
         "compat_props": discovery.compat_props,
         "cpu_types": discovery.cpu_types,
+        "plumbing": discovery.plumbing,
     }
 
 

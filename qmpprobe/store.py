@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -113,9 +114,7 @@ class RunFolder:
 
     def write_record(self, record: dict[str, Any]) -> bytes:
         """Journal one finished combo (QEMU's answers and how it ended), compressed."""
-        data = gzip.compress(
-            json.dumps(record, separators=(",", ":")).encode(), compresslevel=1, mtime=0
-        )
+        data = gzip.compress(orjson.dumps(record), compresslevel=1, mtime=0)
         self.put_record(record["machine"], record["model"], data)
         return data
 
@@ -148,7 +147,7 @@ class RunFolder:
         """The journal entry of one combo and its compressed bytes, or None."""
         try:
             data = self.raw_path(machine, model).read_bytes()
-            return json.loads(gzip.decompress(data)), data
+            return orjson.loads(gzip.decompress(data)), data
         except (OSError, EOFError, ValueError):
             return None
 
@@ -156,7 +155,7 @@ class RunFolder:
         """Every readable journal entry."""
         for path in sorted((self.path / RAW).glob("*/*.json.gz")):
             try:
-                yield json.loads(gzip.decompress(path.read_bytes()))
+                yield orjson.loads(gzip.decompress(path.read_bytes()))
             except (OSError, EOFError, ValueError):
                 continue
 

@@ -138,7 +138,12 @@ async def _qom_read_all(
             cpus = await client.execute("query-cpus-fast")
             path = min(cpus, key=lambda c: c["cpu-index"])["qom-path"]
             values: dict[str, Any] = {"__cpus__": cpus}
+            # Not cells (README, "Run folder"): what every device has, and links/children.
+            device = await client.execute("qom-list-properties", {"typename": "device"})
+            plumbing = {p["name"] for p in device}
             for prop in await client.execute("qom-list", {"path": path}):
+                if prop["name"] in plumbing or prop["type"].startswith(("link<", "child<")):
+                    continue
                 try:
                     values[prop["name"]] = await client.execute(
                         "qom-get", {"path": path, "property": prop["name"]}
@@ -161,7 +166,7 @@ def qom_read_all(
     accel: str = "tcg",
     qemu: str | None = None,
 ) -> dict[str, Any]:
-    """Every readable property of the realized CPU, read one qom-get at a time."""
+    """Every readable property of the realized CPU that is a cell, one qom-get at a time."""
     return asyncio.run(_qom_read_all(machine, model, smp, accel, qemu or qemu_path()))
 
 

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import assert_cells_equal_qom_get, json_text, manifest, qom_read_all, sample_combos
+from qmpprobe.probe import _qom_gets
+from qmpprobe.qemu import LaunchOptions, QemuProcess
+
+from conftest import (
+    assert_cells_equal_qom_get,
+    json_text,
+    manifest,
+    qemu_path,
+    qom_read_all,
+    sample_combos,
+)
 
 
 def test_cheap_reading_is_marked_and_learned(small_run: Path) -> None:
@@ -16,6 +27,45 @@ def test_cheap_reading_is_marked_and_learned(small_run: Path) -> None:
     assert read["reference_combos"]
     # What realize alone sets was learned from QEMU, not listed in the code.
     assert {"phys-bits", "apic-id", "filtered-features", "feature-words"} <= set(read["qom_get"])
+    # Topology ids come with query-cpus-fast's answer: no qom-get of their own.
+    slot = {"socket-id", "core-id", "thread-id"}
+    assert slot <= set(read["from_query_cpus_fast"])
+    assert not slot & set(read["qom_get"])
+
+
+def test_device_plumbing_and_links_are_not_cells(small_run: Path) -> None:
+    m = manifest(small_run)
+    # Asked from QEMU: what every device has, and the CPU type's links.
+    assert {"type", "realized", "hotplugged", "parent_bus", "memory"} <= set(m["plumbing"])
+    props = set(pd.read_parquet(small_run / "cells.parquet").prop.astype(str))
+    assert not props & set(m["plumbing"])
+    assert not props & {"lapic", "memory[0]", "smram[0]"}  # children and links of the CPU
+    assert {"family", "phys-bits", "apic-id", "socket-id", "feature-words"} <= props
+
+
+def test_qom_get_by_the_cpus_name_falls_back_to_its_path_when_ambiguous() -> None:
+    async def read(extra: list[str]) -> dict[str, object]:
+        argv = LaunchOptions(qemu_path(), "tcg").argv("pc-q35-7.2", "qemu64") + extra
+        qemu = QemuProcess(argv)
+        try:
+            await qemu.start()
+            await qemu.connect()
+            (cpu,) = await qemu.execute("query-cpus-fast")
+            return await _qom_gets(qemu, cpu["qom-path"], ["family", "model-id"])
+        finally:
+            await qemu.stop()
+
+    alone = asyncio.run(read([]))
+    # An anonymous device is /machine/peripheral-anon/device[0]: the CPU's name is ambiguous.
+    ambiguous = asyncio.run(read(["-device", "isa-debug-exit"]))
+    assert (
+        alone
+        == ambiguous
+        == {
+            "family": {"return": 15},
+            "model-id": {"return": "QEMU Virtual CPU version 2.5+"},
+        }
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1])
