@@ -40,6 +40,7 @@ from qmpprobe.cells import (
 from qmpprobe.discover import Discovery, discover
 from qmpprobe.errors import InputError, Interrupted
 from qmpprobe.host import host_facts
+from qmpprobe.learn import spelled_bits
 from qmpprobe.plan import Combo, parse_smp, plan, reference_round, topology_cpus
 from qmpprobe.probe import (
     ERROR,
@@ -55,7 +56,7 @@ from qmpprobe.probe import (
     probe,
     probe_machine,
 )
-from qmpprobe.qemu import OWNER_ENV, LaunchOptions, kill_owned
+from qmpprobe.qemu import OWNER_ENV, LaunchOptions, kill_owned, pidfd_reaping
 from qmpprobe.store import SCHEMA, RunFolder, cells_table, combos_frame
 
 MODE_EXACT, MODE_EXPAND = "exact", "expand"
@@ -222,6 +223,10 @@ class Runner:
         # QEMU >= 10.1 reads every property of the realized CPU in one command: no references.
         self.list_get = options.read == "auto" and "qom-list-get" in discovery.commands
         self._asking_definitions: set[str] = set()
+        # A reference reads a flag with a learned CPUID bit from the CPU's feature-words: the
+        # flag's getter reads that bit, so it is the same answer for ~230 fewer commands.
+        bits = spelled_bits(discovery.feature_bits, discovery.feature_aliases)
+        self.from_words = tuple(sorted(bits.items()))
 
     # -- journal ---------------------------------------------------------------------------
     def load_journal(self) -> int:
@@ -286,8 +291,10 @@ class Runner:
             self._asking_definitions.add(machine)
         if self.list_get:
             return ReadPlan(READ_LIST_GET, definitions=wants)
-        if reference or self.options.read == READ_QOM_GET or not self.learned.combos:
-            return ReadPlan(READ_QOM_GET, definitions=wants)
+        if self.options.read == READ_QOM_GET:
+            return ReadPlan(READ_QOM_GET, definitions=wants)  # checking: every property read
+        if reference or not self.learned.combos:
+            return ReadPlan(READ_QOM_GET, from_words=self.from_words, definitions=wants)
         types = tuple(sorted(self.learned.types.items()))
         slot = tuple(sorted(self.learned.slot))
         return ReadPlan(READ_EXPANSION, self.learned.gets, types, slot, definitions=wants)
@@ -634,7 +641,8 @@ def run_sync(coro_fn: Callable[[], Any]) -> Any:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
         try:
-            return await coro_fn()
+            with pidfd_reaping():
+                return await coro_fn()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
