@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qmpprobe.guest import Dump
+from qmpprobe.learn import word_bits
 from qmpprobe.probe import EDGES, OK, READ_EXPAND, READ_LIST_GET, READ_QOM_GET, is_edge
 
 SOURCE_REALIZED = "realized"
@@ -103,7 +104,9 @@ def realized_values(
     if record["read"] == READ_QOM_GET:
         listed = record["answers"]["qom-list"]["return"]
         edges = {p["name"] for p in listed if is_edge(p["type"])}
-        return _own(_returned(record["answers"]["qom-get"]), {*plumbing, *edges})
+        values = _returned(record["answers"]["qom-get"])
+        values.update(_from_words(record, {p["name"] for p in listed}, values))
+        return _own(values, {*plumbing, *edges})
     if record["read"] == READ_LIST_GET:
         (cpu,) = record["answers"]["qom-list-get"]["return"]
         values = {
@@ -114,6 +117,17 @@ def realized_values(
         return _own(values, plumbing)
     # Exact mode asks for no edge; an expansion has no edge but the plumbing's `memory` link.
     return _own(_unrealized_values(record, aliases), plumbing)
+
+
+def _from_words(
+    record: Mapping[str, Any], listed: set[str], got: Mapping[str, Any]
+) -> dict[str, bool]:
+    """Flags a reference read from the CPU's `feature-words`: each is its CPUID bit there."""
+    plan = record.get("from_words", {})
+    if not plan or "feature-words" not in got:
+        return {}
+    on = word_bits(got["feature-words"])
+    return {p: bit in on for p, bit in plan.items() if p in listed and p not in got}
 
 
 def _unrealized_values(

@@ -122,6 +122,11 @@ def feature_bits(turned_on: dict[str, set[str]]) -> dict[str, str]:
     return {f: next(iter(bits)) for f, bits in sorted(turned_on.items()) if len(bits) == 1}
 
 
+def spelled_bits(bits: dict[str, str], aliases: dict[str, list[str]]) -> dict[str, str]:
+    """Every spelling of each flag with a learned single CPUID bit → that bit."""
+    return {name: bit for flag, bit in bits.items() for name in aliases.get(flag, [flag])}
+
+
 async def _bits_in_one_qemu(
     launch: LaunchOptions, machine: str, base_type: str, flags: Sequence[str]
 ) -> tuple[dict[str, list[str]], dict[str, str]]:

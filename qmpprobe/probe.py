@@ -46,6 +46,9 @@ class ReadPlan:
     #: With READ_EXPANSION: properties taken from `query-cpus-fast`'s topology `props` (the
     #: slot the CPU was plugged into) instead of a qom-get, when the combo's answer has them.
     topology: tuple[str, ...] = ()
+    #: With READ_QOM_GET: feature flags read from the CPU's own `feature-words` instead of a
+    #: qom-get each, as (flag, CPUID bit): a flag's getter reads that very bit.
+    from_words: tuple[tuple[str, str], ...] = ()
     #: Also ask `query-cpu-definitions` (alias-of and unavailable features per machine type).
     definitions: bool = False
 
@@ -135,7 +138,8 @@ async def _read_cpu(
             listed = (await qemu.answers([("qom-list", {"path": path})]))[0]
             answers["qom-list"] = listed
             types = {p["name"]: p["type"] for p in listed.get("return", [])}
-            gets = list(types)
+            words = dict(read.from_words)
+            gets = [p for p in types if p not in words]
         else:
             slot = cpus[0].get("props") or {}
             types = dict(read.types)
@@ -207,7 +211,11 @@ async def probe(
         record = await _session(argv, env, timeout, f"{machine}/{model}", work)
         if dump:
             _guest_result(record, dump.read_text(errors="replace") if dump.exists() else "")
-    plan = {"read": read.method, **({"slot": list(read.topology)} if read.topology else {})}
+    plan = {
+        "read": read.method,
+        **({"slot": list(read.topology)} if read.topology else {}),
+        **({"from_words": dict(read.from_words)} if read.from_words else {}),
+    }
     return {"machine": machine, "model": model, **plan, **record}
 
 

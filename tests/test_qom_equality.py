@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +33,18 @@ def test_cheap_reading_is_marked_and_learned(small_run: Path) -> None:
     slot = {"socket-id", "core-id", "thread-id"}
     assert slot <= set(read["from_query_cpus_fast"])
     assert not slot & set(read["qom_get"])
+
+
+def test_reference_reads_flags_from_feature_words_and_equals_qom_get(small_run: Path) -> None:
+    machine, model = manifest(small_run)["read"]["reference_combos"][0]
+    raw = (small_run / "raw" / machine / f"{model}.json.gz").read_bytes()
+    rec = json.loads(gzip.decompress(raw))
+    assert rec["read"] == "qom-get"
+    # Flags with a learned CPUID bit had no qom-get of their own; their cells are still right.
+    assert len(rec["from_words"]) > 150
+    assert not set(rec["from_words"]) & set(rec["answers"]["qom-get"])
+    assert {"sse2", "avx2", "pni", "sse3"} <= set(rec["from_words"])
+    assert_cells_equal_qom_get(small_run, machine, model)
 
 
 def test_device_plumbing_and_links_are_not_cells(small_run: Path) -> None:
