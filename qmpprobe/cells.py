@@ -161,6 +161,8 @@ class RealizeOnly:
     types: dict[str, str] = field(default_factory=dict)
     #: Topology ids equal to `query-cpus-fast`'s slot `props` on every reference combo.
     slot: set[str] = field(default_factory=set)
+    #: The CPU's QOM name (last path component) when it was the same on every reference combo.
+    cpu_name: str = ""
 
     @property
     def gets(self) -> tuple[str, ...]:
@@ -177,6 +179,7 @@ def realize_only(
     learned = RealizeOnly()
     unreadable: set[str] | None = None
     slot: set[str] | None = None
+    names: set[str] = set()
     for rec in records:
         if rec["status"] != OK or rec["read"] != READ_QOM_GET:
             continue
@@ -196,13 +199,16 @@ def realize_only(
             for p, v in truth.items()
             if p not in absent and json_text(rebuilt.get(p)) != json_text(v)
         }
-        props = _first_cpu(answers).get("props", {})
+        cpu = _first_cpu(answers)
+        names.add(cpu["qom-path"].rsplit("/", 1)[-1])
+        props = cpu.get("props", {})
         agree = {p for p, v in props.items() if p in truth and json_text(truth[p]) == json_text(v)}
         slot = agree if slot is None else slot & agree
         learned.combos.append((rec["machine"], rec["model"]))
         learned.types.update(listed)
     learned.unreadable = unreadable or set()
     learned.slot = (slot or set()) & (learned.absent | learned.differ)
+    learned.cpu_name = names.pop() if len(names) == 1 else ""
     return learned
 
 

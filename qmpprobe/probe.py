@@ -46,6 +46,9 @@ class ReadPlan:
     #: With READ_EXPANSION: properties taken from `query-cpus-fast`'s topology `props` (the
     #: slot the CPU was plugged into) instead of a qom-get, when the combo's answer has them.
     topology: tuple[str, ...] = ()
+    #: With READ_EXPANSION: the CPU's QOM name on every reference combo (`device[0]`): asked
+    #: by that name in the same round trip as `query-cpus-fast`, which then confirms it.
+    cpu_name: str = ""
     #: With READ_QOM_GET: feature flags read from the CPU's own `feature-words` instead of a
     #: qom-get each, as (flag, CPUID bit): a flag's getter reads that very bit.
     from_words: tuple[tuple[str, str], ...] = ()
@@ -117,19 +120,54 @@ async def _qom_gets(qemu: QemuProcess, path: str, props: Sequence[str]) -> dict[
     return answers
 
 
+async def _read_at_once(
+    qemu: QemuProcess, options: LaunchOptions, model: str, read: ReadPlan, extra: list[Any]
+) -> dict[str, Any]:
+    """Exact mode in one round trip: the CPU asked by its expected name, confirmed after.
+
+    A partial path answers only when one object has that name; if `query-cpus-fast` says the
+    CPU has it, the answers are the CPU's. Anything else is asked again by the CPU's path.
+    """
+    head = [
+        ("query-cpus-fast", None),
+        ("query-cpu-model-expansion", _expansion_args(options, model, dict(read.types))),
+        *extra,
+    ]
+    asks = [("qom-get", {"path": read.cpu_name, "property": p}) for p in read.gets]
+    got = await qemu.answers(head + asks)
+    answers: dict[str, Any] = {"query-cpus-fast": got[0]}
+    cpus = _cpus(answers)
+    if not cpus:
+        return answers
+    answers["query-cpu-model-expansion"] = got[1]
+    if extra:
+        answers["query-cpu-definitions"] = got[2]
+    path, slot = cpus[0]["qom-path"], cpus[0].get("props") or {}
+    qom = dict(zip(read.gets, got[len(head) :], strict=True))
+    named = path.rsplit("/", 1)[-1] == read.cpu_name
+    again = [p for p, a in qom.items() if not named or "error" in a]
+    again += [p for p in read.topology if p not in slot]
+    if again:
+        qom.update(await _qom_gets(qemu, path, again))
+    answers["qom-get"] = qom
+    return answers
+
+
 async def _read_cpu(
     qemu: QemuProcess, options: LaunchOptions, model: str, read: ReadPlan
 ) -> dict[str, Any]:
     """Ask QEMU about its first CPU; returns the answers by command."""
+    extra: list[tuple[str, dict[str, Any] | None]] = (
+        [("query-cpu-definitions", None)] if read.definitions else []
+    )
+    if read.method == READ_EXPANSION and read.cpu_name:
+        return await _read_at_once(qemu, options, model, read, extra)
     answers: dict[str, Any] = {}
     answers["query-cpus-fast"] = (await qemu.answers([("query-cpus-fast", None)]))[0]
     cpus = _cpus(answers)
     if not cpus:
         return answers
     path = cpus[0]["qom-path"]
-    extra: list[tuple[str, dict[str, Any] | None]] = (
-        [("query-cpu-definitions", None)] if read.definitions else []
-    )
     if read.method == READ_LIST_GET:
         got = await qemu.answers([("qom-list-get", {"paths": [path]}), *extra])
         answers["qom-list-get"] = got[0]

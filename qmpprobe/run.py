@@ -297,7 +297,14 @@ class Runner:
             return ReadPlan(READ_QOM_GET, from_words=self.from_words, definitions=wants)
         types = tuple(sorted(self.learned.types.items()))
         slot = tuple(sorted(self.learned.slot))
-        return ReadPlan(READ_EXPANSION, self.learned.gets, types, slot, definitions=wants)
+        return ReadPlan(
+            READ_EXPANSION,
+            self.learned.gets,
+            types,
+            slot,
+            cpu_name=self.learned.cpu_name,
+            definitions=wants,
+        )
 
     async def _retrying(
         self, attempt: Callable[[], Awaitable[T]], status: Callable[[T], str]
@@ -456,6 +463,7 @@ class Runner:
                 "reference_combos": [list(c) for c in self.learned.combos],
                 "qom_get": list(self.learned.gets),
                 "from_query_cpus_fast": sorted(self.learned.slot),
+                "cpu_name": self.learned.cpu_name,
                 "differ_from_expansion": sorted(self.learned.differ),
                 "unreadable": sorted(self.learned.unreadable),
             },

@@ -33,6 +33,8 @@ def test_cheap_reading_is_marked_and_learned(small_run: Path) -> None:
     slot = {"socket-id", "core-id", "thread-id"}
     assert slot <= set(read["from_query_cpus_fast"])
     assert not slot & set(read["qom_get"])
+    # The CPU's QOM name, the same on every reference combo: asked by it in one round trip.
+    assert read["cpu_name"] == "device[0]"
 
 
 def test_reference_reads_flags_from_feature_words_and_equals_qom_get(small_run: Path) -> None:
