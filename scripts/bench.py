@@ -3,8 +3,9 @@
 
 For one plan (default: the full matrix of the installed QEMU under TCG) it measures:
   1. the floor: start `qemu -S` with each combo's command line, read the QMP greeting, stop
-     it, at the same concurrency as the runs;
-  2. exact mode (`qmpprobe run`, an empty journal cache);
+     it, at the same concurrency as the runs; measured before and after exact mode, averaged
+     (both kept), in wall time and in CPU time (QEMUs and the Python driving them);
+  2. exact mode (`qmpprobe run`, an empty journal cache), wall and CPU time;
   3. expand mode (`qmpprobe run --mode expand`);
   4. a naive baseline: one combo after another through qemu.qmp, qom-list and one qom-get per
      property, on a random sample of combos, extrapolated to the plan;
@@ -44,9 +45,15 @@ from qmpprobe.run import default_jobs
 REPO = Path(__file__).resolve().parent.parent
 
 
-def qmpprobe(*args: str, env: dict[str, str]) -> float:
-    """Run the qmpprobe CLI; returns its wall time (it must succeed)."""
-    started = time.monotonic()
+def cpu_seconds(who: int) -> float:
+    """User + system CPU seconds so far of this process (RUSAGE_SELF) or its waited children."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def qmpprobe(*args: str, env: dict[str, str], cpu: dict[str, float] | None = None) -> float:
+    """Run the qmpprobe CLI; returns its wall time (it must succeed); `cpu["s"]`: its CPU."""
+    started, before = time.monotonic(), cpu_seconds(resource.RUSAGE_CHILDREN)
     subprocess.run(
         [sys.executable, "-m", "qmpprobe", *args],
         check=True,
@@ -54,7 +61,18 @@ def qmpprobe(*args: str, env: dict[str, str]) -> float:
         cwd=REPO,
         stdout=subprocess.DEVNULL,
     )
+    if cpu is not None:
+        # qmpprobe waits for its QEMUs, so their CPU is counted in its own.
+        cpu["s"] = cpu_seconds(resource.RUSAGE_CHILDREN) - before
     return time.monotonic() - started
+
+
+def timed_floor(argvs: list[list[str]], jobs: int) -> tuple[float, float]:
+    """Wall and CPU seconds (QEMUs and this process) of one floor measurement."""
+    before = cpu_seconds(resource.RUSAGE_CHILDREN) + cpu_seconds(resource.RUSAGE_SELF)
+    wall = asyncio.run(floor(argvs, jobs))
+    after = cpu_seconds(resource.RUSAGE_CHILDREN) + cpu_seconds(resource.RUSAGE_SELF)
+    return wall, after - before
 
 
 async def floor(argvs: list[list[str]], jobs: int) -> float:
@@ -169,11 +187,26 @@ def main() -> int:
     ]
     print(f"plan: {len(combos)} combos, QEMU {found.version}, jobs {args.jobs}", flush=True)
 
-    results["floor_s"] = asyncio.run(floor(argvs, args.jobs))
-    print(f"floor: {results['floor_s']:.1f} s", flush=True)
+    # The floor is measured before and after exact mode and averaged: this VM's speed drifts
+    # by several percent within minutes, which one measurement would put on the ratio.
+    first, first_cpu = timed_floor(argvs, args.jobs)
+    print(f"floor: {first:.1f} s", flush=True)
     exact = work / "exact"
-    results["exact_s"] = qmpprobe("run", *common, "--out", str(exact), "--no-report", env=env)
-    print(f"exact: {results['exact_s']:.1f} s", flush=True)
+    cpu: dict[str, float] = {}
+    results["exact_s"] = qmpprobe(
+        "run", *common, "--out", str(exact), "--no-report", env=env, cpu=cpu
+    )
+    results["exact_cpu_s"] = cpu["s"]
+    print(f"exact: {results['exact_s']:.1f} s ({cpu['s']:.0f} s CPU)", flush=True)
+    second, second_cpu = timed_floor(argvs, args.jobs)
+    results["floor_runs_s"] = [first, second]
+    results["floor_s"] = (first + second) / 2
+    results["floor_cpu_s"] = (first_cpu + second_cpu) / 2
+    print(
+        f"floor again: {second:.1f} s; floor {results['floor_s']:.1f} s "
+        f"({results['floor_cpu_s']:.0f} s CPU)",
+        flush=True,
+    )
     results["expand_s"] = qmpprobe(
         "run", *common, "--mode", "expand", "--no-report", "--out", str(work / "expand"), env=env
     )
@@ -209,6 +242,7 @@ def main() -> int:
 
     ratios = {
         "exact_over_floor": results["exact_s"] / results["floor_s"],
+        "exact_over_floor_cpu": results["exact_cpu_s"] / results["floor_cpu_s"],
         "naive_over_exact": results["naive_extrapolated_s"] / results["exact_s"],
         "naive_over_expand": results["naive_extrapolated_s"] / results["expand_s"],
     }
