@@ -19,7 +19,15 @@ import orjson
 
 from qmpprobe.guest import Dump
 from qmpprobe.learn import word_bits
-from qmpprobe.probe import EDGES, OK, READ_EXPAND, READ_LIST_GET, READ_QOM_GET, is_edge
+from qmpprobe.probe import (
+    EDGES,
+    OK,
+    READ_EXPAND,
+    READ_LIST_GET,
+    READ_QOM_GET,
+    cpus_of,
+    is_edge,
+)
 
 SOURCE_REALIZED = "realized"
 SOURCE_EXPANSION = "expansion"
@@ -63,11 +71,6 @@ def _returned(answers: Mapping[str, Any]) -> dict[str, Any]:
     return {p: a["return"] for p, a in answers.items() if "return" in a}
 
 
-def _first_cpu(answers: Mapping[str, Any]) -> dict[str, Any]:
-    cpus = answers["query-cpus-fast"]["return"]
-    return dict(min(cpus, key=lambda c: c.get("cpu-index", 0)))
-
-
 def expansion_values(
     record: Mapping[str, Any], aliases: Mapping[str, list[str]], gets: Iterable[str] | None = None
 ) -> dict[str, Any]:
@@ -87,7 +90,7 @@ def expansion_values(
                 values[alias] = False
     values.update(got)
     # The slot's topology ids are the ones pre-plug gave the CPU (references check it).
-    slot = _first_cpu(answers).get("props", {})
+    slot = cpus_of(answers)[0].get("props", {})
     values.update((p, slot[p]) for p in record.get("slot", ()) if p not in got and p in slot)
     return values
 
@@ -205,7 +208,7 @@ def realize_only(
             for p, v in truth.items()
             if p not in absent and json_text(rebuilt.get(p)) != json_text(v)
         }
-        cpu = _first_cpu(answers)
+        cpu = cpus_of(answers)[0]
         names.add(cpu["qom-path"].rsplit("/", 1)[-1])
         props = cpu.get("props", {})
         agree = {p for p, v in props.items() if p in truth and json_text(truth[p]) == json_text(v)}

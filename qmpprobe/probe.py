@@ -12,7 +12,7 @@ import contextlib
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +98,8 @@ def _expansion_args(options: LaunchOptions, model: str, types: dict[str, str]) -
     return expansion
 
 
-def _cpus(answers: dict[str, Any]) -> list[dict[str, Any]]:
+def cpus_of(answers: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The CPUs in a `query-cpus-fast` answer, first CPU first (none when it failed)."""
     cpus = answers["query-cpus-fast"].get("return") or []
     return sorted(cpus, key=lambda c: c.get("cpu-index", 0))
 
@@ -120,32 +121,35 @@ async def _qom_gets(qemu: QemuProcess, path: str, props: Sequence[str]) -> dict[
     return answers
 
 
-async def _read_at_once(
+async def _read_expansion(
     qemu: QemuProcess, options: LaunchOptions, model: str, read: ReadPlan, extra: list[Any]
 ) -> dict[str, Any]:
-    """Exact mode in one round trip: the CPU asked by its expected name, confirmed after.
+    """Exact mode: the expansion and the qom-gets, in one round trip when the CPU's name is known.
 
-    A partial path answers only when one object has that name; if `query-cpus-fast` says the
-    CPU has it, the answers are the CPU's. Anything else is asked again by the CPU's path.
+    The qom-gets name the CPU as it was named on every reference combo. A partial path
+    answers only when one object has that name; if `query-cpus-fast` says the CPU has it, the
+    answers are the CPU's. Anything else is asked again, by the CPU's own name or path.
     """
     head = [
         ("query-cpus-fast", None),
         ("query-cpu-model-expansion", _expansion_args(options, model, dict(read.types))),
         *extra,
     ]
-    asks = [("qom-get", {"path": read.cpu_name, "property": p}) for p in read.gets]
-    got = await qemu.answers(head + asks)
+    gets = read.gets if read.cpu_name else ()
+    got = await qemu.answers(
+        head + [("qom-get", {"path": read.cpu_name, "property": p}) for p in gets]
+    )
     answers: dict[str, Any] = {"query-cpus-fast": got[0]}
-    cpus = _cpus(answers)
+    cpus = cpus_of(answers)
     if not cpus:
         return answers
     answers["query-cpu-model-expansion"] = got[1]
     if extra:
         answers["query-cpu-definitions"] = got[2]
     path, slot = cpus[0]["qom-path"], cpus[0].get("props") or {}
-    qom = dict(zip(read.gets, got[len(head) :], strict=True))
+    qom = dict(zip(gets, got[len(head) :], strict=True))
     named = path.rsplit("/", 1)[-1] == read.cpu_name
-    again = [p for p, a in qom.items() if not named or "error" in a]
+    again = [p for p in read.gets if not named or "error" in qom[p]]
     again += [p for p in read.topology if p not in slot]
     if again:
         qom.update(await _qom_gets(qemu, path, again))
@@ -160,11 +164,11 @@ async def _read_cpu(
     extra: list[tuple[str, dict[str, Any] | None]] = (
         [("query-cpu-definitions", None)] if read.definitions else []
     )
-    if read.method == READ_EXPANSION and read.cpu_name:
-        return await _read_at_once(qemu, options, model, read, extra)
+    if read.method == READ_EXPANSION:
+        return await _read_expansion(qemu, options, model, read, extra)
     answers: dict[str, Any] = {}
     answers["query-cpus-fast"] = (await qemu.answers([("query-cpus-fast", None)]))[0]
-    cpus = _cpus(answers)
+    cpus = cpus_of(answers)
     if not cpus:
         return answers
     path = cpus[0]["qom-path"]
@@ -172,21 +176,16 @@ async def _read_cpu(
         got = await qemu.answers([("qom-list-get", {"paths": [path]}), *extra])
         answers["qom-list-get"] = got[0]
     else:
-        if read.method == READ_QOM_GET:
-            listed = (await qemu.answers([("qom-list", {"path": path})]))[0]
-            answers["qom-list"] = listed
-            types = {p["name"]: p["type"] for p in listed.get("return", [])}
-            words = dict(read.from_words)
-            gets = [p for p in types if p not in words]
-        else:
-            slot = cpus[0].get("props") or {}
-            types = dict(read.types)
-            gets = list(read.gets) + [p for p in read.topology if p not in slot]
+        # The reference reading: every property listed, flags with a known bit aside.
+        listed = (await qemu.answers([("qom-list", {"path": path})]))[0]
+        answers["qom-list"] = listed
+        types = {p["name"]: p["type"] for p in listed.get("return", [])}
+        words = dict(read.from_words)
         got, qom = await asyncio.gather(
             qemu.answers(
                 [("query-cpu-model-expansion", _expansion_args(options, model, types)), *extra]
             ),
-            _qom_gets(qemu, path, gets),
+            _qom_gets(qemu, path, [p for p in types if p not in words]),
         )
         answers["query-cpu-model-expansion"] = got[0]
         answers["qom-get"] = qom
@@ -412,7 +411,7 @@ async def _run(
         record["error"] = _failure(qemu, "QMP", e)
         return
     record["answers"] = answers
-    if not _cpus(answers):
+    if not cpus_of(answers):
         failed = answers["query-cpus-fast"].get("error")
         record["error"] = failed["desc"] if failed else NO_CPU
         return

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qmpprobe.probe import _qom_gets
+from qmpprobe.probe import READ_EXPANSION, ReadPlan, _qom_gets, probe
 from qmpprobe.qemu import LaunchOptions, QemuProcess
 
 from conftest import (
@@ -115,3 +115,18 @@ def test_flagged_run_equals_qom_get_with_the_same_flags(tmp_path: Path) -> None:
         truth = qom_read_all(machine, f"{model},+avx,-sse4.2")
         truth.pop("__cpus__")
         assert {p: json_text(v) for p, v in truth.items()} == got
+
+
+def test_one_round_trip_reading_equals_it_without_or_with_a_wrong_cpu_name() -> None:
+    launch = LaunchOptions(qemu_path(), "tcg", "1,sockets=1,cores=1,threads=1")
+    gets = ("apic-id", "die-id", "phys-bits", "feature-words")
+
+    async def read(name: str) -> dict[str, object]:
+        plan = ReadPlan(READ_EXPANSION, gets, topology=("socket-id",), cpu_name=name)
+        record = await probe(launch, "pc-q35-7.2", "Haswell", plan, 30)
+        assert record["status"] == "ok"
+        return record["answers"]["qom-get"]
+
+    right, unknown, wrong = (asyncio.run(read(n)) for n in ("device[0]", "", "device[9]"))
+    assert right == unknown == wrong
+    assert set(right) == set(gets) and all("return" in a for a in right.values())
