@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from qemu.qmp import QMPError
 
 from qmpprobe import __version__, cache
 from qmpprobe.errors import InputError
 from qmpprobe.host import kvm_usable, qemu_fingerprint
 from qmpprobe.learn import feature_bits, learn_aliases, learn_bits
-from qmpprobe.probe import is_edge
-from qmpprobe.qemu import LaunchOptions, QemuProcess
+from qmpprobe.probe import is_edge, qemu_message
+from qmpprobe.qemu import Ended, LaunchOptions, QemuProcess
 
 #: Seconds to wait for the QMP greeting, then for all of discovery's answers.
 GREETING_TIMEOUT = 15.0
@@ -91,6 +94,16 @@ class Discovery:
         """A development build (micro >= 50) whose newest machine types are still open."""
         return int(self.query_version["qemu"]["micro"]) >= 50
 
+    @property
+    def cpu_base_type(self) -> str:
+        """The QOM type every CPU model's type derives from (`x86_64-cpu`), from their names."""
+        bases = {
+            m.typename[len(m.name) + 1 :]
+            for m in self.models
+            if m.typename.startswith(m.name + "-")
+        }
+        return bases.pop() if len(bases) == 1 else ""
+
     def manifest(self) -> dict[str, Any]:
         """The JSON-able summary kept in a run's manifest."""
         d = asdict(self)
@@ -114,11 +127,6 @@ def check_accel(accel: str) -> None:
         raise InputError(f"unknown accelerator {accel!r}: use tcg or kvm")
     if accel == "kvm" and (why := kvm_usable()):
         raise InputError(f"--accel kvm needs a usable /dev/kvm ({why})")
-
-
-def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
 
 
 def _ret(answer: dict[str, Any], what: str) -> Any:
@@ -180,7 +188,12 @@ async def _learn_bits(
         return {}, {}
     machine = next((m for m in hot if m.is_default), hot[0])
     return await learn_bits(
-        LaunchOptions(qemu, accel), machine.name, machine.cpu_max, base, features
+        LaunchOptions(qemu, accel),
+        machine.name,
+        machine.cpu_max,
+        base,
+        features,
+        jobs=(os.cpu_count() or 1) + 1,
     )
 
 
@@ -220,13 +233,33 @@ async def _discover(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bo
         ) from None
     except Exception as e:
         ended = await proc.wait_exit(2.0)
-        said = _first_line(proc.output())
-        how = f" (exit {ended.exit})" if ended and ended.exit is not None else ""
+        said = qemu_message(proc.output())
         raise InputError(
-            f"{qemu_path} is not a working QEMU with QMP{how}: {said or type(e).__name__}"
+            f"{qemu_path} is not a working QEMU with QMP{_how(ended)}: {said or type(e).__name__}"
         ) from None
-    async with asyncio.timeout(DISCOVERY_TIMEOUT):
-        return await _ask(proc, qemu_path, accel, use_cache)
+    try:
+        async with asyncio.timeout(DISCOVERY_TIMEOUT):
+            return await _ask(proc, qemu_path, accel, use_cache)
+    except TimeoutError:
+        raise InputError(
+            f"{qemu_path} did not finish discovery within {DISCOVERY_TIMEOUT:.0f} s"
+        ) from None
+    except (QMPError, OSError, EOFError) as e:
+        # QEMU died (or broke the protocol) while it was asked: say what it said, and how.
+        ended = await proc.wait_exit(2.0)
+        said = qemu_message(proc.output())
+        raise InputError(
+            f"{qemu_path} died during discovery{_how(ended)}: {said or type(e).__name__}"
+        ) from None
+
+
+def _how(ended: Ended | None) -> str:
+    """` (exit 1)`, ` (killed by SIGABRT)`, or nothing while it still runs."""
+    if ended is None:
+        return ""
+    if ended.signal is not None:
+        return f" (killed by {signal.Signals(ended.signal).name})"
+    return f" (exit {ended.exit})"
 
 
 def ancestry(types: list[dict[str, Any]], typenames: Iterable[str]) -> dict[str, list[str]]:
@@ -319,8 +352,12 @@ async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -
     key = f"{fingerprint['id']}-{accel}-{__version__}"
     learned = cache.load("features", key) if use_cache else None
     if learned is None:
-        aliases, alias_answers = await learn_aliases(proc)
-        bits, crashed = await _learn_bits(qemu_path, accel, machines, models, features)
+        base_type = next((m.typename for m in models if m.name == "base"), "")
+        # Independent QEMUs: both learn at once.
+        (aliases, alias_answers), (bits, crashed) = await asyncio.gather(
+            learn_aliases(proc, LaunchOptions(qemu_path, accel), base_type),
+            _learn_bits(qemu_path, accel, machines, models, features),
+        )
         learned = {"aliases": aliases, "bits": bits, "crashed": crashed, "answers": alias_answers}
         cache.save("features", key, learned)
     else:
