@@ -12,7 +12,7 @@ from typing import NoReturn
 from qmpprobe import __version__
 from qmpprobe.errors import InputError, Interrupted
 
-EXIT_OK, EXIT_CHANGED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3
+EXIT_OK, EXIT_CHANGED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="1",
         help="N (-> N,sockets=1,cores=N,threads=1) or a full -smp topology (1)",
     )
-    r.add_argument("--cpu-flags", default="", help="appended to -cpu MODEL, e.g. '+x,-y'")
+    r.add_argument(
+        "--cpu-flags", default="", help="appended to -cpu MODEL, e.g. '+x,-y,z=on' or -mmx"
+    )
     r.add_argument(
         "--global",
         dest="globals",
@@ -394,9 +396,27 @@ COMMANDS = {
 }
 
 
+#: Options whose value may begin with `-` (`--cpu-flags -mmx`): argparse would take it for
+#: an option, so the value is attached (`--cpu-flags=-mmx`) before parsing.
+DASH_VALUES = ("--cpu-flags",)
+
+
+def attach_dash_values(argv: Sequence[str]) -> list[str]:
+    """`--cpu-flags -mmx` → `--cpu-flags=-mmx`, as a user means it."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg in DASH_VALUES:
+            value = next(it, None)
+            out.append(arg if value is None else f"{arg}={value}")
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `qmpprobe` console script."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(attach_dash_values(sys.argv[1:] if argv is None else argv))
     try:
         return COMMANDS[args.command](args)
     except InputError as e:
@@ -409,3 +429,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"qmpprobe: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_INPUT
+    except Exception as e:  # a bug of qmpprobe's: one line here, the traceback in a file
+        print(f"qmpprobe: internal error: {type(e).__name__}: {e}{_saved(e)}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _saved(error: BaseException) -> str:
+    """Write the traceback of an internal error to a file; ` (traceback: FILE)` or nothing."""
+    import tempfile
+    import traceback
+
+    try:
+        fd, path = tempfile.mkstemp(prefix="qmpprobe-internal-error-", suffix=".txt")
+        with open(fd, "w") as f:
+            f.write("".join(traceback.format_exception(error)))
+    except OSError:
+        return ""
+    return f" (traceback: {path})"
