@@ -1,23 +1,28 @@
 """Turn probe records (QEMU's answers) into cells: one value per (combo, property).
 
-Pure functions: no QEMU, no files. A record read with `qom-get` of every property is the
-reference; a record read with the expansion reproduces it from `query-cpu-model-expansion`
-(the CPU before realize), QEMU's own `unavailable-features` (what realize filtered out) and
-`qom-get` of the properties that only realize sets. `realize_only` learns that last list by
-comparing both readings of the same combos, so nothing about QEMU is assumed here.
+Pure functions: no QEMU, no files. How a record was read decides how its cells are made:
+
+- `qom-get` (the reference reading): every property's own qom-get answer, except the flags
+  with a learned CPUID bit, which are that bit of the same CPU's `feature-words` (a flag's
+  getter reads that very bit);
+- `qom-list-get`: every property in one answer;
+- `expansion+qom-get`: `query-cpu-model-expansion` in the same process (the CPU before
+  realize), QEMU's own `unavailable-features` (what realize filtered out), flags from the
+  CPU's own `feature-words` again, and qom-get of whatever calibration (`calibrate`) did not
+  see realize keep;
+- `expand`: the expansion alone, without what the machine type's own realized CPU showed
+  realize decides.
 """
 
 from __future__ import annotations
 
-import json
 from array import array
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from qmpprobe.guest import Dump
+from qmpprobe.host import digest
 from qmpprobe.learn import word_bits
 from qmpprobe.probe import (
     EDGES,
@@ -28,6 +33,7 @@ from qmpprobe.probe import (
     cpus_of,
     is_edge,
 )
+from qmpprobe.values import json_text, json_type
 
 SOURCE_REALIZED = "realized"
 SOURCE_EXPANSION = "expansion"
@@ -35,63 +41,63 @@ SOURCE_GUEST = "guest"
 CELL_COLUMNS = ("accel", "machine", "model", "prop", "value", "type", "source")
 
 
-def json_text(value: Any) -> str:
-    """Canonical JSON text of a QMP value (the `value` column)."""
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if type(value) is int:
-        return str(value)
-    try:
-        # The same text as the standard library's (checked on 1.9 M values), ~10x faster.
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-    except TypeError:  # integers beyond 64 bits
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+class FlagReader:
+    """Flags with a learned CPUID bit, read from a realized CPU's `feature-words`.
+
+    `words` maps every spelling of such a flag to its bit (`learn.spelled_bits`). Many
+    combos share the same words, so each distinct value is decoded once.
+    """
+
+    def __init__(self, words: Mapping[str, str]) -> None:
+        self.words = dict(words)
+        self.digest = digest(self.words) if self.words else ""
+        self._decoded: dict[tuple[tuple[Any, ...], ...], dict[str, bool]] = {}
+
+    def __call__(self, feature_words: Sequence[Mapping[str, Any]]) -> dict[str, bool]:
+        """Every spelling → whether its bit is set in these feature words."""
+        key = tuple(tuple(w.values()) for w in feature_words)
+        found = self._decoded.get(key)
+        if found is None:
+            on = word_bits(feature_words)
+            found = self._decoded[key] = {s: b in on for s, b in self.words.items()}
+        return found
 
 
-def json_type(value: Any) -> str:
-    """JSON type name of a QMP value (the `type` column)."""
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return "null"
+NO_FLAGS = FlagReader({})
 
 
 def _returned(answers: Mapping[str, Any]) -> dict[str, Any]:
     return {p: a["return"] for p, a in answers.items() if "return" in a}
 
 
-def expansion_values(
-    record: Mapping[str, Any], aliases: Mapping[str, list[str]], gets: Iterable[str] | None = None
-) -> dict[str, Any]:
-    """The realized CPU as reconstructed from the expansion, filtered features and qom-gets.
-
-    `gets` limits which qom-get answers are used (to test a reading on a reference record).
-    """
-    answers = record["answers"]
-    values = dict(answers["query-cpu-model-expansion"]["return"]["model"]["props"])
-    got = _returned(answers.get("qom-get", {}))
-    if gets is not None:
-        got = {p: got[p] for p in gets if p in got}
-    # Realize clears every feature the accelerator or host cannot provide, under all its names.
-    for name in got.get("unavailable-features", []):
+def clear_unavailable(
+    values: dict[str, Any], unavailable: Sequence[str], aliases: Mapping[str, list[str]]
+) -> None:
+    """Realize clears every feature the accelerator or host cannot provide, under all its names."""
+    for name in unavailable:
         for alias in aliases.get(name, [name]):
             if isinstance(values.get(alias), bool):
                 values[alias] = False
+
+
+def expansion_values(
+    record: Mapping[str, Any], aliases: Mapping[str, list[str]], flags: FlagReader = NO_FLAGS
+) -> dict[str, Any]:
+    """The realized CPU from the expansion, filtered features, feature words and qom-gets."""
+    answers = record["answers"]
+    values = dict(answers["query-cpu-model-expansion"]["return"]["model"]["props"])
+    asked = answers.get("qom-get", {})
+    got = _returned(asked)
+    clear_unavailable(values, got.get("unavailable-features", []), aliases)
     values.update(got)
-    # The slot's topology ids are the ones pre-plug gave the CPU (references check it).
+    for p in asked.keys() - got.keys():
+        values.pop(p, None)  # QEMU cannot read it from the realized CPU: not a cell
+    # The slot's topology ids are the ones pre-plug gave the CPU (calibration checks it).
     slot = cpus_of(answers)[0].get("props", {})
     values.update((p, slot[p]) for p in record.get("slot", ()) if p not in got and p in slot)
+    if "feature-words" in got:
+        on = flags(got["feature-words"])
+        values.update((p, on[p]) for p in values.keys() & on.keys() if p not in got)
     return values
 
 
@@ -103,18 +109,28 @@ def _own(values: dict[str, Any], plumbing: Collection[str]) -> dict[str, Any]:
 
 
 def realized_values(
-    record: Mapping[str, Any], aliases: Mapping[str, list[str]], plumbing: Collection[str] = ()
+    record: Mapping[str, Any],
+    aliases: Mapping[str, list[str]],
+    plumbing: Collection[str] = (),
+    flags: FlagReader = NO_FLAGS,
 ) -> dict[str, Any]:
     """Every readable property of the realized CPU in an `ok` record that is a cell.
 
-    `plumbing`: properties that are not cells (discovery asks QEMU which, `Discovery.plumbing`).
+    `plumbing`: properties that are not cells (discovery asks QEMU which, `Discovery.plumbing`);
+    `flags`: the run's learned flag bits (what the record's `words` digest names).
     """
     # Links and children are told by their QOM type, where the reading has it.
     if record["read"] == READ_QOM_GET:
         listed = record["answers"]["qom-list"]["return"]
         edges = {p["name"] for p in listed if is_edge(p["type"])}
         values = _returned(record["answers"]["qom-get"])
-        values.update(_from_words(record, {p["name"] for p in listed}, values))
+        if "feature-words" in values and record.get("words"):
+            on = flags(values["feature-words"])
+            values.update(
+                (p["name"], on[p["name"]])
+                for p in listed
+                if p["name"] in on and p["name"] not in values
+            )
         return _own(values, {*plumbing, *edges})
     if record["read"] == READ_LIST_GET:
         (cpu,) = record["answers"]["qom-list-get"]["return"]
@@ -124,101 +140,23 @@ def realized_values(
             if "value" in p and not p["type"].startswith(EDGES)
         }
         return _own(values, plumbing)
-    # Exact mode asks for no edge; an expansion has no edge but the plumbing's `memory` link.
-    return _own(_unrealized_values(record, aliases), plumbing)
-
-
-def _from_words(
-    record: Mapping[str, Any], listed: set[str], got: Mapping[str, Any]
-) -> dict[str, bool]:
-    """Flags a reference read from the CPU's `feature-words`: each is its CPUID bit there."""
-    plan = record.get("from_words", {})
-    if not plan or "feature-words" not in got:
-        return {}
-    on = word_bits(got["feature-words"])
-    return {p: bit in on for p, bit in plan.items() if p in listed and p not in got}
-
-
-def _unrealized_values(
-    record: Mapping[str, Any], aliases: Mapping[str, list[str]]
-) -> dict[str, Any]:
-    """The realized CPU from an expansion: expand mode's, or exact mode's with its qom-gets."""
     if record["read"] == READ_EXPAND:
-        # The CPU the machine type asks for, before realize; what this machine type's
-        # query-cpu-definitions says the accelerator or host cannot provide.
-        values = dict(record["answers"]["query-cpu-model-expansion"]["return"]["model"]["props"])
-        definition = record["answers"].get("definition") or {}
-        if "unavailable-features" in definition:
-            values["unavailable-features"] = definition["unavailable-features"]
-        return values
-    return expansion_values(record, aliases)
+        return _own(expanded_values(record), plumbing)
+    # Exact mode asks for no edge; an expansion has no edge but the plumbing's `memory` link.
+    return _own(expansion_values(record, aliases, flags), plumbing)
 
 
-@dataclass
-class RealizeOnly:
-    """What the expansion cannot tell, learned from reference records."""
-
-    #: Properties not in the expansion (read-only ones: feature-words, filtered-features, …).
-    absent: set[str] = field(default_factory=set)
-    #: Properties whose realized value differed from the expansion's on some reference combo.
-    differ: set[str] = field(default_factory=set)
-    #: Properties QEMU refused to read on every reference combo.
-    unreadable: set[str] = field(default_factory=set)
-    #: Reference combos learned from.
-    combos: list[tuple[str, str]] = field(default_factory=list)
-    #: QOM types of the CPU's properties, as the reference combos listed them.
-    types: dict[str, str] = field(default_factory=dict)
-    #: Topology ids equal to `query-cpus-fast`'s slot `props` on every reference combo.
-    slot: set[str] = field(default_factory=set)
-    #: The CPU's QOM name (last path component) when it was the same on every reference combo.
-    cpu_name: str = ""
-
-    @property
-    def gets(self) -> tuple[str, ...]:
-        """Properties to read with qom-get on top of the expansion."""
-        return tuple(sorted((self.absent | self.differ) - self.unreadable - self.slot))
-
-
-def realize_only(
-    records: Iterable[Mapping[str, Any]],
-    aliases: Mapping[str, list[str]],
-    plumbing: Collection[str] = (),
-) -> RealizeOnly:
-    """Compare the reference reading of each `ok` record with its reconstruction."""
-    learned = RealizeOnly()
-    unreadable: set[str] | None = None
-    slot: set[str] | None = None
-    names: set[str] = set()
-    for rec in records:
-        if rec["status"] != OK or rec["read"] != READ_QOM_GET:
-            continue
-        answers = rec["answers"]
-        if "return" not in answers.get("query-cpu-model-expansion", {}):
-            continue
-        listed = {p["name"]: p["type"] for p in answers["qom-list"]["return"]}
-        failed = set(answers["qom-get"]) - set(_returned(answers["qom-get"]))
-        truth = realized_values(rec, aliases, plumbing)
-        unreadable = failed if unreadable is None else unreadable & failed
-        expanded = answers["query-cpu-model-expansion"]["return"]["model"]["props"]
-        absent = set(truth) - set(expanded)
-        learned.absent |= absent
-        rebuilt = expansion_values(rec, aliases, gets=absent)
-        learned.differ |= {
-            p
-            for p, v in truth.items()
-            if p not in absent and json_text(rebuilt.get(p)) != json_text(v)
-        }
-        cpu = cpus_of(answers)[0]
-        names.add(cpu["qom-path"].rsplit("/", 1)[-1])
-        props = cpu.get("props", {})
-        agree = {p for p, v in props.items() if p in truth and json_text(truth[p]) == json_text(v)}
-        slot = agree if slot is None else slot & agree
-        learned.combos.append((rec["machine"], rec["model"]))
-        learned.types.update(listed)
-    learned.unreadable = unreadable or set()
-    learned.slot = (slot or set()) & (learned.absent | learned.differ)
-    learned.cpu_name = names.pop() if len(names) == 1 else ""
-    return learned
+def expanded_values(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Expand mode: the CPU the machine type asks for, before realize, without the values
+    realize decides on this machine type (`realize_decided`, from its own realized CPU);
+    `unavailable-features` as this machine type's `query-cpu-definitions` has it."""
+    values = dict(record["answers"]["query-cpu-model-expansion"]["return"]["model"]["props"])
+    for p in record.get("realize_decided", ()):
+        values.pop(p, None)
+    definition = record["answers"].get("definition") or {}
+    if "unavailable-features" in definition:
+        values["unavailable-features"] = definition["unavailable-features"]
+    return values
 
 
 @dataclass
@@ -282,9 +220,10 @@ def record_cells(
     source: str,
     texts: Texts,
     plumbing: Collection[str] = (),
+    flags: FlagReader = NO_FLAGS,
 ) -> CellBlock:
     """The cells of one `ok` record (empty for any other status), in QEMU's order."""
-    found = realized_values(record, aliases, plumbing) if record["status"] == OK else {}
+    found = realized_values(record, aliases, plumbing, flags) if record["status"] == OK else {}
     return _block(record, found, source, texts)
 
 

@@ -133,24 +133,46 @@ def plan(
     ]
 
 
-def reference_round(todo: Sequence[Combo], covered: set[str], round_no: int) -> list[Combo]:
-    """One reference combo for each model without an `ok` reference yet.
+@dataclass(frozen=True)
+class Calibration:
+    """Which reference combos calibrate which combo (see `calibrate`), from QEMU's data only.
 
-    Realize can treat a model specially, so every model gets a reference reading; model i
-    takes the (i + round)-th machine type of the plan, which spreads references over machine
-    types and lets a model whose reference failed try another machine type next round.
+    `model_machine` (M0) calibrates every model; `machine_model[M]` (X0) calibrates machine
+    type M. Neither depends on the plan, so a combo's reading does not either.
     """
-    machines = list(dict.fromkeys(c.machine for c in todo))
-    by_model: dict[str, dict[str, Combo]] = {}
-    for c in todo:
-        by_model.setdefault(c.model, {})[c.machine] = c
-    batch = []
-    for i, (model, combos) in enumerate(by_model.items()):
-        if model in covered:
-            continue
-        for j in range(len(machines)):
-            pick = combos.get(machines[(i + round_no + j) % len(machines)])
-            if pick:
-                batch.append(pick)
-                break
-    return batch
+
+    model_machine: str | None
+    machine_model: dict[str, str]
+
+    def refs(self, combo: Combo) -> list[tuple[str, str]] | None:
+        """The two calibration combos of `combo` (None when it has none to be read by)."""
+        own = self.machine_model.get(combo.machine)
+        if self.model_machine is None or own is None:
+            return None
+        return list(dict.fromkeys([(combo.machine, own), (self.model_machine, combo.model)]))
+
+
+def calibration(discovery: Discovery, topology: str) -> Calibration:
+    """M0: QEMU's default machine type (if it takes the topology, else the first that does);
+    X0 of each machine type: its `default-cpu-type`, else M0's, else the first model."""
+    cpus = topology_cpus(topology)
+    accelerators = discovery.accelerators
+    fits = [m for m in discovery.machines if m.cpu_max >= cpus]
+    fits.sort(key=lambda m: (not m.is_default, natural_key(m.name)))
+    m0 = fits[0] if fits else None
+    by_type = {m.typename: m for m in discovery.models}
+    models = sorted(discovery.models, key=lambda m: natural_key(m.name))
+
+    def usable(machine: Machine, model: Model | None) -> bool:
+        return model is not None and not skip_reason(
+            machine, model, discovery.accel, cpus, accelerators
+        )
+
+    fallback = by_type.get(m0.default_cpu_type or "") if m0 else None
+    own: dict[str, str] = {}
+    for machine in discovery.machines:
+        choices = [by_type.get(machine.default_cpu_type or ""), fallback, *models]
+        found = next((m for m in choices if usable(machine, m)), None)
+        if found is not None:
+            own[machine.name] = found.name
+    return Calibration(m0.name if m0 else None, own)

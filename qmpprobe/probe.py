@@ -13,7 +13,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from qemu.qmp import QMPError
 
 from qmpprobe.guest import Dump
 from qmpprobe.qemu import Ended, LaunchOptions, QemuProcess
+from qmpprobe.values import json_text
 
 #: Statuses a combo can end with (`pending` only while it has not been probed yet).
 OK, ERROR, TIMEOUT, SKIPPED, PENDING = "ok", "error", "timeout", "skipped", "pending"
@@ -36,24 +37,35 @@ READ_EXPAND = "expand"  # --mode expand: one QEMU per machine type, the model on
 
 @dataclass(frozen=True)
 class ReadPlan:
-    """What to ask a probed QEMU about its CPU."""
+    """What to ask a probed QEMU about its CPU (see README, "How a combo is probed and read")."""
 
     method: str = READ_QOM_GET
+    #: With READ_QOM_GET: properties not read with qom-get. Flags with a learned CPUID bit
+    #: come from the CPU's own `feature-words` (a flag's getter reads that very bit); what
+    #: every device has (plumbing) is not a cell.
+    skip: frozenset[str] = frozenset()
     #: With READ_EXPANSION: properties read with qom-get on top of the expansion.
     gets: tuple[str, ...] = ()
-    #: With READ_EXPANSION: QOM types of the CPU's properties (to type `--cpu-flags k=v`).
-    types: tuple[tuple[str, str], ...] = ()
     #: With READ_EXPANSION: properties taken from `query-cpus-fast`'s topology `props` (the
     #: slot the CPU was plugged into) instead of a qom-get, when the combo's answer has them.
     topology: tuple[str, ...] = ()
-    #: With READ_EXPANSION: the CPU's QOM name on every reference combo (`device[0]`): asked
-    #: by that name in the same round trip as `query-cpus-fast`, which then confirms it.
+    #: With READ_EXPANSION: the CPU's QOM name on both calibration combos (`device[0]`):
+    #: asked by that name in the same round trip as `query-cpus-fast`, which then confirms it.
     cpu_name: str = ""
-    #: With READ_QOM_GET: feature flags read from the CPU's own `feature-words` instead of a
-    #: qom-get each, as (flag, CPUID bit): a flag's getter reads that very bit.
-    from_words: tuple[tuple[str, str], ...] = ()
+    #: With READ_EXPANSION: per property, the expansion values its calibration combos saw
+    #: realize keep. Any other value (or property) of this combo's expansion is read with
+    #: qom-get in a second round trip.
+    trust: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    #: With READ_EXPANSION: expansion properties that need no check (flags read from the
+    #: feature words, plumbing, what no calibration combo could read).
+    ignore: frozenset[str] = frozenset()
     #: Also ask `query-cpu-definitions` (alias-of and unavailable features per machine type).
     definitions: bool = False
+    #: Recorded with the combo, so that a journal entry says how it was read: the digest of
+    #: the feature-bit map (`words`), the calibration combos and the digest of this plan.
+    words: str = ""
+    calibration: tuple[tuple[str, str], ...] = ()
+    digest: str = ""
 
 
 #: QOM type prefixes of links and children: a path to another object, not a value.
@@ -72,30 +84,14 @@ def qemu_message(output: str) -> str:
     return " | ".join((errors or lines)[-3:])
 
 
-def expansion_props(cpu_flags: str, types: dict[str, str]) -> dict[str, Any]:
-    """The `-cpu` flags (`+x,-y,z=v`) as typed properties for `query-cpu-model-expansion`."""
-    props: dict[str, Any] = {}
-    for item in filter(None, (f.strip() for f in cpu_flags.split(","))):
-        if item[0] in "+-":
-            props[item[1:]] = item[0] == "+"
-            continue
-        name, _, value = item.partition("=")
-        kind = types.get(name, "str")
-        if kind == "bool":
-            props[name] = value.lower() in ("on", "true", "yes", "")
-        elif kind.startswith(("int", "uint")):
-            props[name] = int(value, 0)
-        else:
-            props[name] = value
-    return props
+def expansion_args(model: str) -> dict[str, Any]:
+    """`query-cpu-model-expansion` (full) of a model, as QEMU applies `-cpu`'s flags to it.
 
-
-def _expansion_args(options: LaunchOptions, model: str, types: dict[str, str]) -> dict[str, Any]:
-    """`query-cpu-model-expansion` (full) of a model with the run's `--cpu-flags`."""
-    expansion: dict[str, Any] = {"type": "full", "model": {"name": model}}
-    if options.cpu_flags:
-        expansion["model"]["props"] = expansion_props(options.cpu_flags, types)
-    return expansion
+    QEMU registers `-cpu MODEL,f=v` as global properties of MODEL's type and applies `+f`/`-f`
+    to every CPU it expands, so the expansion in the probed process already has the flags,
+    with QEMU's own precedence and value parsing: sending them again could only differ.
+    """
+    return {"type": "full", "model": {"name": model}}
 
 
 def cpus_of(answers: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -121,20 +117,29 @@ async def _qom_gets(qemu: QemuProcess, path: str, props: Sequence[str]) -> dict[
     return answers
 
 
+def untrusted(expanded: Mapping[str, Any], read: ReadPlan, asked: set[str]) -> list[str]:
+    """Properties whose expansion value no calibration combo saw realize keep (or that the
+    expansion lacks although calibration saw them): these are read with qom-get."""
+    trust, ignore = read.trust, read.ignore
+    odd = [
+        p
+        for p, v in expanded.items()
+        if p not in asked and p not in ignore and json_text(v) not in trust.get(p, ())
+    ]
+    return odd + [p for p in trust if p not in expanded and p not in asked]
+
+
 async def _read_expansion(
-    qemu: QemuProcess, options: LaunchOptions, model: str, read: ReadPlan, extra: list[Any]
+    qemu: QemuProcess, model: str, read: ReadPlan, extra: list[Any]
 ) -> dict[str, Any]:
     """Exact mode: the expansion and the qom-gets, in one round trip when the CPU's name is known.
 
-    The qom-gets name the CPU as it was named on every reference combo. A partial path
+    The qom-gets name the CPU as it was named on the calibration combos. A partial path
     answers only when one object has that name; if `query-cpus-fast` says the CPU has it, the
-    answers are the CPU's. Anything else is asked again, by the CPU's own name or path.
+    answers are the CPU's. Anything else is asked again by the CPU's own name or path, with
+    whatever the expansion holds that calibration did not vouch for.
     """
-    head = [
-        ("query-cpus-fast", None),
-        ("query-cpu-model-expansion", _expansion_args(options, model, dict(read.types))),
-        *extra,
-    ]
+    head = [("query-cpus-fast", None), ("query-cpu-model-expansion", expansion_args(model)), *extra]
     gets = read.gets if read.cpu_name else ()
     got = await qemu.answers(
         head + [("qom-get", {"path": read.cpu_name, "property": p}) for p in gets]
@@ -147,25 +152,40 @@ async def _read_expansion(
     if extra:
         answers["query-cpu-definitions"] = got[2]
     path, slot = cpus[0]["qom-path"], cpus[0].get("props") or {}
+    if "return" not in got[1]:
+        # No expansion to start from: read this CPU the reference way instead.
+        return {**answers, **await _read_all(qemu, path, read.ignore)}
     qom = dict(zip(gets, got[len(head) :], strict=True))
     named = path.rsplit("/", 1)[-1] == read.cpu_name
     again = [p for p in read.gets if not named or "error" in qom[p]]
     again += [p for p in read.topology if p not in slot]
+    asked = {*read.gets, *read.topology}
+    again += untrusted(got[1]["return"]["model"]["props"], read, asked)
     if again:
         qom.update(await _qom_gets(qemu, path, again))
     answers["qom-get"] = qom
     return answers
 
 
-async def _read_cpu(
-    qemu: QemuProcess, options: LaunchOptions, model: str, read: ReadPlan
-) -> dict[str, Any]:
+async def _read_all(qemu: QemuProcess, path: str, skip: frozenset[str]) -> dict[str, Any]:
+    """The reference reading: `qom-list`, then qom-get of every property but `skip` and the
+    links and children (a path to another object, not a value)."""
+    listed = (await qemu.answers([("qom-list", {"path": path})]))[0]
+    props = [
+        p["name"]
+        for p in listed.get("return", [])
+        if p["name"] not in skip and not is_edge(p["type"])
+    ]
+    return {"read": READ_QOM_GET, "qom-list": listed, "qom-get": await _qom_gets(qemu, path, props)}
+
+
+async def _read_cpu(qemu: QemuProcess, model: str, read: ReadPlan) -> dict[str, Any]:
     """Ask QEMU about its first CPU; returns the answers by command."""
     extra: list[tuple[str, dict[str, Any] | None]] = (
         [("query-cpu-definitions", None)] if read.definitions else []
     )
     if read.method == READ_EXPANSION:
-        return await _read_expansion(qemu, options, model, read, extra)
+        return await _read_expansion(qemu, model, read, extra)
     answers: dict[str, Any] = {}
     answers["query-cpus-fast"] = (await qemu.answers([("query-cpus-fast", None)]))[0]
     cpus = cpus_of(answers)
@@ -176,21 +196,16 @@ async def _read_cpu(
         got = await qemu.answers([("qom-list-get", {"paths": [path]}), *extra])
         answers["qom-list-get"] = got[0]
     else:
-        # The reference reading: every property listed, flags with a known bit aside.
-        listed = (await qemu.answers([("qom-list", {"path": path})]))[0]
-        answers["qom-list"] = listed
-        types = {p["name"]: p["type"] for p in listed.get("return", [])}
-        words = dict(read.from_words)
-        got, qom = await asyncio.gather(
-            qemu.answers(
-                [("query-cpu-model-expansion", _expansion_args(options, model, types)), *extra]
-            ),
-            _qom_gets(qemu, path, [p for p in types if p not in words]),
+        # The reference reading, with the expansion beside it (calibration compares the two).
+        got, every = await asyncio.gather(
+            qemu.answers([("query-cpu-model-expansion", expansion_args(model)), *extra]),
+            _read_all(qemu, path, read.skip),
         )
         answers["query-cpu-model-expansion"] = got[0]
-        answers["qom-get"] = qom
+        answers.update(every)
     if extra:
         answers["query-cpu-definitions"] = got[1]
+    answers.pop("read", None)
     return answers
 
 
@@ -241,19 +256,47 @@ async def probe(
         argv = options.argv(machine, model) + (["-debugcon", f"file:{dump}"] if dump else [])
 
         async def work(qemu: QemuProcess, record: dict[str, Any]) -> None:
-            await _run(qemu, options, model, read, record)
+            await _run(qemu, model, read, record)
             if dump and record["status"] == OK:
                 await _guest(qemu, record, dump)
 
         record = await _session(argv, env, timeout, f"{machine}/{model}", work)
         if dump:
             _guest_result(record, dump.read_text(errors="replace") if dump.exists() else "")
+    # How it was read goes with the answers: a journal entry is reused only where valid.
     plan = {
-        "read": read.method,
+        "read": record.pop("read", read.method),
         **({"slot": list(read.topology)} if read.topology else {}),
-        **({"from_words": dict(read.from_words)} if read.from_words else {}),
+        **({"words": read.words} if read.words else {}),
+        **({"calibration": [list(c) for c in read.calibration]} if read.calibration else {}),
+        **({"plan": read.digest} if read.digest else {}),
     }
     return {"machine": machine, "model": model, **plan, **record}
+
+
+async def definitions_of(
+    options: LaunchOptions,
+    machine: str,
+    model: str,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A machine type's `query-cpu-definitions` answer, from a QEMU started for that alone
+    (when every combo of the machine type came from the journal without it)."""
+
+    async def work(qemu: QemuProcess, record: dict[str, Any]) -> None:
+        if not await _connect(qemu, record):
+            return
+        try:
+            (defs,) = await qemu.answers([("query-cpu-definitions", None)])
+        except (QMPError, OSError, EOFError) as e:
+            await qemu.wait_exit(0.5)
+            record["error"] = _failure(qemu, "QMP", e)
+            return
+        record["answers"] = {"query-cpu-definitions": defs}
+        record["status"] = OK
+
+    return await _session(options.argv(machine, model), env, timeout, machine, work)
 
 
 #: A healthy dump writes a line every few milliseconds: this long without a byte, the guest
@@ -302,16 +345,32 @@ def _guest_result(record: dict[str, Any], text: str) -> None:
         record["error"] = f"{dump.failure()} ({how})"
 
 
+@dataclass(frozen=True)
+class MachineRead:
+    """Expand mode: how the one QEMU of a machine type is started and what of its CPU is read."""
+
+    #: The machine type's own CPU model (its default CPU type), started with `-cpu` and the
+    #: run's flags: realized, it shows what realize decides on this machine type.
+    own_model: str
+    #: `-global`s that give every model the run's `f=v` flags (see `cpuflags`).
+    globals: tuple[str, ...] = ()
+    #: Properties of the own CPU not read (feature flags, which expand mode takes as
+    #: requested, and plumbing); flags with a learned bit come from its feature words.
+    skip: frozenset[str] = frozenset()
+
+
 async def probe_machine(
     options: LaunchOptions,
     machine: str,
     models: Sequence[str],
+    own: MachineRead,
     timeout: float,
     env: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Expand mode: one QEMU for a machine type, every model expanded in it; one record each.
 
-    The first record also carries the machine type's `query-cpu-definitions`.
+    The first record also carries the machine type's `query-cpu-definitions` and the reading
+    of its own realized CPU beside that CPU's expansion (`own-cpu`).
     """
     expansions: list[dict[str, Any]] = []
 
@@ -321,27 +380,91 @@ async def probe_machine(
         try:
             cpus, defs, *got = await qemu.answers(
                 [("query-cpus-fast", None), ("query-cpu-definitions", None)]
-                + [("query-cpu-model-expansion", _expansion_args(options, m, {})) for m in models]
+                + [("query-cpu-model-expansion", expansion_args(m)) for m in models]
+            )
+            record["answers"] = {"query-cpus-fast": cpus, "query-cpu-definitions": defs}
+            if not cpus.get("return"):
+                record["error"] = NO_CPU
+                return
+            path = cpus_of(record["answers"])[0]["qom-path"]
+            own_cpu, every = await asyncio.gather(
+                qemu.answers([("query-cpu-model-expansion", expansion_args(own.own_model))]),
+                _read_all(qemu, path, own.skip),
             )
         except (QMPError, OSError, EOFError) as e:
             await qemu.wait_exit(0.5)
             record["error"] = _failure(qemu, "QMP", e)
             return
-        record["answers"] = {"query-cpus-fast": cpus, "query-cpu-definitions": defs}
-        if not cpus.get("return"):
-            record["error"] = NO_CPU
-            return
+        every.pop("read")
+        record["answers"]["own-cpu"] = {
+            "model": own.own_model,
+            "query-cpu-model-expansion": own_cpu[0],
+            **every,
+        }
         expansions.extend(got)
         record["status"] = OK
 
-    machine_record = await _session(options.argv(machine), env, timeout, machine, work)
+    launch = replace(options, globals=(*options.globals, *own.globals))
+    argv = launch.argv(machine, own.own_model)
+    machine_record = await _session(argv, env, timeout, machine, work)
     return split_machine_record(machine_record, machine, models, expansions)
+
+
+async def probe_model(
+    options: LaunchOptions,
+    machine: str,
+    model: str,
+    own: MachineRead,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Expand mode: realize one model on `machine` to see what realize decides for it.
+
+    QEMU is started as for the machine type's expansions, but with `-cpu MODEL`; the CPU is
+    read for every property (features aside, `own.skip`) whose expansion value differs from
+    the machine type's own model's, and for its feature words: what realize decides for the
+    machine type's own model is measured on every machine type already.
+    """
+
+    async def work(qemu: QemuProcess, record: dict[str, Any]) -> None:
+        if not await _connect(qemu, record):
+            return
+        try:
+            cpus, mine, theirs = await qemu.answers(
+                [
+                    ("query-cpus-fast", None),
+                    ("query-cpu-model-expansion", expansion_args(model)),
+                    ("query-cpu-model-expansion", expansion_args(own.own_model)),
+                ]
+            )
+            record["answers"] = {"query-cpus-fast": cpus, "query-cpu-model-expansion": mine}
+            if not cpus.get("return") or "return" not in mine or "return" not in theirs:
+                record["error"] = NO_CPU if not cpus.get("return") else "no expansion"
+                return
+            path = cpus_of(record["answers"])[0]["qom-path"]
+            a, b = mine["return"]["model"]["props"], theirs["return"]["model"]["props"]
+            asked = [
+                p
+                for p, v in a.items()
+                if p not in own.skip and (p not in b or json_text(b[p]) != json_text(v))
+            ]
+            asked += ["feature-words", "filtered-features"]
+            record["answers"]["qom-get"] = await _qom_gets(qemu, path, asked)
+        except (QMPError, OSError, EOFError) as e:
+            await qemu.wait_exit(0.5)
+            record["error"] = _failure(qemu, "QMP", e)
+            return
+        record["status"] = OK
+
+    launch = replace(options, globals=(*options.globals, *own.globals))
+    record = await _session(launch.argv(machine, model), env, timeout, f"{machine}/{model}", work)
+    return {"machine": machine, "model": model, "read": "expand-calibration", **record}
 
 
 def split_machine_record(
     record: dict[str, Any], machine: str, models: Sequence[str], expansions: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """One record per model out of an expand-mode machine record."""
+    """One record per model out of an expand-mode machine record (machine-wide answers first)."""
     defs = record["answers"].get("query-cpu-definitions", {})
     entries = {d["name"]: d for d in defs.get("return", [])}
     share = round(record["seconds"] / max(1, len(models)), 4)
@@ -398,18 +521,18 @@ async def _connect(qemu: QemuProcess, record: dict[str, Any]) -> bool:
     return True
 
 
-async def _run(
-    qemu: QemuProcess, options: LaunchOptions, model: str, read: ReadPlan, record: dict[str, Any]
-) -> None:
+async def _run(qemu: QemuProcess, model: str, read: ReadPlan, record: dict[str, Any]) -> None:
     if not await _connect(qemu, record):
         return
     try:
-        answers = await _read_cpu(qemu, options, model, read)
+        answers = await _read_cpu(qemu, model, read)
     except (QMPError, OSError, EOFError) as e:
         # QEMU died or broke the protocol mid-probe.
         await qemu.wait_exit(0.5)
         record["error"] = _failure(qemu, "QMP", e)
         return
+    if "read" in answers:  # read another way than planned (no expansion to start from)
+        record["read"] = answers.pop("read")
     record["answers"] = answers
     if not cpus_of(answers):
         failed = answers["query-cpus-fast"].get("error")

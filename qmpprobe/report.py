@@ -234,6 +234,20 @@ def _headline(d: Drift, combos: pd.DataFrame) -> list[tuple[str, Any]]:
     ]
 
 
+def _realize_decided(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Expand mode: each property realize decides, with the machine types or models it does
+    so on (all of them, or the ones named)."""
+    decided = manifest.get("read", {}).get("realize_decided", {})
+    machines = {m["name"] for m in manifest.get("machines", [])}
+    planned = set(manifest.get("read", {}).get("calibration", {}).get("machine_model", {}))
+    rows = []
+    for p, ms in decided.get("machine", {}).items():
+        every = set(ms) >= (planned or machines)
+        rows.append((p, "every machine type" if every else "machine types " + ", ".join(ms)))
+    rows += [(p, "models " + ", ".join(xs)) for p, xs in decided.get("model", {}).items()]
+    return sorted(rows)
+
+
 def context(manifest: Mapping[str, Any], combos: pd.DataFrame, d: Drift) -> dict[str, Any]:
     """What the templates show."""
     return {
@@ -247,6 +261,8 @@ def context(manifest: Mapping[str, Any], combos: pd.DataFrame, d: Drift) -> dict
         "runnability": _runnability_rows(d),
         "failures": _failures(combos),
         "limits": manifest.get("qmp_limits", ""),
+        "expand_limits": manifest.get("expand_limits", ""),
+        "realize_decided": _realize_decided(manifest),
         "declared": d.dead is not None,
         "causes": _by_cause(d) if d.dead is not None else [],
         "undeclared": undeclared(d).to_dict("records"),

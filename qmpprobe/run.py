@@ -1,19 +1,19 @@
 """Run: probe every planned combo with bounded concurrency and keep the run folder valid.
 
-The order of work: discovery → plan → what the shared journal already has → before QEMU
-10.1, one *reference* combo per model read with `qom-get` of every property (they teach
-`cells.realize_only` what the expansion cannot tell) → every other combo read the cheap way
-(one `qom-list-get` from QEMU 10.1; one QEMU per machine type in expand mode) → combos.csv,
-cells.parquet and the manifest. Each combo is journalled in raw/ as soon as it ends, so an
-interrupted run loses only the combos in flight, and `run --resume` finishes it. Ctrl-C and
-SIGTERM kill every QEMU and leave the folder valid.
+The order of work: discovery → plan → what the journal and the shared cache already have
+(an entry read from the expansion only if it was read with this run's plan for it) → before
+QEMU 10.1, the calibration combos of the plan's machine types and models, read with qom-get
+of every property (`calibrate`) → every other combo read from its expansion as its two
+calibration combos allow (one `qom-list-get` from QEMU 10.1; one QEMU per machine type in
+expand mode) → combos.csv, cells.parquet and the manifest. Each combo is journalled in raw/
+as soon as it ends, so an interrupted run loses only the combos in flight, and `run
+--resume` finishes it. Ctrl-C and SIGTERM kill every QEMU and leave the folder valid.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import signal
 import sys
@@ -26,35 +26,39 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qmpprobe import __version__, cache, guest, reaper
+from qmpprobe import __version__, cache, cpuflags, guest, reaper
+from qmpprobe.calibrate import Facts, cheap_plan, facts, realize_decided, reference_plan
 from qmpprobe.cells import (
     SOURCE_EXPANSION,
     SOURCE_REALIZED,
     CellBlock,
-    RealizeOnly,
+    FlagReader,
     Texts,
     guest_cells,
-    realize_only,
     record_cells,
 )
 from qmpprobe.discover import Discovery, discover
 from qmpprobe.errors import InputError, Interrupted
 from qmpprobe.host import host_facts
 from qmpprobe.learn import spelled_bits
-from qmpprobe.plan import Combo, parse_smp, plan, reference_round, topology_cpus
+from qmpprobe.plan import Combo, calibration, natural_key, parse_smp, plan, topology_cpus
 from qmpprobe.probe import (
     ERROR,
     OK,
     PENDING,
+    READ_EXPAND,
     READ_EXPANSION,
     READ_LIST_GET,
     READ_QOM_GET,
     SKIPPED,
     STATUSES,
     TIMEOUT,
+    MachineRead,
     ReadPlan,
+    definitions_of,
     probe,
     probe_machine,
+    probe_model,
 )
 from qmpprobe.qemu import OWNER_ENV, LaunchOptions, kill_owned, pidfd_reaping
 from qmpprobe.store import SCHEMA, RunFolder, cells_table, combos_frame
@@ -65,12 +69,16 @@ T = TypeVar("T")
 #: What expand mode cannot see; repeated in its manifests.
 EXPAND_LIMITS = (
     "Expand mode reads query-cpu-model-expansion (full) of each model inside one QEMU per "
-    "machine type: the CPU the machine type asks for, before realize. It cannot see what only "
-    "realize sets or filters: feature-words and filtered-features, phys-bits, topology ids "
-    "(apic-id, core-id, ...), ucode-rev, hv-vendor-id, KVM's tsc-frequency, and, with several "
-    "CPUs, ht/cmp-legacy (QEMU >= 10.0); so it refuses "
-    "-smp > 1. Features the accelerator or host cannot provide are counted as requested; "
-    "unavailable-features comes from the machine type's query-cpu-definitions."
+    "machine type: the CPU the machine type asks for, before realize. What realize decides is "
+    "not in its cells: per machine type, the properties whose value realize changed on that "
+    "machine type's own CPU, read with qom-get in the same QEMU (listed under "
+    "read.realize_decided), and what only realize reports (feature-words, filtered-features). "
+    "Features the accelerator or host cannot provide count as requested; unavailable-features "
+    "comes from the machine type's query-cpu-definitions, which QEMU computes with the run's "
+    "--cpu-flags. Feature flags without a learned CPUID bit (MSR-based ones such as vmx-*) are "
+    "taken as requested, and a value realize sets for some models only, not for the machine "
+    "type's own, is not seen. It refuses -smp > 1, where realize changes flags with the "
+    "topology."
 )
 
 #: What QMP shows and what it cannot; repeated in every manifest so no reader misses it.
@@ -215,44 +223,117 @@ class Runner:
         self.blocks: dict[tuple[str, str], CellBlock] = {}
         self.guest_blocks: dict[tuple[str, str], CellBlock] = {}
         self.definitions: dict[str, dict[str, str | None]] = {}
-        self.learned = RealizeOnly()
         self.env = {**os.environ, OWNER_ENV: manifest["run_id"], "LC_ALL": "C"}
         self.counts: Counter[str] = Counter()
         self.texts = Texts()
         self.shared = cache.journal(self.key) if options.cache else None
-        # QEMU >= 10.1 reads every property of the realized CPU in one command: no references.
+        # QEMU >= 10.1 reads every property of the realized CPU in one command: no calibration.
         self.list_get = options.read == "auto" and "qom-list-get" in discovery.commands
+        self.planned = {(c.machine, c.model) for c in self.combos}
+        self.machines = {c.machine for c in self.combos}
         self._asking_definitions: set[str] = set()
-        # A reference reads a flag with a learned CPUID bit from the CPU's feature-words: the
-        # flag's getter reads that bit, so it is the same answer for ~230 fewer commands.
-        bits = spelled_bits(discovery.feature_bits, discovery.feature_aliases)
-        self.from_words = tuple(sorted(bits.items()))
+        # Flags with a learned CPUID bit are read from the CPU's feature words, under every
+        # spelling: the flag's getter reads that bit, so it is the same answer for ~230
+        # fewer commands per reference combo.
+        self.flags = FlagReader(spelled_bits(discovery.feature_bits, discovery.feature_aliases))
+        self.calibration = calibration(discovery, self.launch.topology)
+        #: Calibration combos by (machine, model): their facts once probed (None: no facts).
+        self.facts: dict[tuple[str, str], Facts | None] = {}
+        self.ref_status: dict[tuple[str, str], str] = {}
+        self._ready: dict[tuple[str, str], asyncio.Future[Facts | None]] = {}
+        #: Journal entries read from the expansion, kept only if their plan is still this run's.
+        self.candidates: dict[tuple[str, str], tuple[dict[str, Any], bytes | None]] = {}
+        self.qom_gets: Counter[str] = Counter()
+        self.realize_decided: dict[str, list[str]] = {}
+        #: Expand mode: per model, what realize decided for it on QEMU's default machine type.
+        self.model_decided: dict[str, list[str]] = {}
+        self.model_summary: dict[str, list[str]] = {}
+        #: Every calibration combo of the plan's unskipped combos.
+        self.ref_set: set[tuple[str, str]] = (
+            {r for c in self.combos if not c.skip for r in self.calibration.refs(c) or ()}
+            if self._calibrates()
+            else set()
+        )
 
     # -- journal ---------------------------------------------------------------------------
+    def _wanted(self) -> set[tuple[str, str]]:
+        """Combos whose journal entries this run can use: planned ones and calibration ones."""
+        return {(c.machine, c.model) for c in self.combos if not c.skip} | self.ref_set
+
+    def _calibrates(self) -> bool:
+        return self.options.mode == MODE_EXACT and self.options.read == "auto" and not self.list_get
+
+    def _usable(self, record: dict[str, Any]) -> bool:
+        """Whether a journal entry of this key was read in a way this run can take as it is."""
+        if record.get("key") != self.key:
+            return False
+        # Flags read from feature words need the same learned bits.
+        return not record.get("words") or record["words"] == self.flags.digest
+
+    def _take(self, record: dict[str, Any], data: bytes | None) -> bool:
+        """Take a journal entry (from the run's raw/ when `data` is None, else the cache)."""
+        combo = (record["machine"], record["model"])
+        if not self._usable(record):
+            return False
+        if record.get("read") == READ_EXPANSION and record["status"] == OK:
+            self.candidates[combo] = (record, data)  # checked against its plan later
+            return False
+        if data is not None:
+            # Compressed once already: copy the bytes (a hard link would let a change to
+            # one journal reach the other).
+            self.folder.put_record(*combo, data)
+        self._keep(record, journal=False)
+        return True
+
+    def _load_definitions(self, source: RunFolder, copy: bool) -> None:
+        """Each planned machine type's `query-cpu-definitions`, where `source` has them."""
+        for machine in sorted(self.machines - self.definitions.keys()):
+            found = source.read_definitions(machine)
+            if found is None or found[0].get("key") != self.key:
+                continue
+            if copy:
+                self.folder.put_definitions(machine, found[1])
+            self._definitions(machine, found[0]["query-cpu-definitions"])
+
+    def _definitions(self, machine: str, answer: dict[str, Any]) -> None:
+        """Keep a machine type's definitions (alias-of per model); journal them when new.
+
+        They come from one probe per machine type, or from the journal: either way the same
+        answer, so `alias_of` never depends on which combo or cache brought it.
+        """
+        known = machine in self.definitions
+        self.definitions[machine] = {d["name"]: d.get("alias-of") for d in answer["return"]}
+        if known:
+            return
+        entry = {"machine": machine, "key": self.key, "query-cpu-definitions": answer}
+        if not self.folder.definitions_path(machine).exists():
+            data = self.folder.write_definitions(machine, entry)
+            if self.shared is not None:
+                with contextlib.suppress(OSError):
+                    self.shared.put_definitions(machine, data)
+
     def load_journal(self) -> int:
         """Take every finished combo whose journal entry matches this run; returns how many."""
-        wanted = {(c.machine, c.model) for c in self.combos if not c.skip}
-        for rec in self.folder.iter_records():
-            combo = (rec.get("machine"), rec.get("model"))
-            if combo in wanted and rec.get("key") == self.key:
-                self._keep(rec, journal=False)
-        return len(self.records)
+        self._load_definitions(self.folder, copy=False)
+        wanted = self._wanted()
+        return sum(
+            self._take(rec, None)
+            for rec in self.folder.iter_records()
+            if (rec.get("machine"), rec.get("model")) in wanted
+        )
 
     def load_cached(self) -> int:
         """Take finished combos from the shared journal (same key); returns how many."""
         if self.shared is None:
             return 0
+        self._load_definitions(self.shared, copy=True)
         found = 0
-        for c in self.combos:
-            if c.skip or (c.machine, c.model) in self.records:
+        for combo in sorted(self._wanted()):
+            if combo in self.records or combo in self.facts or combo in self.candidates:
                 continue
-            entry = self.shared.read_record_bytes(c.machine, c.model)
-            if entry is not None and entry[0].get("key") == self.key:
-                # Compressed once already: copy the bytes (a hard link would let a change to
-                # one journal reach the other).
-                self.folder.put_record(c.machine, c.model, entry[1])
-                self._keep(entry[0], journal=False)
-                found += 1
+            entry = self.shared.read_record_bytes(*combo)
+            if entry is not None and self._take(entry[0], entry[1]):
+                found += combo in self.planned
         self.manifest["from_cache"] = self.manifest.get("from_cache", 0) + found
         return found
 
@@ -269,41 +350,79 @@ class Runner:
         if journal:
             self._journal(record)
         combo = (record["machine"], record["model"])
-        defs = record["answers"].get("query-cpu-definitions", {}).get("return")
-        if defs is not None:
-            self.definitions[record["machine"]] = {d["name"]: d.get("alias-of") for d in defs}
+        if combo in self.ref_set:
+            self._calibrated(combo, record)
+        defs = record["answers"].get("query-cpu-definitions", {})
+        if "return" in defs and record["machine"] in self.machines:
+            self._definitions(record["machine"], defs)
+        if combo not in self.planned:
+            return  # a calibration combo only: journalled, not a row of the run
         source = SOURCE_EXPANSION if self.options.mode == MODE_EXPAND else SOURCE_REALIZED
         self.blocks[combo] = record_cells(
-            record, self.discovery.feature_aliases, source, self.texts, self.discovery.plumbing
+            record,
+            self.discovery.feature_aliases,
+            source,
+            self.texts,
+            self.discovery.plumbing,
+            self.flags,
         )
         if "guest-cpuid" in record["answers"]:
             self.guest_blocks[combo] = guest_cells(record, self.texts)
-        # Keep the small part; answers live in raw/ (reference answers teach `realize_only`).
+        if record["read"] == READ_EXPANSION and record["status"] == OK:
+            self.qom_gets.update(record["answers"].get("qom-get", {}).keys())
+        if record["read"] == READ_EXPAND and "decided_by" in record:
+            self.realize_decided[record["machine"]] = record["decided_by"]["machine"]
+            self.model_summary[record["model"]] = record["decided_by"]["model"]
+        # Keep the small part; the answers live in raw/.
         self.records[combo] = {k: v for k, v in record.items() if k not in ("answers", "output")}
-        if record["read"] == READ_QOM_GET and record["status"] == OK:
-            self.records[combo]["answers"] = record["answers"]
         self.counts[record["status"]] += 1
 
+    def _calibrated(self, combo: tuple[str, str], record: dict[str, Any]) -> None:
+        """Learn from a finished calibration combo (whatever its status) and wake its waiters."""
+        found = facts(record, self.discovery.feature_aliases, self.discovery.plumbing, self.flags)
+        self.facts[combo] = found
+        self.ref_status[combo] = record["status"]
+        ready = self._ready.get(combo)
+        if ready is not None and not ready.done():
+            ready.set_result(found)
+
     # -- probing ---------------------------------------------------------------------------
-    def _read_plan(self, machine: str, reference: bool) -> ReadPlan:
-        wants = machine not in self.definitions and machine not in self._asking_definitions
+    def _wants_definitions(self, machine: str) -> bool:
+        wants = (
+            machine in self.machines
+            and machine not in self.definitions
+            and machine not in self._asking_definitions
+        )
         if wants:
             self._asking_definitions.add(machine)
+        return wants
+
+    def _plain_plan(self, machine: str) -> ReadPlan:
+        """A reading that needs no calibration: qom-list-get, or qom-get of every property."""
+        wants = self._wants_definitions(machine)
         if self.list_get:
             return ReadPlan(READ_LIST_GET, definitions=wants)
         if self.options.read == READ_QOM_GET:
-            return ReadPlan(READ_QOM_GET, definitions=wants)  # checking: every property read
-        if reference or not self.learned.combos:
-            return ReadPlan(READ_QOM_GET, from_words=self.from_words, definitions=wants)
-        types = tuple(sorted(self.learned.types.items()))
-        slot = tuple(sorted(self.learned.slot))
-        return ReadPlan(
-            READ_EXPANSION,
-            self.learned.gets,
-            types,
-            slot,
-            cpu_name=self.learned.cpu_name,
-            definitions=wants,
+            # Checking: every property read with its own qom-get, flags included.
+            return ReadPlan(
+                READ_QOM_GET, skip=frozenset(self.discovery.plumbing), definitions=wants
+            )
+        return reference_plan(self.flags, self.discovery.plumbing, wants)
+
+    async def _cheap_plan(self, combo: Combo) -> ReadPlan:
+        """The calibrated reading of a combo, or the reference one when it cannot have it."""
+        refs = self.calibration.refs(combo)
+        if refs is None or (combo.machine, combo.model) in refs:
+            return self._plain_plan(combo.machine)
+        known = [await self._ready[r] for r in refs]
+        found = [f for f in known if f is not None]
+        if len(found) < len(known):
+            return self._plain_plan(combo.machine)
+        return cheap_plan(
+            found,
+            self.flags,
+            self.discovery.plumbing,
+            self._wants_definitions(combo.machine),
         )
 
     async def _retrying(
@@ -331,8 +450,18 @@ class Runner:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
-    async def _probe(self, combo: Combo, reference: bool, bar: Progress) -> None:
-        read = self._read_plan(combo.machine, reference)
+    async def _probe(self, combo: Combo, bar: Progress) -> None:
+        key = (combo.machine, combo.model)
+        if self._calibrates() and key not in self.ref_set:
+            read = await self._cheap_plan(combo)
+            candidate = self.candidates.pop(key, None)
+            if candidate is not None and candidate[0].get("plan") == read.digest:
+                self._take_candidate(*candidate)
+                self._asking_definitions.discard(combo.machine)
+                bar.advance(self.counts)
+                return
+        else:
+            read = self._plain_plan(combo.machine)
         try:
             tries = await self._retrying(
                 lambda: probe(
@@ -347,23 +476,68 @@ class Runner:
         record["attempts"] = len(tries)
         record["seconds"] = round(sum(r["seconds"] for r in tries), 4)
         self._keep(record)
-        bar.advance(self.counts)
+        if key in self.planned:
+            bar.advance(self.counts)
 
-    async def _probe_all(self, combos: Sequence[Combo], reference: bool, bar: Progress) -> None:
-        await self._pool(combos, lambda c: self._probe(c, reference, bar))
+    def _take_candidate(self, record: dict[str, Any], data: bytes | None) -> None:
+        if data is not None:
+            self.folder.put_record(record["machine"], record["model"], data)
+            self.manifest["from_cache"] = self.manifest.get("from_cache", 0) + 1
+        self._keep(record, journal=False)
 
     async def _probe_machine(self, machine: str, models: list[str], bar: Progress) -> None:
+        own = self._machine_read(machine)
         tries = await self._retrying(
-            lambda: probe_machine(self.launch, machine, models, self.options.timeout, self.env),
+            lambda: probe_machine(
+                self.launch, machine, models, own, self.options.timeout, self.env
+            ),
             lambda records: records[0]["status"],
         )
+        decided = realize_decided(tries[-1][0]["answers"].get("own-cpu") or {}, self.flags)
         for rec in tries[-1]:
             rec["attempts"] = len(tries)
+            mine = self.model_decided.get(rec["model"], [])
+            rec["realize_decided"] = sorted({*decided, *mine})
+            rec["decided_by"] = {"machine": decided, "model": mine}
+            rec["words"] = self.flags.digest
             self._keep(rec)
             bar.advance(self.counts)
 
+    async def _calibrate_model(self, model: str) -> None:
+        """Expand mode: what realize decides for one model, on QEMU's default machine type."""
+        machine = self.calibration.model_machine
+        if machine is None:
+            return
+        own = self._machine_read(machine)
+        tries = await self._retrying(
+            lambda: probe_model(self.launch, machine, model, own, self.options.timeout, self.env),
+            lambda r: r["status"],
+        )
+        record = tries[-1]
+        record["key"] = self.key
+        self.folder.write_calibration(record)
+        self.ref_status[(machine, model)] = record["status"]
+        if record["status"] == OK:
+            self.model_decided[model] = realize_decided(record["answers"], self.flags)
+
+    def _machine_read(self, machine: str) -> MachineRead:
+        """Expand mode: the machine type's own CPU, and the flags as globals for every model."""
+        aliases = self.discovery.feature_aliases
+        features = {n for f in self.discovery.features for n in aliases.get(f, [f])}
+        return MachineRead(
+            own_model=self.calibration.machine_model.get(machine) or self.combos[0].model,
+            globals=tuple(
+                cpuflags.globals_for_all_models(
+                    cpuflags.split(self.launch.cpu_flags), self.discovery.cpu_base_type
+                )
+            ),
+            skip=frozenset({*features, *self.discovery.plumbing}),
+        )
+
     async def _probe_machines(self, combos: Sequence[Combo], bar: Progress) -> None:
-        """Expand mode: one QEMU per machine type for all of its pending models."""
+        """Expand mode: what realize decides for each pending model, then one QEMU per
+        machine type for all of its pending models."""
+        await self._pool(sorted({c.model for c in combos}), self._calibrate_model)
         by_machine: dict[str, list[str]] = {}
         for c in combos:
             by_machine.setdefault(c.machine, []).append(c.model)
@@ -371,34 +545,38 @@ class Runner:
             list(by_machine.items()), lambda item: self._probe_machine(item[0], item[1], bar)
         )
 
-    def _learn(self) -> None:
-        refs = [r for r in self.records.values() if r["read"] == READ_QOM_GET and r["status"] == OK]
-        if self.options.read == "auto" and refs:
-            self.learned = realize_only(
-                refs, self.discovery.feature_aliases, self.discovery.plumbing
-            )
-
     async def probe_pending(self, bar: Progress) -> None:
-        """Probe what the journal does not have: reference combos first, then the rest."""
+        """Probe what the journal does not have: calibration combos first, then the rest."""
         todo = [c for c in self.combos if not c.skip and (c.machine, c.model) not in self.records]
         if self.options.mode == MODE_EXPAND:
             await self._probe_machines(todo, bar)
-            return
-        if self.options.read == "auto" and not self.list_get:
-            for round_no in itertools.count():
-                covered = {
-                    m
-                    for (_, m), r in self.records.items()
-                    if r["status"] == OK and r["read"] == READ_QOM_GET
-                }
-                batch = reference_round(todo, covered, round_no)
-                if not batch:
-                    break
-                await self._probe_all(batch, reference=True, bar=bar)
-                done = set(batch)
-                todo = [c for c in todo if c not in done]
-            self._learn()
-        await self._probe_all(todo, reference=False, bar=bar)
+        else:
+            await self._probe_combos(todo, bar)
+        await self._pool(sorted(self.machines - self.definitions.keys()), self._ask_definitions)
+
+    async def _probe_combos(self, todo: list[Combo], bar: Progress) -> None:
+        """Exact mode: calibration combos first, then the rest."""
+        refs: list[Combo] = []
+        if self._calibrates():
+            loop = asyncio.get_running_loop()
+            needed = {r for c in todo for r in self.calibration.refs(c) or ()}
+            for r in sorted(needed, key=lambda r: (natural_key(r[1]), natural_key(r[0]))):
+                self._ready[r] = loop.create_future()
+                if r in self.facts:
+                    self._ready[r].set_result(self.facts[r])
+                elif r not in self.records:
+                    refs.append(Combo(*r))
+        # Calibration combos go first; a combo waits for its two, which are ahead of it.
+        queued = {(c.machine, c.model) for c in refs}
+        rest = [c for c in todo if (c.machine, c.model) not in queued]
+        await self._pool([*refs, *rest], lambda c: self._probe(c, bar))
+
+    async def _ask_definitions(self, machine: str) -> None:
+        """Definitions of a machine type no probe of this run asked (its combos were cached)."""
+        model = self.calibration.machine_model.get(machine) or self.combos[0].model
+        record = await definitions_of(self.launch, machine, model, self.options.timeout, self.env)
+        if record["status"] == OK and "return" in record["answers"]["query-cpu-definitions"]:
+            self._definitions(machine, record["answers"]["query-cpu-definitions"])
 
     # -- results ---------------------------------------------------------------------------
     def combo_rows(self) -> list[dict[str, Any]]:
@@ -435,9 +613,44 @@ class Runner:
             return "expand"
         if self.list_get:
             return READ_LIST_GET
-        if self.options.read == "auto" and self.learned.combos:
+        if self._calibrates():
             return READ_EXPANSION
         return READ_QOM_GET
+
+    def _read_summary(self) -> dict[str, Any]:
+        """How the cells were read (manifest `read`)."""
+        read: dict[str, Any] = {"method": self._method()}
+        if self.flags.words and self._method() != READ_LIST_GET:
+            read["from_feature_words"] = sorted(self.flags.words)
+        if self._calibrates():
+            found = [f for f in self.facts.values() if f is not None]
+            read["calibration"] = {
+                "model_machine": self.calibration.model_machine,
+                "machine_model": {
+                    m: x for m, x in self.calibration.machine_model.items() if m in self.machines
+                },
+                "combos": [[m, x, s] for (m, x), s in sorted(self.ref_status.items())],
+            }
+            read["qom_get"] = dict(sorted(self.qom_gets.items()))
+            read["from_query_cpus_fast"] = sorted(
+                frozenset.intersection(*(f.slot for f in found)) if found else ()
+            )
+            read["differ_from_expansion"] = sorted(frozenset().union(*(f.changed for f in found)))
+            names = {f.cpu_name for f in found}
+            read["cpu_name"] = names.pop() if len(names) == 1 else ""
+        if self.options.mode == MODE_EXPAND:
+            read["realize_decided"] = {
+                "machine": _by_prop(self.realize_decided),
+                "model": _by_prop(self.model_summary),
+            }
+            read["calibration"] = {
+                "model_machine": self.calibration.model_machine,
+                "machine_model": {
+                    m: x for m, x in self.calibration.machine_model.items() if m in self.machines
+                },
+                "combos": [[m, x, s] for (m, x), s in sorted(self.ref_status.items())],
+            }
+        return read
 
     def save(self, complete: bool, started: float) -> None:
         """Write combos.csv and cells.parquet, then the manifest (last)."""
@@ -458,17 +671,18 @@ class Runner:
             end=datetime.now(UTC).isoformat(timespec="seconds"),
             counts={s: counts[s] for s in STATUSES},
             planned=len(rows),
-            read={
-                "method": self._method(),
-                "reference_combos": [list(c) for c in self.learned.combos],
-                "qom_get": list(self.learned.gets),
-                "from_query_cpus_fast": sorted(self.learned.slot),
-                "cpu_name": self.learned.cpu_name,
-                "differ_from_expansion": sorted(self.learned.differ),
-                "unreadable": sorted(self.learned.unreadable),
-            },
+            read=self._read_summary(),
         )
         self.folder.write_manifest(self.manifest)
+
+
+def _by_prop(decided: dict[str, list[str]]) -> dict[str, list[str]]:
+    """{machine or model: [properties]} → {property: [machines or models]}."""
+    by_prop: dict[str, list[str]] = {}
+    for name, props in sorted(decided.items()):
+        for p in props:
+            by_prop.setdefault(p, []).append(name)
+    return dict(sorted(by_prop.items()))
 
 
 def new_manifest(

@@ -124,6 +124,35 @@ class RunFolder:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, data)
 
+    def write_calibration(self, record: dict[str, Any]) -> None:
+        """Journal an expand-mode model calibration (`raw/calibration/<machine>/<model>`)."""
+        path = self.path / RAW / "calibration" / _safe(record["machine"])
+        path.mkdir(parents=True, exist_ok=True)
+        data = gzip.compress(orjson.dumps(record), compresslevel=1, mtime=0)
+        atomic_write(path / f"{_safe(record['model'])}.json.gz", data)
+
+    def definitions_path(self, machine: str) -> Path:
+        """Where a machine type's `query-cpu-definitions` answer lives (beside its combos)."""
+        return self.path / RAW / f"{_safe(machine)}.definitions.json.gz"
+
+    def write_definitions(self, machine: str, entry: dict[str, Any]) -> bytes:
+        """Journal a machine type's `query-cpu-definitions` answer (with its journal key)."""
+        data = gzip.compress(orjson.dumps(entry), compresslevel=1, mtime=0)
+        self.put_definitions(machine, data)
+        return data
+
+    def put_definitions(self, machine: str, data: bytes) -> None:
+        """Store an already compressed definitions entry."""
+        atomic_write(self.definitions_path(machine), data)
+
+    def read_definitions(self, machine: str) -> tuple[dict[str, Any], bytes] | None:
+        """A machine type's definitions entry and its compressed bytes, or None."""
+        try:
+            data = self.definitions_path(machine).read_bytes()
+            return orjson.loads(gzip.decompress(data)), data
+        except (OSError, EOFError, ValueError):
+            return None
+
     def write_discovery(self, answers: dict[str, Any]) -> None:
         """Keep discovery's QMP answers beside the combos'."""
         data = json.dumps(answers, separators=(",", ":")).encode()

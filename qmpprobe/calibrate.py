@@ -1,0 +1,173 @@
+"""Calibration: what a CPU's expansion tells of the realized CPU, learned from QEMU per combo.
+
+Before QEMU 10.1, reading every property of a realized CPU costs ~200 qom-gets (about six
+times QEMU's start-up). Exact mode reads most combos from `query-cpu-model-expansion` in the
+same process instead, and reads with qom-get only what the expansion cannot be trusted for.
+What realize changes depends on the machine type (from the 9.1 machine types on, realize
+writes `guest-phys-bits` over the expansion's unset value; up to 9.0 a compat entry already
+sets it) and on the model (its vendor sets `ucode-rev`, long mode sets `phys-bits`), so a
+combo (M, X) is calibrated by two reference combos that depend on nothing but the combo:
+
+- (M, X0): machine type M with its own default CPU model (`default-cpu-type`);
+- (M0, X): model X on QEMU's default machine type.
+
+Both are read the reference way (qom-get of every property). A property goes to the combo's
+qom-gets when the expansion lacks it or realize changed it on either reference; any other
+property is taken from the expansion only if its value there is one realize kept on a
+reference, else it is read with qom-get too. Flags with a learned CPUID bit are read from the
+combo's own feature words, exact by construction. So a combo's cells are the same in every
+plan and from every cache, and the journal entry records which plan read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from qmpprobe.cells import FlagReader, clear_unavailable, realized_values
+from qmpprobe.host import digest
+from qmpprobe.probe import OK, READ_EXPANSION, READ_QOM_GET, ReadPlan, cpus_of
+from qmpprobe.values import json_text
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What one reference combo showed about reading its CPU from the expansion."""
+
+    combo: tuple[str, str]
+    #: Every cell property of the realized CPU.
+    props: frozenset[str]
+    #: Properties the expansion lacks, or whose realized value differed from it (after
+    #: realize's filtering of unavailable features).
+    changed: frozenset[str]
+    #: Every other property (flags read from the feature words aside): its expansion value,
+    #: which realize kept.
+    seen: Mapping[str, str] = field(default_factory=dict)
+    #: Properties QEMU refused to read (not cells).
+    unreadable: frozenset[str] = frozenset()
+    #: Topology ids equal to the `props` of the CPU's slot in `query-cpus-fast`.
+    slot: frozenset[str] = frozenset()
+    #: The CPU's QOM name (last path component).
+    cpu_name: str = ""
+
+
+def facts(
+    record: Mapping[str, Any],
+    aliases: Mapping[str, list[str]],
+    plumbing: Collection[str],
+    flags: FlagReader,
+) -> Facts | None:
+    """The facts of an `ok` reference record (None for any other record)."""
+    answers = record.get("answers", {})
+    expansion = answers.get("query-cpu-model-expansion", {})
+    if record["status"] != OK or record["read"] != READ_QOM_GET or "return" not in expansion:
+        return None
+    truth = realized_values(record, aliases, plumbing, flags)
+    expanded = expansion["return"]["model"]["props"]
+    rebuilt = dict(expanded)
+    clear_unavailable(rebuilt, truth.get("unavailable-features", []), aliases)
+    changed, seen = set(), {}
+    for p, value in truth.items():
+        if p in flags.words:
+            continue  # read from the feature words in every reading: exact by construction
+        if p not in expanded or json_text(rebuilt[p]) != json_text(value):
+            changed.add(p)
+        else:
+            seen[p] = json_text(expanded[p])
+    cpu = cpus_of(answers)[0]
+    slot = {
+        p for p, v in (cpu.get("props") or {}).items() if p in truth and truth[p] == v
+    } & changed
+    return Facts(
+        combo=(record["machine"], record["model"]),
+        props=frozenset(truth),
+        changed=frozenset(changed),
+        seen=seen,
+        unreadable=frozenset(set(answers["qom-get"]) - set(truth) - set(plumbing)),
+        slot=frozenset(slot),
+        cpu_name=cpu["qom-path"].rsplit("/", 1)[-1],
+    )
+
+
+def reference_plan(flags: FlagReader, plumbing: Collection[str], definitions: bool) -> ReadPlan:
+    """The reference reading: every property with qom-get but the flags the words tell."""
+    return ReadPlan(
+        READ_QOM_GET,
+        skip=frozenset({*flags.words, *plumbing}),
+        definitions=definitions,
+        words=flags.digest,
+    )
+
+
+def cheap_plan(
+    refs: Sequence[Facts], flags: FlagReader, plumbing: Collection[str], definitions: bool
+) -> ReadPlan:
+    """How to read a combo from its expansion, as its calibration combos `refs` showed."""
+    changed = frozenset().union(*(f.changed for f in refs))
+    props = [f.props for f in refs]
+    unreadable = [f.unreadable for f in refs]
+    # What not every reference could read, or not every one had, is asked every time.
+    everywhere = frozenset.intersection(*props)
+    never = frozenset.intersection(*unreadable)
+    asked = changed | (frozenset().union(*props) - everywhere) | frozenset().union(*unreadable)
+    slot = frozenset.intersection(*(f.slot for f in refs))
+    gets = tuple(sorted(asked - never - slot))
+    trust: dict[str, set[str]] = {}
+    for f in refs:
+        for p, text in f.seen.items():
+            if p not in asked:
+                trust.setdefault(p, set()).add(text)
+    names = {f.cpu_name for f in refs}
+    plan = ReadPlan(
+        READ_EXPANSION,
+        gets=gets,
+        topology=tuple(sorted(slot)),
+        cpu_name=names.pop() if len(names) == 1 else "",
+        trust={p: frozenset(t) for p, t in sorted(trust.items())},
+        ignore=frozenset({*flags.words, *plumbing}),
+        definitions=definitions,
+        words=flags.digest,
+        calibration=tuple(f.combo for f in refs),
+    )
+    return _signed(plan)
+
+
+def _signed(plan: ReadPlan) -> ReadPlan:
+    """The plan with the digest of what decides its reading (not whether it asks definitions)."""
+    what = {
+        "gets": plan.gets,
+        "topology": plan.topology,
+        "trust": {p: sorted(t) for p, t in plan.trust.items()},
+        "ignore": sorted(plan.ignore),
+        "words": plan.words,
+        "calibration": plan.calibration,
+    }
+    return replace(plan, digest=digest(what))
+
+
+def realize_decided(own: Mapping[str, Any], flags: FlagReader) -> list[str]:
+    """Expand mode: what realize decided on a realized CPU, beyond filtering.
+
+    `own` holds the CPU's expansion and the qom-gets it was read with: properties whose
+    realized value differs from the expansion, and flags with a learned bit whose requested
+    value (feature words or filtered features) differs from it. Expand mode cannot know these
+    values, so it leaves them out.
+    """
+    expansion = own.get("query-cpu-model-expansion", {})
+    if "return" not in expansion or "qom-get" not in own:
+        return []
+    expanded = expansion["return"]["model"]["props"]
+    got = {p: a["return"] for p, a in own["qom-get"].items() if "return" in a}
+    decided = {
+        p for p, v in got.items() if p in expanded and json_text(v) != json_text(expanded[p])
+    }
+    if "feature-words" in got and "filtered-features" in got:
+        realized = flags(got["feature-words"])
+        filtered = flags(got["filtered-features"])
+        decided |= {
+            p
+            for p in realized.keys() & expanded.keys()
+            if (realized[p] or filtered[p]) != expanded[p]
+        }
+    return sorted(decided)
