@@ -7,6 +7,7 @@ import shutil
 import stat
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conftest import cli, qemu_path
@@ -156,3 +157,15 @@ def test_run_into_existing_run_is_refused(small_run: Path) -> None:
 
 def test_unknown_subcommand() -> None:
     assert_refused(cli("frobnicate"))
+
+
+def test_cpu_flags_starting_with_a_dash_parse_as_typed(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = cli(
+        "run", "--qemu", qemu_path(), "--machines", "pc-q35-7.2", "--models", "pentium",
+        "--cpu-flags", "-mmx", "--out", str(out), "--no-report",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "manifest.json").read_text())["cpu_flags"] == "-mmx"
+    cells = pd.read_parquet(out / "cells.parquet").astype(str)
+    assert cells[cells["prop"] == "mmx"]["value"].tolist() == ["false"]

@@ -10,7 +10,7 @@ import pytest
 
 from qmpprobe import drift
 
-from conftest import SMALL_MACHINES, SMALL_MODELS, cli, manifest, qemu_path, run_folder
+from conftest import SMALL_MACHINES, SMALL_MODELS, cli, fetched, manifest, qemu_path, run_folder
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +36,17 @@ def requested(run: Path) -> pd.DataFrame:
 def test_expand_run_is_labelled(expanded: Path) -> None:
     m = manifest(expanded)
     assert m["mode"] == "expand" and m["read"]["method"] == "expand"
-    assert "phys-bits" in m["expand_limits"] and "-smp > 1" in m["expand_limits"]
+    assert "realize" in m["expand_limits"] and "-smp > 1" in m["expand_limits"]
+    # What realize decides was measured on each machine type's own CPU, not listed in code.
+    decided = m["read"]["realize_decided"]["machine"]
+    assert {"phys-bits", "ucode-rev", "apic-id"} <= set(decided)
+    assert "pc-q35-7.2" in decided["phys-bits"]
     cells = pd.read_parquet(expanded / "cells.parquet")
     assert set(cells["source"]) == {"expansion"}
+    for prop, machines in decided.items():
+        assert not ((cells["prop"] == prop) & cells["machine"].isin(machines)).any(), prop
+    for prop, models in m["read"]["realize_decided"]["model"].items():
+        assert not ((cells["prop"] == prop) & cells["model"].isin(models)).any(), prop
     combos = pd.read_csv(expanded / "combos.csv", keep_default_na=False)
     assert (
         combos[combos["machine"].isin(["none", "x-remote"]) & (combos["model"] != "host")]["status"]
@@ -52,9 +60,8 @@ def test_expand_equals_exact_where_both_see(small_run: Path, expanded: Path) -> 
     both = exact.merge(expand, on=["machine", "model", "prop"], suffixes=("_exact", "_expand"))
     assert len(both) > 0.9 * len(expand)
     differ = both[both["value_exact"] != both["value_expand"]]
-    # The only differences are properties realize sets, as the exact run itself measured.
-    explained = set(manifest(small_run)["read"]["differ_from_expansion"])
-    assert set(differ["prop"]) <= explained, differ[~differ["prop"].isin(explained)]
+    # What realize decides is not in expand mode's cells: everything it has is exact's.
+    assert differ.empty, differ
     # unavailable-features from query-cpu-definitions equal the realized CPU's.
     cells = [pd.read_parquet(r / "cells.parquet").astype(str) for r in (small_run, expanded)]
     ua = cells[0].merge(cells[1], on=["machine", "model", "prop"], suffixes=("_exact", "_expand"))
@@ -73,6 +80,64 @@ def test_expand_drift_equals_exact_drift(small_run: Path, expanded: Path) -> Non
     pd.testing.assert_frame_equal(
         visible[cols].reset_index(drop=True), expand[cols].reset_index(drop=True)
     )
+
+
+#: A sample of each release's machine types and models, with --cpu-flags in every form: QEMU's
+#: own precedence case (`-f` beats `+f`, both beat `f=v`, `_` spellings), plus assignments of
+#: an integer, a string and a flag the accelerator cannot provide.
+SAMPLES = {
+    "7.2": "pc-i440fx-2.4,pc-i440fx-7.2,pc-q35-5.2,pc-q35-7.2,isapc",
+    "10.0": "pc-i440fx-2.4,pc-i440fx-9.0,pc-i440fx-9.2,pc-q35-10.0,microvm",
+    "11.1": "pc-i440fx-5.2,pc-i440fx-9.1,pc-q35-11.1,isapc",
+}
+FLAGS = (
+    "-fpu,+fpu,-mce,mce=on,+cx8,cx8=off,+sse4_1,sse4_2=on,"
+    "xlevel=0x80000008,model-id=qmpprobe test,+avx512f,-mmx,arat"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", sorted(SAMPLES))
+def test_expand_equals_exact_with_cpu_flags(tmp_path: Path, version: str) -> None:
+    qemu = qemu_path() if version == "7.2" else fetched(version)
+    runs = {}
+    for mode in ("exact", "expand"):
+        out = tmp_path / mode
+        cli(
+            "run",
+            "--qemu",
+            qemu,
+            "--mode",
+            mode,
+            "--machines",
+            SAMPLES[version],
+            "--models",
+            "qemu64,Haswell,EPYC,pentium,max,Cascadelake-Server",
+            "--cpu-flags",
+            FLAGS,
+            "--out",
+            str(out),
+            "--no-report",
+            check=True,
+        )
+        runs[mode] = out
+    combos = [pd.read_csv(r / "combos.csv", keep_default_na=False) for r in runs.values()]
+    assert list(combos[0]["status"]) == list(combos[1]["status"])
+    exact, expand = requested(runs["exact"]), requested(runs["expand"])
+    both = exact.merge(expand, on=["machine", "model", "prop"], suffixes=("_exact", "_expand"))
+    assert len(both) > 0.9 * len(expand)
+    differ = both[both["value_exact"] != both["value_expand"]]
+    assert differ.empty, differ
+    flags = both[both["prop"].isin(["fpu", "mce", "cx8", "sse4.1", "sse4.2", "mmx", "model-id"])]
+    assert set(zip(flags["prop"], flags["value_exact"], strict=True)) == {
+        ("fpu", "false"),
+        ("mce", "false"),
+        ("cx8", "true"),
+        ("sse4.1", "true"),
+        ("sse4.2", "true"),
+        ("mmx", "false"),
+        ("model-id", '"qmpprobe test"'),
+    }
 
 
 def test_expand_refuses_several_cpus(tmp_path: Path) -> None:

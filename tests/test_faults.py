@@ -238,3 +238,29 @@ def test_disk_full_mid_run(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].endswith(": No space left on device"), done.stderr
     assert str(target) in lines[0]
     assert out.strip().endswith("0"), "a full disk must not leave a run marked complete"
+
+
+@pytest.mark.parametrize(
+    ("version", "command"),
+    [("7.2", "query-cpu-model-expansion"), ("11.1", "qom-list-types")],
+)
+def test_qemu_that_aborts_during_discovery(tmp_path: Path, version: str, command: str) -> None:
+    # As QEMU does when qom-list-types loads a module of another build: it asserts and aborts.
+    from conftest import fetched
+
+    real = qemu_path() if version == "7.2" else fetched(version)
+    env = {
+        **os.environ,
+        "FAULT_QEMU": real,
+        "FAULT_MODE": "abort",
+        "FAULT_MATCH": "none",  # discovery's QEMU runs -machine none
+        "FAULT_COMMAND": command,
+    }
+    out = tmp_path / "run"
+    done = cli("run", "--qemu", str(FAULTS / "qmp-proxy"), "--no-cache", "--out", str(out), env=env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert "died during discovery (killed by SIGABRT)" in lines[0]
+    assert "Assertion `injected' failed" in lines[0]
+    assert not out.exists()

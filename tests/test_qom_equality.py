@@ -23,30 +23,43 @@ from conftest import (
 )
 
 
-def test_cheap_reading_is_marked_and_learned(small_run: Path) -> None:
+def test_cheap_reading_is_marked_and_calibrated(small_run: Path) -> None:
     read = manifest(small_run)["read"]
     assert read["method"] == "expansion+qom-get"
-    assert read["reference_combos"]
+    cal = read["calibration"]
+    # Calibration combos come from QEMU's data, not from the plan: every model on QEMU's
+    # default machine type, every machine type with its own default CPU model.
+    assert cal["model_machine"] == "pc-i440fx-7.2"
+    assert cal["machine_model"]["isapc"] == "486"
+    assert cal["machine_model"]["pc-q35-7.2"] == "qemu64"
+    combos = {(m, x): s for m, x, s in cal["combos"]}
+    assert combos[("pc-i440fx-7.2", "Haswell")] == "ok"  # not a combo of the plan
+    assert combos[("none", "qemu64")] == "error"
     # What realize alone sets was learned from QEMU, not listed in the code.
     assert {"phys-bits", "apic-id", "filtered-features", "feature-words"} <= set(read["qom_get"])
     # Topology ids come with query-cpus-fast's answer: no qom-get of their own.
     slot = {"socket-id", "core-id", "thread-id"}
     assert slot <= set(read["from_query_cpus_fast"])
     assert not slot & set(read["qom_get"])
-    # The CPU's QOM name, the same on every reference combo: asked by it in one round trip.
+    # The CPU's QOM name, the same on every calibration combo: asked by it in one round trip.
     assert read["cpu_name"] == "device[0]"
+    assert {"sse2", "avx2", "pni", "sse3"} <= set(read["from_feature_words"])
 
 
 def test_reference_reads_flags_from_feature_words_and_equals_qom_get(small_run: Path) -> None:
-    machine, model = manifest(small_run)["read"]["reference_combos"][0]
+    machine, model = "pc-q35-7.2", "qemu64"  # pc-q35-7.2's own CPU: a calibration combo
     raw = (small_run / "raw" / machine / f"{model}.json.gz").read_bytes()
     rec = json.loads(gzip.decompress(raw))
-    assert rec["read"] == "qom-get"
+    assert rec["read"] == "qom-get" and rec["words"]
     # Flags with a learned CPUID bit had no qom-get of their own; their cells are still right.
-    assert len(rec["from_words"]) > 150
-    assert not set(rec["from_words"]) & set(rec["answers"]["qom-get"])
-    assert {"sse2", "avx2", "pni", "sse3"} <= set(rec["from_words"])
+    flags = set(manifest(small_run)["read"]["from_feature_words"])
+    assert len(flags) > 150
+    assert not flags & set(rec["answers"]["qom-get"])
     assert_cells_equal_qom_get(small_run, machine, model)
+    # A combo read from its expansion names its calibration combos and the plan it was read by.
+    rec = json.loads(gzip.decompress((small_run / "raw" / machine / "EPYC.json.gz").read_bytes()))
+    assert rec["read"] == "expansion+qom-get" and rec["plan"]
+    assert rec["calibration"] == [[machine, model], ["pc-i440fx-7.2", "EPYC"]]
 
 
 def test_device_plumbing_and_links_are_not_cells(small_run: Path) -> None:
@@ -122,11 +135,12 @@ def test_one_round_trip_reading_equals_it_without_or_with_a_wrong_cpu_name() -> 
     gets = ("apic-id", "die-id", "phys-bits", "feature-words")
 
     async def read(name: str) -> dict[str, object]:
-        plan = ReadPlan(READ_EXPANSION, gets, topology=("socket-id",), cpu_name=name)
+        plan = ReadPlan(READ_EXPANSION, gets=gets, topology=("socket-id",), cpu_name=name)
         record = await probe(launch, "pc-q35-7.2", "Haswell", plan, 30)
         assert record["status"] == "ok"
         return record["answers"]["qom-get"]
 
     right, unknown, wrong = (asyncio.run(read(n)) for n in ("device[0]", "", "device[9]"))
     assert right == unknown == wrong
-    assert set(right) == set(gets) and all("return" in a for a in right.values())
+    # Nothing was vouched for by calibration here: every other property was asked too.
+    assert set(gets) < set(right) and all("return" in a for p, a in right.items() if p in gets)

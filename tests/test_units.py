@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from qmpprobe.cells import json_text, json_type
+from qmpprobe.calibrate import Facts, cheap_plan
+from qmpprobe.cells import FlagReader
+from qmpprobe.cpuflags import globals_for_all_models, metric_size, split
 from qmpprobe.errors import InputError
 from qmpprobe.learn import alias_groups, bit_key, feature_bits, word_bits
 from qmpprobe.plan import (
-    Combo,
     natural_key,
     parse_smp,
-    reference_round,
     select,
     split_patterns,
     topology_cpus,
 )
-from qmpprobe.probe import expansion_props, qemu_message
+from qmpprobe.probe import qemu_message, untrusted
+from qmpprobe.values import json_text, json_type
 
 
 def test_natural_order_of_machine_versions() -> None:
@@ -74,14 +75,57 @@ def test_alias_groups_are_symmetric_only() -> None:
     assert alias_groups(turned_on) == {"pni": ["pni", "sse3"], "sse3": ["pni", "sse3"]}
 
 
-def test_expansion_props_are_typed_from_qom_list() -> None:
-    types = {"level": "uint32", "model-id": "string", "avx": "bool"}
-    assert expansion_props("+avx,-sse4.2,level=0xd,model-id=X,avx=off", types) == {
-        "avx": False,
-        "sse4.2": False,
-        "level": 13,
-        "model-id": "X",
-    }
+def test_cpu_flags_split_as_qemus_featurestr_parser_does() -> None:
+    # `+`/`-` stay process-wide on -cpu; `f=v` become globals, `_` in names turned into `-`,
+    # a bare name meaning on, tsc-freq a metric size (target/i386/cpu.c).
+    flags = split("+avx,-sse4_2,sse4_1=off,level=0xd,model-id=a=b,vmx,tsc-freq=2.5G,,")
+    assert flags.assigned == (
+        ("sse4-1", "off"),
+        ("level", "0xd"),
+        ("model-id", "a=b"),
+        ("vmx", "on"),
+        ("tsc-frequency", "2500000000"),
+    )
+    assert globals_for_all_models(flags, "x86_64-cpu")[:2] == [
+        "x86_64-cpu.sse4-1=off",
+        "x86_64-cpu.level=0xd",
+    ]
+    assert split("tsc-freq=fast").unconverted == ("tsc-freq=fast",)
+
+
+@pytest.mark.parametrize(
+    ("text", "hz"),
+    [("1000", 1000), ("2.5G", 2500000000), ("3k", 3000), ("1.k", 1000), ("1.5", None), ("x", None)],
+)
+def test_metric_size(text: str, hz: int | None) -> None:
+    assert metric_size(text) == hz
+
+
+def _facts(combo: tuple[str, str], seen: dict[str, str], changed: set[str]) -> Facts:
+    props = frozenset({*seen, *changed})
+    return Facts(combo, props, frozenset(changed), seen, slot=frozenset({"socket-id"}) & props)
+
+
+def test_cheap_plan_asks_what_changed_and_trusts_only_values_seen_kept() -> None:
+    words = FlagReader({"sse3": "0x00000001:0:ecx:0", "pni": "0x00000001:0:ecx:0"})
+    machine = _facts(("m", "qemu64"), {"l3-cache": "true", "level": "13"}, {"phys-bits"})
+    model = _facts(("m0", "Haswell"), {"l3-cache": "true", "level": "13"}, {"ucode-rev"})
+    plan = cheap_plan([machine, model], words, ["type"], definitions=False)
+    assert plan.gets == ("phys-bits", "ucode-rev")
+    assert plan.calibration == (("m", "qemu64"), ("m0", "Haswell"))
+    assert plan.digest and plan.words == words.digest
+    # Same value as a reference saw realize keep: trusted. Another value, or a property no
+    # reference had: asked. Flags read from the words and plumbing: never asked.
+    expanded = {"l3-cache": True, "level": 7, "novel": 1, "pni": True, "type": "x"}
+    assert untrusted(expanded, plan, set(plan.gets)) == ["level", "novel"]
+    assert untrusted({"l3-cache": True}, plan, set()) == ["level"]  # missing from it
+    # A property one reference could not read is asked, whatever the other saw.
+    odd = Facts(("m", "qemu64"), frozenset({"level"}), frozenset(), {"level": "13"})
+    odd = Facts(**{**odd.__dict__, "unreadable": frozenset({"l3-cache"})})
+    assert "l3-cache" in cheap_plan([odd, model], words, [], False).gets
+    # The digest names the plan: a different calibration gives another one.
+    other = cheap_plan([machine, _facts(("m0", "EPYC"), {}, {"ucode-rev"})], words, [], False)
+    assert other.digest != plan.digest
 
 
 def test_qemu_message_skips_warnings() -> None:
@@ -110,19 +154,6 @@ def test_qemu_message_skips_warnings() -> None:
 def test_json_text_and_type(value: object, text: str, kind: str) -> None:
     assert json_text(value) == text
     assert json_type(value) == kind
-
-
-def test_reference_round_covers_every_model_and_spreads_machines() -> None:
-    machines = ["m1", "m2", "m3"]
-    models = ["a", "b", "c", "d"]
-    todo = [Combo(m, x) for m in machines for x in models]
-    first = reference_round(todo, set(), 0)
-    assert sorted(c.model for c in first) == models
-    assert len({c.machine for c in first}) == 3
-    again = reference_round([c for c in todo if c not in first], {"a", "b", "c"}, 1)
-    assert [c.model for c in again] == ["d"]
-    assert again[0] != next(c for c in first if c.model == "d")
-    assert reference_round(todo, set(models), 0) == []
 
 
 def test_feature_word_bits_and_single_bit_flags() -> None:
