@@ -27,7 +27,7 @@ from typing import Any
 
 from qmpprobe.cells import FlagReader, clear_unavailable, realized_values
 from qmpprobe.host import digest
-from qmpprobe.probe import OK, READ_EXPANSION, READ_QOM_GET, ReadPlan, cpus_of
+from qmpprobe.probe import READ_EXPANSION, READ_QOM_GET, ReadPlan, cpus_of, is_edge
 from qmpprobe.values import json_text
 
 
@@ -50,6 +50,10 @@ class Facts:
     slot: frozenset[str] = frozenset()
     #: The CPU's QOM name (last path component).
     cpu_name: str = ""
+    #: Its links and children (a path to another object, not a value; not cells).
+    edges: frozenset[str] = frozenset()
+    #: A digest of all of the above: two references with the same digest teach the same.
+    digest: str = ""
 
 
 def facts(
@@ -61,7 +65,10 @@ def facts(
     """The facts of an `ok` reference record (None for any other record)."""
     answers = record.get("answers", {})
     expansion = answers.get("query-cpu-model-expansion", {})
-    if record["status"] != OK or record["read"] != READ_QOM_GET or "return" not in expansion:
+    # The QMP reading is whole whatever came after it (a guest that stalled under
+    # --guest-cpuid has its status, not the CPU's).
+    complete = "return" in answers.get("qom-list", {}) and "qom-get" in answers
+    if record["read"] != READ_QOM_GET or "return" not in expansion or not complete:
         return None
     truth = realized_values(record, aliases, plumbing, flags)
     expanded = expansion["return"]["model"]["props"]
@@ -79,7 +86,7 @@ def facts(
     slot = {
         p for p, v in (cpu.get("props") or {}).items() if p in truth and truth[p] == v
     } & changed
-    return Facts(
+    found = Facts(
         combo=(record["machine"], record["model"]),
         props=frozenset(truth),
         changed=frozenset(changed),
@@ -87,7 +94,28 @@ def facts(
         unreadable=frozenset(set(answers["qom-get"]) - set(truth) - set(plumbing)),
         slot=frozenset(slot),
         cpu_name=cpu["qom-path"].rsplit("/", 1)[-1],
+        edges=frozenset(p["name"] for p in answers["qom-list"]["return"] if is_edge(p["type"])),
     )
+    return replace(found, digest=digest(_facts_text(found)))
+
+
+def _facts_text(f: Facts) -> dict[str, Any]:
+    return {
+        "combo": f.combo,
+        "props": sorted(f.props),
+        "changed": sorted(f.changed),
+        "seen": dict(sorted(f.seen.items())),
+        "unreadable": sorted(f.unreadable),
+        "slot": sorted(f.slot),
+        "cpu_name": f.cpu_name,
+        "edges": sorted(f.edges),
+    }
+
+
+def plan_digest(refs: Sequence[Facts], words: str, plumbing: str) -> str:
+    """The digest of the plan `cheap_plan` makes from these references: it is a function of
+    them, the learned flag bits and the plumbing only, so it is known without making it."""
+    return digest([[f.digest for f in refs], words, plumbing])
 
 
 def reference_plan(flags: FlagReader, plumbing: Collection[str], definitions: bool) -> ReadPlan:
@@ -103,7 +131,9 @@ def reference_plan(flags: FlagReader, plumbing: Collection[str], definitions: bo
 def cheap_plan(
     refs: Sequence[Facts], flags: FlagReader, plumbing: Collection[str], definitions: bool
 ) -> ReadPlan:
-    """How to read a combo from its expansion, as its calibration combos `refs` showed."""
+    """How to read a combo from its expansion, as its calibration combos `refs` showed.
+
+    Its `digest` is `plan_digest` of the same references (see there)."""
     changed = frozenset().union(*(f.changed for f in refs))
     props = [f.props for f in refs]
     unreadable = [f.unreadable for f in refs]
@@ -119,31 +149,18 @@ def cheap_plan(
             if p not in asked:
                 trust.setdefault(p, set()).add(text)
     names = {f.cpu_name for f in refs}
-    plan = ReadPlan(
+    return ReadPlan(
         READ_EXPANSION,
         gets=gets,
         topology=tuple(sorted(slot)),
         cpu_name=names.pop() if len(names) == 1 else "",
         trust={p: frozenset(t) for p, t in sorted(trust.items())},
-        ignore=frozenset({*flags.words, *plumbing}),
+        ignore=frozenset({*flags.words, *plumbing, *(e for f in refs for e in f.edges)}),
         definitions=definitions,
         words=flags.digest,
         calibration=tuple(f.combo for f in refs),
+        digest=plan_digest(refs, flags.digest, digest(sorted(plumbing))),
     )
-    return _signed(plan)
-
-
-def _signed(plan: ReadPlan) -> ReadPlan:
-    """The plan with the digest of what decides its reading (not whether it asks definitions)."""
-    what = {
-        "gets": plan.gets,
-        "topology": plan.topology,
-        "trust": {p: sorted(t) for p, t in plan.trust.items()},
-        "ignore": sorted(plan.ignore),
-        "words": plan.words,
-        "calibration": plan.calibration,
-    }
-    return replace(plan, digest=digest(what))
 
 
 def realize_decided(own: Mapping[str, Any], flags: FlagReader) -> list[str]:

@@ -11,8 +11,8 @@ not on `-cpu`. QEMU's `x86_cpu_parse_featurestr` (target/i386/cpu.c, the same fr
   every `query-cpu-definitions` entry of that process as they are;
 - `f=v` (and a bare `f`, meaning `f=on`) becomes a global property of the `-cpu` model's QOM
   type, after `_` in the name is turned into `-`; `tsc-freq` takes a metric size and becomes
-  `tsc-frequency`. To reach every model, each becomes `-global <CPU base type>.f=v`, which
-  QEMU parses with the property's own type, as it does for `-cpu`.
+  `tsc-frequency`. To reach another model, each becomes `-global <that model's type>.f=v`:
+  the very global `-cpu` registers, which QEMU parses with the property's own type.
 
 So QEMU applies `+`, `-` and `=` with its own precedence and its own value parsing; nothing
 here decides what a flag means.
@@ -21,6 +21,7 @@ here decides what a flag means.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -74,6 +75,7 @@ def metric_size(text: str) -> int | None:
     return int(value + Decimal("0.5")) if value % 1 else int(value)
 
 
-def globals_for_all_models(flags: CpuFlags, base_type: str) -> list[str]:
-    """`-global` arguments that give every CPU model the `f=v` flags, in QEMU's order."""
-    return [f"{base_type}.{name}={value}" for name, value in flags.assigned]
+def globals_for(flags: CpuFlags, types: Iterable[str]) -> list[str]:
+    """`-global` arguments that give these CPU models' QOM types the `f=v` flags, as `-cpu`
+    would give its own model's, in QEMU's order."""
+    return [f"{t}.{name}={value}" for t in types for name, value in flags.assigned]

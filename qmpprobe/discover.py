@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,8 +21,8 @@ from qmpprobe import __version__, cache
 from qmpprobe.errors import InputError
 from qmpprobe.host import kvm_usable, qemu_fingerprint
 from qmpprobe.learn import feature_bits, learn_aliases, learn_bits
-from qmpprobe.probe import is_edge, qemu_message
-from qmpprobe.qemu import Ended, LaunchOptions, QemuProcess
+from qmpprobe.probe import ended_text, is_edge, qemu_message
+from qmpprobe.qemu import LaunchOptions, QemuProcess
 
 #: Seconds to wait for the QMP greeting, then for all of discovery's answers.
 GREETING_TIMEOUT = 15.0
@@ -93,16 +92,6 @@ class Discovery:
     def development(self) -> bool:
         """A development build (micro >= 50) whose newest machine types are still open."""
         return int(self.query_version["qemu"]["micro"]) >= 50
-
-    @property
-    def cpu_base_type(self) -> str:
-        """The QOM type every CPU model's type derives from (`x86_64-cpu`), from their names."""
-        bases = {
-            m.typename[len(m.name) + 1 :]
-            for m in self.models
-            if m.typename.startswith(m.name + "-")
-        }
-        return bases.pop() if len(bases) == 1 else ""
 
     def manifest(self) -> dict[str, Any]:
         """The JSON-able summary kept in a run's manifest."""
@@ -234,8 +223,9 @@ async def _discover(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bo
     except Exception as e:
         ended = await proc.wait_exit(2.0)
         said = qemu_message(proc.output())
+        how = f" ({ended_text(ended)})" if ended else ""
         raise InputError(
-            f"{qemu_path} is not a working QEMU with QMP{_how(ended)}: {said or type(e).__name__}"
+            f"{qemu_path} is not a working QEMU with QMP{how}: {said or type(e).__name__}"
         ) from None
     try:
         async with asyncio.timeout(DISCOVERY_TIMEOUT):
@@ -249,17 +239,8 @@ async def _discover(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bo
         ended = await proc.wait_exit(2.0)
         said = qemu_message(proc.output())
         raise InputError(
-            f"{qemu_path} died during discovery{_how(ended)}: {said or type(e).__name__}"
+            f"{qemu_path} died during discovery ({ended_text(ended)}): {said or type(e).__name__}"
         ) from None
-
-
-def _how(ended: Ended | None) -> str:
-    """` (exit 1)`, ` (killed by SIGABRT)`, or nothing while it still runs."""
-    if ended is None:
-        return ""
-    if ended.signal is not None:
-        return f" (killed by {signal.Signals(ended.signal).name})"
-    return f" (exit {ended.exit})"
 
 
 def ancestry(types: list[dict[str, Any]], typenames: Iterable[str]) -> dict[str, list[str]]:

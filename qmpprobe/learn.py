@@ -91,7 +91,7 @@ async def learn_aliases(
     }
     roots = sorted(p for p, on in turned_on.items() if p in on)
     needy = sorted(p for p, on in turned_on.items() if p not in on)
-    if needy:
+    if needy and base_type:
         on_top = replace(launch, globals=tuple(f"{base_type}.{p}=on" for p in roots))
         second = QemuProcess(on_top.argv("none"), name="learn-aliases")
         try:
@@ -160,17 +160,15 @@ async def _bits_in_one_qemu(
         base = word_bits(await qemu.execute("qom-get", {"path": boot, "property": "feature-words"}))
         for i, (flag, slot) in enumerate(zip(flags, slots, strict=False)):
             path = f"/machine/peripheral/learn{i}"
-            _added, words, filtered = await qemu.answers(
+            _added, words, filtered, getter = await qemu.answers(
                 [
                     ("device_add", {"driver": base_type, "id": f"learn{i}", **slot, flag: True}),
                     ("qom-get", {"path": path, "property": "feature-words"}),
                     ("qom-get", {"path": path, "property": "filtered-features"}),
+                    ("qom-get", {"path": path, "property": flag}),
                 ]
             )
-            if "return" in words and "return" in filtered:
-                learned[flag] = sorted(word_bits(words["return"], filtered["return"]) - base)
-            else:
-                learned[flag] = []
+            learned[flag] = _bits_read(words, filtered, getter, base)
     except (QMPError, OSError, EOFError):
         # QEMU died (some flags crash a hot-plugged CPU): the flag after the last learned one.
         await qemu.wait_exit(1.0)
@@ -179,6 +177,21 @@ async def _bits_in_one_qemu(
     finally:
         await qemu.stop()
     return learned, {}
+
+
+def _bits_read(
+    words: dict[str, Any], filtered: dict[str, Any], getter: dict[str, Any], base: set[str]
+) -> list[str]:
+    """The bits a hot-plugged CPU with one flag on has that `base` lacks (in its feature words
+    or, when the accelerator cannot provide them, its filtered features). A single bit is
+    kept only if the flag's own getter agrees with it: true exactly when the bit is in the
+    CPU's feature words, so that reading the flag from the words is reading the flag."""
+    if not all("return" in a for a in (words, filtered, getter)):
+        return []
+    bits = sorted(word_bits(words["return"], filtered["return"]) - base)
+    if len(bits) == 1 and getter["return"] != (bits[0] in word_bits(words["return"])):
+        return []
+    return bits
 
 
 async def _bits_of(

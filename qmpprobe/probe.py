@@ -12,7 +12,7 @@ import contextlib
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ class ReadPlan:
     #: qom-get in a second round trip.
     trust: Mapping[str, frozenset[str]] = field(default_factory=dict)
     #: With READ_EXPANSION: expansion properties that need no check (flags read from the
-    #: feature words, plumbing, what no calibration combo could read).
+    #: feature words, plumbing, links and children).
     ignore: frozenset[str] = frozenset()
     #: Also ask `query-cpu-definitions` (alias-of and unavailable features per machine type).
     definitions: bool = False
@@ -233,7 +233,7 @@ async def _session(
     # exit/signal say how QEMU ended on its own; empty when it ran until we stopped it.
     record["exit"], record["signal"] = (ended.exit, ended.signal) if ended else (None, None)
     if record["status"] == ERROR and not record["error"]:
-        record["error"] = qemu_message(qemu.output()) or _ended_text(ended)
+        record["error"] = qemu_message(qemu.output()) or ended_text(ended)
     return record
 
 
@@ -340,7 +340,7 @@ def _guest_result(record: dict[str, Any], text: str) -> None:
             for ln in record.get("output", "").splitlines()
             if ln.strip() and "warning:" not in ln
         ]
-        how = " | ".join(said[-2:]) or _ended_text(Ended(record["exit"], record["signal"]))
+        how = " | ".join(said[-2:]) or ended_text(Ended(record["exit"], record["signal"]))
         record["status"] = ERROR
         record["error"] = f"{dump.failure()} ({how})"
 
@@ -352,11 +352,15 @@ class MachineRead:
     #: The machine type's own CPU model (its default CPU type), started with `-cpu` and the
     #: run's flags: realized, it shows what realize decides on this machine type.
     own_model: str
-    #: `-global`s that give every model the run's `f=v` flags (see `cpuflags`).
+    #: `-global`s that give the other models the run's `f=v` flags (see `cpuflags`).
     globals: tuple[str, ...] = ()
     #: Properties of the own CPU not read (feature flags, which expand mode takes as
     #: requested, and plumbing); flags with a learned bit come from its feature words.
     skip: frozenset[str] = frozenset()
+
+    def argv(self, options: LaunchOptions, machine: str, model: str) -> list[str]:
+        """The command line: `-cpu MODEL,FLAGS`, the run's globals, then these."""
+        return replace(options, globals=(*options.globals, *self.globals)).argv(machine, model)
 
 
 async def probe_machine(
@@ -404,8 +408,7 @@ async def probe_machine(
         expansions.extend(got)
         record["status"] = OK
 
-    launch = replace(options, globals=(*options.globals, *own.globals))
-    argv = launch.argv(machine, own.own_model)
+    argv = own.argv(options, machine, own.own_model)
     machine_record = await _session(argv, env, timeout, machine, work)
     return split_machine_record(machine_record, machine, models, expansions)
 
@@ -421,9 +424,9 @@ async def probe_model(
     """Expand mode: realize one model on `machine` to see what realize decides for it.
 
     QEMU is started as for the machine type's expansions, but with `-cpu MODEL`; the CPU is
-    read for every property (features aside, `own.skip`) whose expansion value differs from
-    the machine type's own model's, and for its feature words: what realize decides for the
-    machine type's own model is measured on every machine type already.
+    read for its feature words and for every property (features aside, `own.skip`) whose
+    expansion value differs from `own.own_model`'s: for the others, what realize decides for
+    the own model holds.
     """
 
     async def work(qemu: QemuProcess, record: dict[str, Any]) -> None:
@@ -442,13 +445,7 @@ async def probe_model(
                 record["error"] = NO_CPU if not cpus.get("return") else "no expansion"
                 return
             path = cpus_of(record["answers"])[0]["qom-path"]
-            a, b = mine["return"]["model"]["props"], theirs["return"]["model"]["props"]
-            asked = [
-                p
-                for p, v in a.items()
-                if p not in own.skip and (p not in b or json_text(b[p]) != json_text(v))
-            ]
-            asked += ["feature-words", "filtered-features"]
+            asked = _differing(mine, theirs, own.skip)
             record["answers"]["qom-get"] = await _qom_gets(qemu, path, asked)
         except (QMPError, OSError, EOFError) as e:
             await qemu.wait_exit(0.5)
@@ -456,9 +453,22 @@ async def probe_model(
             return
         record["status"] = OK
 
-    launch = replace(options, globals=(*options.globals, *own.globals))
-    record = await _session(launch.argv(machine, model), env, timeout, f"{machine}/{model}", work)
+    record = await _session(
+        own.argv(options, machine, model), env, timeout, f"{machine}/{model}", work
+    )
     return {"machine": machine, "model": model, "read": "expand-calibration", **record}
+
+
+def _differing(
+    mine: Mapping[str, Any], theirs: Mapping[str, Any], skip: Collection[str]
+) -> list[str]:
+    """What to read of a realized model: every property (but `skip`) whose expansion value
+    differs from the machine type's own model's, and the feature words."""
+    a, b = mine["return"]["model"]["props"], theirs["return"]["model"]["props"]
+    asked = [
+        p for p, v in a.items() if p not in skip and (p not in b or json_text(b[p]) != json_text(v))
+    ]
+    return [*asked, "feature-words", "filtered-features"]
 
 
 def split_machine_record(
@@ -490,7 +500,8 @@ def split_machine_record(
     return out
 
 
-def _ended_text(ended: Ended | None) -> str:
+def ended_text(ended: Ended | None) -> str:
+    """How QEMU ended, in words (`QEMU killed by signal 6 (SIGABRT)`)."""
     if ended is None:
         return "QEMU stopped answering"
     if ended.signal is not None:
@@ -504,13 +515,17 @@ def _failure(qemu: QemuProcess, what: str, exc: BaseException) -> str:
     if said:
         return said
     if qemu.ended is not None:
-        return f"{_ended_text(qemu.ended)} during {what}"
+        return f"{ended_text(qemu.ended)} during {what}"
     return f"{what} failed: {type(exc).__name__}: {exc}"
 
 
 async def _connect(qemu: QemuProcess, record: dict[str, Any]) -> bool:
     """Start QEMU and negotiate QMP; on failure, record why and return False."""
-    await qemu.start()
+    try:
+        await qemu.start()
+    except OSError as e:  # e.g. no processes or file descriptors left: this combo's error
+        record["error"] = f"cannot start QEMU: {e.strerror or e}"
+        return False
     try:
         await qemu.connect()
     except (QMPError, OSError, EOFError) as e:

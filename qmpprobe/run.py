@@ -27,8 +27,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from qmpprobe import __version__, cache, cpuflags, guest, reaper
-from qmpprobe.calibrate import Facts, cheap_plan, facts, realize_decided, reference_plan
+from qmpprobe.calibrate import (
+    Facts,
+    cheap_plan,
+    facts,
+    plan_digest,
+    realize_decided,
+    reference_plan,
+)
 from qmpprobe.cells import (
+    NO_FLAGS,
     SOURCE_EXPANSION,
     SOURCE_REALIZED,
     CellBlock,
@@ -39,7 +47,7 @@ from qmpprobe.cells import (
 )
 from qmpprobe.discover import Discovery, discover
 from qmpprobe.errors import InputError, Interrupted
-from qmpprobe.host import host_facts
+from qmpprobe.host import digest, host_facts
 from qmpprobe.learn import spelled_bits
 from qmpprobe.plan import Combo, calibration, natural_key, parse_smp, plan, topology_cpus
 from qmpprobe.probe import (
@@ -70,15 +78,16 @@ T = TypeVar("T")
 EXPAND_LIMITS = (
     "Expand mode reads query-cpu-model-expansion (full) of each model inside one QEMU per "
     "machine type: the CPU the machine type asks for, before realize. What realize decides is "
-    "not in its cells: per machine type, the properties whose value realize changed on that "
-    "machine type's own CPU, read with qom-get in the same QEMU (listed under "
-    "read.realize_decided), and what only realize reports (feature-words, filtered-features). "
+    "not in its cells, as measured in the same run: the properties whose value realize changed "
+    "on the machine type's own CPU (read with qom-get in the same QEMU) or on the model "
+    "realized once on QEMU's default machine type (read for what its expansion has that "
+    "differs from the default machine type's own model's), listed under "
+    "read.realize_decided; and what only realize reports (feature-words, filtered-features). "
     "Features the accelerator or host cannot provide count as requested; unavailable-features "
     "comes from the machine type's query-cpu-definitions, which QEMU computes with the run's "
     "--cpu-flags. Feature flags without a learned CPUID bit (MSR-based ones such as vmx-*) are "
-    "taken as requested, and a value realize sets for some models only, not for the machine "
-    "type's own, is not seen. It refuses -smp > 1, where realize changes flags with the "
-    "topology."
+    "taken as requested. A value realize decides only for one model on one machine type is "
+    "not seen. It refuses -smp > 1, where realize changes flags with the topology."
 )
 
 #: What QMP shows and what it cannot; repeated in every manifest so no reader misses it.
@@ -237,6 +246,7 @@ class Runner:
         # fewer commands per reference combo.
         self.flags = FlagReader(spelled_bits(discovery.feature_bits, discovery.feature_aliases))
         self.calibration = calibration(discovery, self.launch.topology)
+        self.plumbing_digest = digest(sorted(discovery.plumbing))
         #: Calibration combos by (machine, model): their facts once probed (None: no facts).
         self.facts: dict[tuple[str, str], Facts | None] = {}
         self.ref_status: dict[tuple[str, str], str] = {}
@@ -245,8 +255,9 @@ class Runner:
         self.candidates: dict[tuple[str, str], tuple[dict[str, Any], bytes | None]] = {}
         self.qom_gets: Counter[str] = Counter()
         self.realize_decided: dict[str, list[str]] = {}
-        #: Expand mode: per model, what realize decided for it on QEMU's default machine type.
-        self.model_decided: dict[str, list[str]] = {}
+        #: Expand mode: per model, its calibration on QEMU's default machine type: status,
+        #: error and what realize decided for it.
+        self.model_state: dict[str, tuple[str, str, list[str]]] = {}
         self.model_summary: dict[str, list[str]] = {}
         #: Every calibration combo of the plan's unskipped combos.
         self.ref_set: set[tuple[str, str]] = (
@@ -267,6 +278,9 @@ class Runner:
         """Whether a journal entry of this key was read in a way this run can take as it is."""
         if record.get("key") != self.key:
             return False
+        if self.options.read == READ_QOM_GET and record["status"] == OK:
+            # Checking: only what was read with qom-get of every property, flags included.
+            return record.get("read") == READ_QOM_GET and not record.get("words")
         # Flags read from feature words need the same learned bits.
         return not record.get("words") or record["words"] == self.flags.digest
 
@@ -301,10 +315,9 @@ class Runner:
         They come from one probe per machine type, or from the journal: either way the same
         answer, so `alias_of` never depends on which combo or cache brought it.
         """
-        known = machine in self.definitions
-        self.definitions[machine] = {d["name"]: d.get("alias-of") for d in answer["return"]}
-        if known:
+        if machine in self.definitions:
             return
+        self.definitions[machine] = {d["name"]: d.get("alias-of") for d in answer["return"]}
         entry = {"machine": machine, "key": self.key, "query-cpu-definitions": answer}
         if not self.folder.definitions_path(machine).exists():
             data = self.folder.write_definitions(machine, entry)
@@ -402,28 +415,18 @@ class Runner:
         wants = self._wants_definitions(machine)
         if self.list_get:
             return ReadPlan(READ_LIST_GET, definitions=wants)
-        if self.options.read == READ_QOM_GET:
-            # Checking: every property read with its own qom-get, flags included.
-            return ReadPlan(
-                READ_QOM_GET, skip=frozenset(self.discovery.plumbing), definitions=wants
-            )
-        return reference_plan(self.flags, self.discovery.plumbing, wants)
+        # Checking (--read qom-get): every property with its own qom-get, flags included.
+        flags = NO_FLAGS if self.options.read == READ_QOM_GET else self.flags
+        return reference_plan(flags, self.discovery.plumbing, wants)
 
-    async def _cheap_plan(self, combo: Combo) -> ReadPlan:
-        """The calibrated reading of a combo, or the reference one when it cannot have it."""
+    async def _calibrated_refs(self, combo: Combo) -> list[Facts] | None:
+        """The facts of a combo's two calibration combos (None when it cannot have them)."""
         refs = self.calibration.refs(combo)
         if refs is None or (combo.machine, combo.model) in refs:
-            return self._plain_plan(combo.machine)
+            return None
         known = [await self._ready[r] for r in refs]
         found = [f for f in known if f is not None]
-        if len(found) < len(known):
-            return self._plain_plan(combo.machine)
-        return cheap_plan(
-            found,
-            self.flags,
-            self.discovery.plumbing,
-            self._wants_definitions(combo.machine),
-        )
+        return found if len(found) == len(known) else None
 
     async def _retrying(
         self, attempt: Callable[[], Awaitable[T]], status: Callable[[T], str]
@@ -452,16 +455,24 @@ class Runner:
 
     async def _probe(self, combo: Combo, bar: Progress) -> None:
         key = (combo.machine, combo.model)
-        if self._calibrates() and key not in self.ref_set:
-            read = await self._cheap_plan(combo)
-            candidate = self.candidates.pop(key, None)
-            if candidate is not None and candidate[0].get("plan") == read.digest:
-                self._take_candidate(*candidate)
-                self._asking_definitions.discard(combo.machine)
-                bar.advance(self.counts)
-                return
-        else:
+        refs = await self._calibrated_refs(combo) if self._calibrates() else None
+        candidate = self.candidates.pop(key, None)
+        if refs is None:
             read = self._plain_plan(combo.machine)
+        elif candidate is not None and candidate[0].get("plan") == plan_digest(
+            refs, self.flags.digest, self.plumbing_digest
+        ):
+            # Read by the very plan this run would read it by: the same cells, from the cache.
+            self._take_candidate(*candidate)
+            bar.advance(self.counts)
+            return
+        else:
+            read = cheap_plan(
+                refs,
+                self.flags,
+                self.discovery.plumbing,
+                self._wants_definitions(combo.machine),
+            )
         try:
             tries = await self._retrying(
                 lambda: probe(
@@ -471,7 +482,8 @@ class Runner:
                 lambda r: OK if r.get("stalled") else r["status"],
             )
         finally:
-            self._asking_definitions.discard(combo.machine)
+            if read.definitions:
+                self._asking_definitions.discard(combo.machine)
         record = tries[-1]
         record["attempts"] = len(tries)
         record["seconds"] = round(sum(r["seconds"] for r in tries), 4)
@@ -486,7 +498,8 @@ class Runner:
         self._keep(record, journal=False)
 
     async def _probe_machine(self, machine: str, models: list[str], bar: Progress) -> None:
-        own = self._machine_read(machine)
+        calibrated = [m for m in models if self.model_state.get(m, (ERROR,))[0] == OK]
+        own = self._machine_read(machine, calibrated)
         tries = await self._retrying(
             lambda: probe_machine(
                 self.launch, machine, models, own, self.options.timeout, self.env
@@ -496,19 +509,50 @@ class Runner:
         decided = realize_decided(tries[-1][0]["answers"].get("own-cpu") or {}, self.flags)
         for rec in tries[-1]:
             rec["attempts"] = len(tries)
-            mine = self.model_decided.get(rec["model"], [])
+            rec["words"] = self.flags.digest
+            status, error, mine = self.model_state.get(
+                rec["model"], (ERROR, "QEMU has no machine type to realize it on", [])
+            )
+            if rec["status"] == OK and status != OK:
+                # What realize decides for this model is unknown: no values that might be.
+                model_machine = self.calibration.model_machine
+                rec.update(status=status, error=f"{rec['model']} on {model_machine}: {error}")
             rec["realize_decided"] = sorted({*decided, *mine})
             rec["decided_by"] = {"machine": decided, "model": mine}
-            rec["words"] = self.flags.digest
             self._keep(rec)
             bar.advance(self.counts)
 
-    async def _calibrate_model(self, model: str) -> None:
-        """Expand mode: what realize decides for one model, on QEMU's default machine type."""
+    async def _calibrate_models(self, models: list[str]) -> None:
+        """Expand mode: what realize decides for each model, on QEMU's default machine type.
+
+        Every machine type's own CPU is X0, QEMU's default machine type's default model, and
+        shows what realize decides there. Each other model is realized once on the default
+        machine type, one QEMU per model (a PC machine type hot-plugs CPUs of its `-cpu` type
+        only), and read for what its expansion has that differs from X0's: for the rest it
+        is X0, whose verdict on each machine type holds.
+        """
         machine = self.calibration.model_machine
         if machine is None:
             return
-        own = self._machine_read(machine)
+        base = self._machine_read(machine, [])
+        # X0's expansion, compared with each model's, has the flags too.
+        own_type = next(m.typename for m in self.discovery.models if m.name == base.own_model)
+        flags = cpuflags.split(self.launch.cpu_flags)
+        base = replace(base, globals=tuple(cpuflags.globals_for(flags, [own_type])))
+
+        async def one(model: str) -> None:
+            if model == base.own_model:
+                self.model_state[model] = (OK, "", [])
+                return
+            self.model_state[model] = await self._calibrate_model(machine, model, base)
+
+        await self._pool(models, one)
+
+    async def _calibrate_model(
+        self, machine: str, model: str, own: MachineRead
+    ) -> tuple[str, str, list[str]]:
+        """Realize one model on `machine` (see `probe_model`): status, error, what realize
+        decided for it."""
         tries = await self._retrying(
             lambda: probe_model(self.launch, machine, model, own, self.options.timeout, self.env),
             lambda r: r["status"],
@@ -517,27 +561,39 @@ class Runner:
         record["key"] = self.key
         self.folder.write_calibration(record)
         self.ref_status[(machine, model)] = record["status"]
-        if record["status"] == OK:
-            self.model_decided[model] = realize_decided(record["answers"], self.flags)
+        decided = realize_decided(record["answers"], self.flags) if record["status"] == OK else []
+        return record["status"], record.get("error", ""), decided
 
-    def _machine_read(self, machine: str) -> MachineRead:
-        """Expand mode: the machine type's own CPU, and the flags as globals for every model."""
+    def _machine_read(self, machine: str, models: Sequence[str]) -> MachineRead:
+        """Expand mode: the machine type's own CPU, the run's `f=v` flags as globals of these
+        models' types (the own model has them from `-cpu`), and what not to read."""
         aliases = self.discovery.feature_aliases
         features = {n for f in self.discovery.features for n in aliases.get(f, [f])}
+        own = self._own_model(machine)
+        types = {m.name: m.typename for m in self.discovery.models}
         return MachineRead(
-            own_model=self.calibration.machine_model.get(machine) or self.combos[0].model,
+            own_model=own,
             globals=tuple(
-                cpuflags.globals_for_all_models(
-                    cpuflags.split(self.launch.cpu_flags), self.discovery.cpu_base_type
+                cpuflags.globals_for(
+                    cpuflags.split(self.launch.cpu_flags),
+                    [types[m] for m in models if m != own],
                 )
             ),
             skip=frozenset({*features, *self.discovery.plumbing}),
         )
 
+    def _own_model(self, machine: str) -> str:
+        """A machine type's own CPU model in this run: its default one in exact mode (X0 of
+        its calibration combo), QEMU's default machine type's in expand mode (one model whose
+        verdict holds on every machine type); failing that, the first planned one."""
+        if self.options.mode == MODE_EXPAND and self.calibration.model_machine:
+            machine = self.calibration.model_machine
+        return self.calibration.machine_model.get(machine) or self.combos[0].model
+
     async def _probe_machines(self, combos: Sequence[Combo], bar: Progress) -> None:
         """Expand mode: what realize decides for each pending model, then one QEMU per
         machine type for all of its pending models."""
-        await self._pool(sorted({c.model for c in combos}), self._calibrate_model)
+        await self._calibrate_models(sorted({c.model for c in combos}, key=natural_key))
         by_machine: dict[str, list[str]] = {}
         for c in combos:
             by_machine.setdefault(c.machine, []).append(c.model)
@@ -573,7 +629,7 @@ class Runner:
 
     async def _ask_definitions(self, machine: str) -> None:
         """Definitions of a machine type no probe of this run asked (its combos were cached)."""
-        model = self.calibration.machine_model.get(machine) or self.combos[0].model
+        model = self._own_model(machine)
         record = await definitions_of(self.launch, machine, model, self.options.timeout, self.env)
         if record["status"] == OK and "return" in record["answers"]["query-cpu-definitions"]:
             self._definitions(machine, record["answers"]["query-cpu-definitions"])
@@ -622,8 +678,7 @@ class Runner:
         read: dict[str, Any] = {"method": self._method()}
         if self.flags.words and self._method() != READ_LIST_GET:
             read["from_feature_words"] = sorted(self.flags.words)
-        if self._calibrates():
-            found = [f for f in self.facts.values() if f is not None]
+        if self._calibrates() or self.options.mode == MODE_EXPAND:
             read["calibration"] = {
                 "model_machine": self.calibration.model_machine,
                 "machine_model": {
@@ -631,6 +686,8 @@ class Runner:
                 },
                 "combos": [[m, x, s] for (m, x), s in sorted(self.ref_status.items())],
             }
+        if self._calibrates():
+            found = [f for f in self.facts.values() if f is not None]
             read["qom_get"] = dict(sorted(self.qom_gets.items()))
             read["from_query_cpus_fast"] = sorted(
                 frozenset.intersection(*(f.slot for f in found)) if found else ()
@@ -642,13 +699,6 @@ class Runner:
             read["realize_decided"] = {
                 "machine": _by_prop(self.realize_decided),
                 "model": _by_prop(self.model_summary),
-            }
-            read["calibration"] = {
-                "model_machine": self.calibration.model_machine,
-                "machine_model": {
-                    m: x for m, x in self.calibration.machine_model.items() if m in self.machines
-                },
-                "combos": [[m, x, s] for (m, x), s in sorted(self.ref_status.items())],
             }
         return read
 
@@ -716,6 +766,7 @@ def new_manifest(
         "globals": list(launch.globals),
         "argv_example": launch.argv("MACHINE", "MODEL"),
         "filters": {"machines": options.machines, "models": options.models},
+        "read_option": options.read,
         "jobs": options.jobs,
         "timeout": options.timeout,
         "retries": options.retries,
@@ -748,6 +799,7 @@ def options_from_manifest(manifest: dict[str, Any], **overrides: Any) -> RunOpti
             retries=manifest["retries"],
             mode=manifest.get("mode", MODE_EXACT),
             guest_cpuid=manifest.get("guest_cpuid", False),
+            read=manifest.get("read_option", "auto"),
         ),
         **{k: v for k, v in overrides.items() if v is not None},
     )
@@ -802,6 +854,12 @@ async def run(options: RunOptions) -> Outcome:
         raise InputError(f"--mode: use {MODE_EXACT} or {MODE_EXPAND}")
     if options.mode == MODE_EXPAND and options.guest_cpuid:
         raise InputError("--guest-cpuid needs the exact mode: expand mode starts no guest")
+    unconverted = cpuflags.split(launch.cpu_flags).unconverted
+    if options.mode == MODE_EXPAND and unconverted:
+        raise InputError(
+            f"--cpu-flags {','.join(unconverted)}: expand mode gives other models a tsc-freq "
+            "only in the form N[.N][K|M|G|T|P|E]; use that, tsc-frequency=HZ, or the exact mode"
+        )
     if options.mode == MODE_EXPAND and topology_cpus(launch.topology) > 1:
         raise InputError(
             "--mode expand cannot see what realize sets with several CPUs (ht, "
@@ -835,6 +893,12 @@ async def resume(
     started = time.monotonic()
     folder = RunFolder(path)
     manifest = folder.read_manifest()
+    if manifest.get("qmpprobe") != __version__:
+        # Its journal entries were read, and keyed, by that version's rules.
+        raise InputError(
+            f"{path} was started by qmpprobe {manifest.get('qmpprobe')}, this is {__version__}: "
+            "start a new run"
+        )
     options = options_from_manifest(
         manifest, jobs=jobs, timeout=timeout, progress=progress, cache=use_cache
     )

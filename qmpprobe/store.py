@@ -88,6 +88,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._made: set[Path] = set()
 
     # -- writing -------------------------------------------------------------------------
     def create(self) -> None:
@@ -121,7 +122,10 @@ class RunFolder:
     def put_record(self, machine: str, model: str, data: bytes) -> None:
         """Store an already compressed journal entry."""
         path = self.raw_path(machine, model)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # One mkdir per machine folder, not per entry (thousands of failing system calls).
+        if path.parent not in self._made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(path.parent)
         atomic_write(path, data)
 
     def write_calibration(self, record: dict[str, Any]) -> None:

@@ -5,16 +5,21 @@ For one plan (default: the full matrix of the installed QEMU under TCG) it measu
   1. the floor: start `qemu -S` with each combo's command line, read the QMP greeting, stop
      it, at the same concurrency as the runs; measured before and after exact mode, averaged
      (both kept), in wall time and in CPU time (QEMUs and the Python driving them);
-  2. exact mode (`qmpprobe run`, an empty journal cache), wall and CPU time;
-  3. expand mode (`qmpprobe run --mode expand`);
+  2. exact mode (`qmpprobe run` on an empty cache: cold, discovery's learning included), wall
+     and CPU time;
+  3. expand mode (`qmpprobe run --mode expand`, on an empty cache of its own: cold too);
   4. a naive baseline: one combo after another through qemu.qmp, qom-list and one qom-get per
      property, on a random sample of combos, extrapolated to the plan;
   5. `qmpprobe report` on the exact run (wall time and peak memory);
   6. a cached re-run of the exact plan (every combo from the journal cache; best of 3);
-  7. with --guest-cpuid, exact mode with the guest CPUID dump (its cost over exact mode).
+  7. with --guest-cpuid, exact mode with the guest CPUID dump (its cost over exact mode);
+  8. a cold small plan, as a QEMU developer's first `check` on a fresh CI runner (default
+     10 machine types x 30 models, `--jobs 2`): its own floor before and after, and exact mode
+     with `--no-cache`.
 It prints the ratios and writes results/bench/<date>-<host>-qemu-<version>[-<tag>].json.
   scripts/bench [--qemu PATH] [--machines GLOBS] [--models GLOBS] [--jobs N] [--sample N]
-                [--guest-cpuid] [--tag TAG]
+                [--guest-cpuid] [--small-machines GLOBS] [--small-models GLOBS]
+                [--small-jobs N] [--tag TAG]
 """
 
 from __future__ import annotations
@@ -154,6 +159,66 @@ def peak_of(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     return float(out[0]), int(out[1]) / 1024
 
 
+#: The cold small plan: 10 machine types (QEMU's default among them, as a check of shipped
+#: machine types has its newest) x 30 models.
+SMALL_MACHINES = (
+    "pc-i440fx-2.4,pc-i440fx-3.1,pc-i440fx-5.2,pc-i440fx-6.2,pc-i440fx-7.1,pc,"
+    "pc-q35-5.2,pc-q35-6.2,pc-q35-7.1,q35"
+)
+SMALL_MODELS = (
+    "qemu64,qemu32,kvm64,486,pentium,core2duo,Conroe,Penryn,Nehalem,Westmere,SandyBridge,"
+    "IvyBridge,Haswell,Haswell-noTSX,Broadwell,Skylake-Client,Skylake-Server,"
+    "Cascadelake-Server,Icelake-Server,Cooperlake,Snowridge,Opteron_G1,Opteron_G2,Opteron_G3,"
+    "Opteron_G4,Opteron_G5,EPYC,EPYC-Rome,phenom,max"
+)
+
+
+def small_plan(args: argparse.Namespace, found: Any, env: dict[str, str], work: Path) -> dict:
+    """Floor and cold exact mode (`--no-cache`) of the small plan, at `--small-jobs`."""
+    launch = LaunchOptions(found.qemu, "tcg", parse_smp("1"))
+    combos = [
+        c
+        for c in plan(found, args.small_machines, args.small_models, launch.topology)
+        if not c.skip
+    ]
+    argvs = [launch.argv(c.machine, c.model) for c in combos]
+    jobs = args.small_jobs
+    first, _ = timed_floor(argvs, jobs)
+    cold = qmpprobe(
+        "run",
+        "--qemu",
+        args.qemu,
+        "--jobs",
+        str(jobs),
+        "--no-progress",
+        "--machines",
+        args.small_machines,
+        "--models",
+        args.small_models,
+        "--no-cache",
+        "--no-report",
+        "--out",
+        str(work / "small"),
+        env=env,
+    )
+    second, _ = timed_floor(argvs, jobs)
+    out = {
+        "machines": args.small_machines,
+        "models": args.small_models,
+        "combos": len(combos),
+        "jobs": jobs,
+        "floor_runs_s": [first, second],
+        "floor_s": (first + second) / 2,
+        "exact_cold_s": cold,
+    }
+    print(
+        f"small plan ({len(combos)} combos, jobs {jobs}): floor {out['floor_s']:.1f} s, "
+        f"exact --no-cache {cold:.1f} s = {cold / out['floor_s']:.2f}x",
+        flush=True,
+    )
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--qemu", default="qemu-system-x86_64")
@@ -164,6 +229,10 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "results" / "bench"))
     p.add_argument("--guest-cpuid", action="store_true", help="also time --guest-cpuid")
     p.add_argument("--tag", help="appended to the result file's name (e.g. the plan)")
+    p.add_argument("--small-machines", default=SMALL_MACHINES, help="the cold small plan's")
+    p.add_argument("--small-models", default=SMALL_MODELS, help="the cold small plan's")
+    p.add_argument("--small-jobs", type=int, default=2)
+    p.add_argument("--no-small", action="store_true", help="skip the cold small plan")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="qmpprobe-bench-"))
@@ -193,8 +262,10 @@ def main() -> int:
     print(f"floor: {first:.1f} s", flush=True)
     exact = work / "exact"
     cpu: dict[str, float] = {}
+    # An empty cache of its own: cold, and what the cached re-runs below read.
+    cold = {**env, "QMPPROBE_CACHE": str(work / "exact-cache")}
     results["exact_s"] = qmpprobe(
-        "run", *common, "--out", str(exact), "--no-report", env=env, cpu=cpu
+        "run", *common, "--out", str(exact), "--no-report", env=cold, cpu=cpu
     )
     results["exact_cpu_s"] = cpu["s"]
     print(f"exact: {results['exact_s']:.1f} s ({cpu['s']:.0f} s CPU)", flush=True)
@@ -208,7 +279,14 @@ def main() -> int:
         flush=True,
     )
     results["expand_s"] = qmpprobe(
-        "run", *common, "--mode", "expand", "--no-report", "--out", str(work / "expand"), env=env
+        "run",
+        *common,
+        "--mode",
+        "expand",
+        "--no-report",
+        "--out",
+        str(work / "expand"),
+        env={**env, "QMPPROBE_CACHE": str(work / "expand-cache")},
     )
     print(f"expand: {results['expand_s']:.1f} s", flush=True)
     results["report_s"], results["report_peak_mib"] = peak_of(
@@ -218,7 +296,7 @@ def main() -> int:
     # A few seconds of mostly file I/O: the VM's writeback makes single runs noisy, so the
     # best of three is reported (all three are kept).
     reruns = [
-        qmpprobe("run", *common, "--out", str(work / f"cached{i}"), "--no-report", env=env)
+        qmpprobe("run", *common, "--out", str(work / f"cached{i}"), "--no-report", env=cold)
         for i in range(3)
     ]
     results["cached_rerun_s"] = min(reruns)
@@ -229,6 +307,8 @@ def main() -> int:
             "run", *common, "--guest-cpuid", "--no-report", "--out", str(work / "guest"), env=env
         )
         print(f"exact + guest CPUID: {results['guest_s']:.1f} s", flush=True)
+    if not args.no_small:
+        results["small"] = small_plan(args, found, env, work)
     sample = random.Random(0).sample(argvs, min(args.sample, len(argvs)))
     per_combo = asyncio.run(naive(sample))
     results["naive_sample"] = len(sample)
@@ -248,6 +328,10 @@ def main() -> int:
     }
     if "guest_s" in results:
         ratios["guest_over_exact"] = results["guest_s"] / results["exact_s"]
+    if "small" in results:
+        ratios["small_exact_cold_over_floor"] = (
+            results["small"]["exact_cold_s"] / results["small"]["floor_s"]
+        )
     doc = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": {

@@ -261,6 +261,6 @@ def test_qemu_that_aborts_during_discovery(tmp_path: Path, version: str, command
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
-    assert "died during discovery (killed by SIGABRT)" in lines[0]
+    assert "died during discovery (QEMU killed by signal 6 (SIGABRT))" in lines[0]
     assert "Assertion `injected' failed" in lines[0]
     assert not out.exists()

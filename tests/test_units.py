@@ -6,7 +6,7 @@ import pytest
 
 from qmpprobe.calibrate import Facts, cheap_plan
 from qmpprobe.cells import FlagReader
-from qmpprobe.cpuflags import globals_for_all_models, metric_size, split
+from qmpprobe.cpuflags import globals_for, metric_size, split
 from qmpprobe.errors import InputError
 from qmpprobe.learn import alias_groups, bit_key, feature_bits, word_bits
 from qmpprobe.plan import (
@@ -86,9 +86,9 @@ def test_cpu_flags_split_as_qemus_featurestr_parser_does() -> None:
         ("vmx", "on"),
         ("tsc-frequency", "2500000000"),
     )
-    assert globals_for_all_models(flags, "x86_64-cpu")[:2] == [
-        "x86_64-cpu.sse4-1=off",
-        "x86_64-cpu.level=0xd",
+    assert globals_for(flags, ["Haswell-x86_64-cpu"])[:2] == [
+        "Haswell-x86_64-cpu.sse4-1=off",
+        "Haswell-x86_64-cpu.level=0xd",
     ]
     assert split("tsc-freq=fast").unconverted == ("tsc-freq=fast",)
 
@@ -103,7 +103,8 @@ def test_metric_size(text: str, hz: int | None) -> None:
 
 def _facts(combo: tuple[str, str], seen: dict[str, str], changed: set[str]) -> Facts:
     props = frozenset({*seen, *changed})
-    return Facts(combo, props, frozenset(changed), seen, slot=frozenset({"socket-id"}) & props)
+    slot = frozenset({"socket-id"}) & props
+    return Facts(combo, props, frozenset(changed), seen, slot=slot, digest="/".join(combo))
 
 
 def test_cheap_plan_asks_what_changed_and_trusts_only_values_seen_kept() -> None:
