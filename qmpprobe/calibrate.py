@@ -52,6 +52,8 @@ class Facts:
     cpu_name: str = ""
     #: Its links and children (a path to another object, not a value; not cells).
     edges: frozenset[str] = frozenset()
+    #: Changed properties the expansion has: its value (JSON text) and the realized one.
+    mapped: Mapping[str, tuple[str, Any]] = field(default_factory=dict)
     #: A digest of all of the above: two references with the same digest teach the same.
     digest: str = ""
 
@@ -74,12 +76,14 @@ def facts(
     expanded = expansion["return"]["model"]["props"]
     rebuilt = dict(expanded)
     clear_unavailable(rebuilt, truth.get("unavailable-features", []), aliases)
-    changed, seen = set(), {}
+    changed, seen, mapped = set(), {}, {}
     for p, value in truth.items():
         if p in flags.words:
             continue  # read from the feature words in every reading: exact by construction
         if p not in expanded or json_text(rebuilt[p]) != json_text(value):
             changed.add(p)
+            if p in expanded:
+                mapped[p] = (json_text(expanded[p]), value)
         else:
             seen[p] = json_text(expanded[p])
     cpu = cpus_of(answers)[0]
@@ -95,6 +99,7 @@ def facts(
         slot=frozenset(slot),
         cpu_name=cpu["qom-path"].rsplit("/", 1)[-1],
         edges=frozenset(p["name"] for p in answers["qom-list"]["return"] if is_edge(p["type"])),
+        mapped=mapped,
     )
     return replace(found, digest=digest(_facts_text(found)))
 
@@ -109,6 +114,7 @@ def _facts_text(f: Facts) -> dict[str, Any]:
         "slot": sorted(f.slot),
         "cpu_name": f.cpu_name,
         "edges": sorted(f.edges),
+        "mapped": {p: [v, w] for p, (v, w) in sorted(f.mapped.items())},
     }
 
 
@@ -142,7 +148,21 @@ def cheap_plan(
     never = frozenset.intersection(*unreadable)
     asked = changed | (frozenset().union(*props) - everywhere) | frozenset().union(*unreadable)
     slot = frozenset.intersection(*(f.slot for f in refs))
-    gets = tuple(sorted(asked - never - slot))
+    # A value realize set the same way on both references, from the same expansion value
+    # (apic-id 4294967295 -> 0, hv-vendor-id "" -> "Microsoft Hv", phys-bits 0 -> 40 for a
+    # 64-bit model): taken as realize sets it where the combo's expansion has that value too.
+    mapped = {
+        p: refs[0].mapped[p]
+        for p in changed & everywhere
+        if not any(p in u for u in unreadable)
+        and all(
+            p in f.mapped
+            and f.mapped[p][0] == refs[0].mapped[p][0]
+            and json_text(f.mapped[p][1]) == json_text(refs[0].mapped[p][1])
+            for f in refs
+        )
+    }
+    gets = tuple(sorted(asked - never - slot - mapped.keys()))
     trust: dict[str, set[str]] = {}
     for f in refs:
         for p, text in f.seen.items():
@@ -155,6 +175,7 @@ def cheap_plan(
         topology=tuple(sorted(slot)),
         cpu_name=names.pop() if len(names) == 1 else "",
         trust={p: frozenset(t) for p, t in sorted(trust.items())},
+        mapped=dict(sorted(mapped.items())),
         ignore=frozenset({*flags.words, *plumbing, *(e for f in refs for e in f.edges)}),
         definitions=definitions,
         words=flags.digest,

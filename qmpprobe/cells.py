@@ -96,6 +96,7 @@ def expansion_values(
     # The slot's topology ids are the ones pre-plug gave the CPU (calibration checks it).
     slot = cpus_of(answers)[0].get("props", {})
     values.update((p, slot[p]) for p in record.get("slot", ()) if p in slot)
+    values.update(record.get("mapped", {}))
     values.update(got)
     for p in asked.keys() - got.keys():
         values.pop(p, None)  # QEMU cannot read it from the realized CPU: not a cell

@@ -56,6 +56,9 @@ class ReadPlan:
     #: realize keep. Any other value (or property) of this combo's expansion is read with
     #: qom-get in a second round trip.
     trust: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    #: With READ_EXPANSION: properties both calibration combos saw realize set, from the same
+    #: expansion value (JSON text) to the same value: taken so where this expansion has it.
+    mapped: Mapping[str, tuple[str, Any]] = field(default_factory=dict)
     #: With READ_EXPANSION: expansion properties that need no check (flags read from the
     #: feature words, plumbing, links and children).
     ignore: frozenset[str] = frozenset()
@@ -159,12 +162,16 @@ async def _read_expansion(
     named = path.rsplit("/", 1)[-1] == read.cpu_name
     again = [p for p in read.gets if not named or "error" in qom[p]]
     again += [p for p in read.topology if p not in slot]
-    asked = {*read.gets, *read.topology}
-    again += untrusted(got[1]["return"]["model"]["props"], read, asked)
+    expanded = got[1]["return"]["model"]["props"]
+    mapped = {
+        p: w for p, (v, w) in read.mapped.items() if p in expanded and json_text(expanded[p]) == v
+    }
+    again += [p for p in read.mapped if p not in mapped]
+    again += untrusted(expanded, read, {*read.gets, *read.topology, *read.mapped})
     if again:
         qom.update(await _qom_gets(qemu, path, again))
     answers["qom-get"] = qom
-    return answers
+    return {**answers, "mapped": mapped}
 
 
 async def _read_all(qemu: QemuProcess, path: str, skip: frozenset[str]) -> dict[str, Any]:
@@ -548,6 +555,8 @@ async def _run(qemu: QemuProcess, model: str, read: ReadPlan, record: dict[str, 
         return
     if "read" in answers:  # read another way than planned (no expansion to start from)
         record["read"] = answers.pop("read")
+    if "mapped" in answers:  # values taken as both calibration combos saw realize set them
+        record["mapped"] = answers.pop("mapped")
     record["answers"] = answers
     if not cpus_of(answers):
         failed = answers["query-cpus-fast"].get("error")

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 from qemu.qmp import ExecuteError, Message, QMPClient
 from qemu.qmp.message import DeserializationError, UnexpectedTypeError
+from qemu.qmp.qmp_client import BadReplyError, ErrorResponse
 
 #: Environment variable set in every QEMU qmpprobe starts; its value names the owner (a run).
 OWNER_ENV = "QMPPROBE_OWNER"
@@ -111,6 +112,27 @@ class _Client(QMPClient):
     def _get_exec_id(self) -> str:
         self._execute_id += 1
         return f"{self._execute_id:x}"
+
+    async def execute(
+        self, cmd: str, arguments: Mapping[str, object] | None = None, oob: bool = False
+    ) -> object:
+        # qemu.qmp's execute() builds the message twice, each time serialized at once with
+        # the standard library's json (7% of qmpprobe's own CPU in exact mode); here it is
+        # serialized once, when sent. The reply is judged as qemu.qmp 0.0.6's execute_msg does.
+        obj: dict[str, object] = {"exec-oob" if oob else "execute": cmd}
+        if arguments is not None:
+            obj["arguments"] = arguments
+        msg = Message(obj, eager=False)
+        reply = await self._execute(msg)
+        if "error" in reply:
+            try:
+                error_response = ErrorResponse(reply)
+            except (KeyError, TypeError) as err:
+                raise BadReplyError("QMP error reply is malformed", reply, msg) from err
+            raise ExecuteError(error_response, msg, reply)
+        if "return" not in reply:
+            raise BadReplyError("QMP reply is missing a 'error' or 'return' member", reply, msg)
+        return reply["return"]
 
     async def _do_recv(self) -> Message:
         # The standard library's JSON parser was a tenth of qmpprobe's own CPU in expand mode

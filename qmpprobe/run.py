@@ -254,6 +254,7 @@ class Runner:
         #: Journal entries read from the expansion, kept only if their plan is still this run's.
         self.candidates: dict[tuple[str, str], tuple[dict[str, Any], bytes | None]] = {}
         self.qom_gets: Counter[str] = Counter()
+        self.mapped: Counter[str] = Counter()
         self.realize_decided: dict[str, list[str]] = {}
         #: Expand mode: per model, its calibration on QEMU's default machine type: status,
         #: error and what realize decided for it.
@@ -383,6 +384,7 @@ class Runner:
             self.guest_blocks[combo] = guest_cells(record, self.texts)
         if record["read"] == READ_EXPANSION and record["status"] == OK:
             self.qom_gets.update(record["answers"].get("qom-get", {}).keys())
+            self.mapped.update(record.get("mapped", {}).keys())
         if record["read"] == READ_EXPAND and "decided_by" in record:
             self.realize_decided[record["machine"]] = record["decided_by"]["machine"]
             self.model_summary[record["model"]] = record["decided_by"]["model"]
@@ -689,6 +691,7 @@ class Runner:
         if self._calibrates():
             found = [f for f in self.facts.values() if f is not None]
             read["qom_get"] = dict(sorted(self.qom_gets.items()))
+            read["mapped"] = dict(sorted(self.mapped.items()))
             read["from_query_cpus_fast"] = sorted(
                 frozenset.intersection(*(f.slot for f in found)) if found else ()
             )

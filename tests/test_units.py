@@ -124,6 +124,15 @@ def test_cheap_plan_asks_what_changed_and_trusts_only_values_seen_kept() -> None
     odd = Facts(("m", "qemu64"), frozenset({"level"}), frozenset(), {"level": "13"})
     odd = Facts(**{**odd.__dict__, "unreadable": frozenset({"l3-cache"})})
     assert "l3-cache" in cheap_plan([odd, model], words, [], False).gets
+    # A value both references saw realize set the same way, from the same expansion value,
+    # is taken so; where one saw another, it is asked.
+    same = {"apic-id": ("4294967295", 0)}
+    a = Facts(("m", "qemu64"), frozenset({"apic-id"}), frozenset({"apic-id"}), mapped=same)
+    b = Facts(("m0", "EPYC"), frozenset({"apic-id"}), frozenset({"apic-id"}), mapped=same)
+    assert cheap_plan([a, b], words, [], False).mapped == same
+    assert not cheap_plan([a, b], words, [], False).gets
+    c = Facts(**{**b.__dict__, "mapped": {"apic-id": ("4294967295", 1)}})
+    assert cheap_plan([a, c], words, [], False).gets == ("apic-id",)
     # The digest names the plan: a different calibration gives another one.
     other = cheap_plan([machine, _facts(("m0", "EPYC"), {}, {"ucode-rev"})], words, [], False)
     assert other.digest != plan.digest
