@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from jinja2 import Environment, PackageLoader, select_autoescape
 
-from qmpprobe import compat, guest
+from qmpprobe import compat, escape, guest
 from qmpprobe.compat import DECLARED, UNDECLARED
 from qmpprobe.drift import ALL_MODELS, MODEL, Drift, analyse, hex_text
 from qmpprobe.store import RunFolder, atomic_write
@@ -50,9 +49,10 @@ def heatmap_png(distance: pd.DataFrame, title: str) -> bytes:
         cmap="viridis",
         interpolation="nearest",
     )
-    ax.set_xticks(range(cols), distance.columns, rotation=90, fontsize=7)
-    ax.set_yticks(range(rows), distance.index, fontsize=7)
-    ax.set_title(title, fontsize=9)
+    # Names and versions come from QEMU: a `$` in them must not start matplotlib's mathtext.
+    ax.set_xticks(range(cols), distance.columns, rotation=90, fontsize=7, parse_math=False)
+    ax.set_yticks(range(rows), distance.index, fontsize=7, parse_math=False)
+    ax.set_title(title, fontsize=9, parse_math=False)
     fig.colorbar(
         image,
         ax=ax,
@@ -278,22 +278,18 @@ def write_report(path: str | Path) -> list[Path]:
     combos = folder.read_combos()
     d = analyse(manifest, combos, folder.read_cells())
     out = folder.path
-    atomic_write(out / "transitions.csv", d.transitions.to_csv(index=False).encode())
-    atomic_write(out / "runnability.csv", d.runnability.to_csv(index=False).encode())
-    atomic_write(out / "matrix.csv", d.matrix.to_csv(index=False).encode())
+    # Every CSV through escape.csv_bytes: text a spreadsheet would run as a formula is guarded.
+    atomic_write(out / "transitions.csv", escape.csv_bytes(d.transitions))
+    atomic_write(out / "runnability.csv", escape.csv_bytes(d.runnability))
+    atomic_write(out / "matrix.csv", escape.csv_bytes(d.matrix))
     _write_compat(out, manifest, d)
     ctx = context(manifest, combos, d)
     png = heatmap_png(d.distance, ctx["title"])
     atomic_write(out / "heatmap.png", png)
-    env = Environment(
-        loader=PackageLoader("qmpprobe"),
-        autoescape=select_autoescape(["html"]),
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
     ctx["heatmap"] = "data:image/png;base64," + base64.b64encode(png).decode()
-    atomic_write(out / "report.html", env.get_template("report.html.j2").render(ctx).encode())
-    atomic_write(out / "report.md", env.get_template("report.md.j2").render(ctx).encode())
+    # Each format escapes every text from QEMU or the user its own way (qmpprobe/escape.py).
+    atomic_write(out / "report.html", escape.render("report.html.j2", ctx).encode())
+    atomic_write(out / "report.md", escape.render("report.md.j2", ctx).encode())
     return [out / f for f in FILES if (out / f).exists()]
 
 
@@ -304,9 +300,9 @@ def _write_compat(out: Path, manifest: Mapping[str, Any], d: Drift) -> None:
             (out / name).unlink(missing_ok=True)
         return
     entries = compat.entries(manifest["compat_props"])
-    atomic_write(out / "compat_props.csv", entries.to_csv(index=False).encode())
-    atomic_write(out / "undeclared.csv", undeclared(d).to_csv(index=False).encode())
-    atomic_write(out / "dead_entries.csv", d.dead.to_csv(index=False).encode())
+    atomic_write(out / "compat_props.csv", escape.csv_bytes(entries))
+    atomic_write(out / "undeclared.csv", escape.csv_bytes(undeclared(d)))
+    atomic_write(out / "dead_entries.csv", escape.csv_bytes(d.dead))
 
 
 DIFF_FILES = ("diff.csv", "diff.json", "diff.md", "diff.html")
@@ -336,7 +332,7 @@ def write_diff(d: Any, out: str | Path) -> list[Path]:
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(folder)) from e
     rows = d.rows
-    atomic_write(folder / "diff.csv", rows[COLUMNS].to_csv(index=False).encode())
+    atomic_write(folder / "diff.csv", escape.csv_bytes(rows[COLUMNS]))
     doc = {
         "schema": SCHEMA,
         "baseline": _side(d.a),
@@ -363,12 +359,6 @@ def write_diff(d: Any, out: str | Path) -> list[Path]:
         "breaks": BREAKS,
         "hex": hex_text,
     }
-    env = Environment(
-        loader=PackageLoader("qmpprobe"),
-        autoescape=select_autoescape(["html"]),
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    atomic_write(folder / "diff.html", env.get_template("diff.html.j2").render(ctx).encode())
-    atomic_write(folder / "diff.md", env.get_template("diff.md.j2").render(ctx).encode())
+    atomic_write(folder / "diff.html", escape.render("diff.html.j2", ctx).encode())
+    atomic_write(folder / "diff.md", escape.render("diff.md.j2", ctx).encode())
     return [folder / f for f in DIFF_FILES]
