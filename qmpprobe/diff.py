@@ -31,6 +31,7 @@ from qmpprobe.drift import (
     requested,
 )
 from qmpprobe.errors import InputError
+from qmpprobe.escape import read_csv
 from qmpprobe.store import RunFolder
 
 SCHEMA = 1
@@ -284,7 +285,8 @@ def inventory_rows(a: Run, b: Run) -> pd.DataFrame:
 def read_accepted(path: str | Path) -> pd.DataFrame:
     """An accept file: diff.csv's columns, each cell a shell glob (empty matches anything)."""
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # Lines copied from diff.csv carry its formula guard (a leading `'`): taken off.
+        df = read_csv(path)
     except (OSError, ValueError) as e:
         raise InputError(f"--accept {path}: {e}") from None
     # `compat` came later: accept files written before it still work.
