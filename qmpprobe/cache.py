@@ -6,28 +6,76 @@ run with the same journal key (fingerprint, accelerator, topology, mode, extra f
 qmpprobe version, and the host for KVM), so both are kept here: `journal(key)` is a folder
 laid out like a run's `raw/`. The cache lives in
 `$QMPPROBE_CACHE` (default `$XDG_CACHE_HOME/qmpprobe`, i.e. `~/.cache/qmpprobe`); setting
-`QMPPROBE_CACHE=off` or passing `--no-cache` turns it off. Entries are written atomically and
-a damaged entry is treated as missing.
+`QMPPROBE_CACHE=off` or passing `--no-cache` turns it off. It is used only when private to
+the user (see `root`). Entries are written atomically and a damaged entry is treated as
+missing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
+import sys
 from pathlib import Path
 from typing import Any
 
 from qmpprobe.host import digest
+from qmpprobe.schema import CACHE_SHAPES
 from qmpprobe.store import RunFolder, atomic_write
 
 
-def root() -> Path | None:
-    """The cache folder, or None when caching is off."""
+def configured() -> Path | None:
+    """Where the cache is meant to be, or None when caching is off."""
     env = os.environ.get("QMPPROBE_CACHE")
     if env is not None:
         return None if env in ("", "off", "0") else Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "qmpprobe"
+
+
+def root() -> Path | None:
+    """The cache folder, or None: caching off, or a folder that is not private to this user.
+
+    What the cache holds becomes cells (journal entries) and readings (learned flag bits),
+    so only a folder no one else can write to is used: it is created mode 0700, and an
+    existing one that another user owns or that group or others may write to is not trusted
+    (said once, on stderr; the run goes on without the cache). A folder that cannot be
+    created (a read-only home) is no cache either: the cache is optional.
+    """
+    folder = configured()
+    if folder is None:
+        return None
+    if folder not in _trusted:
+        _trusted[folder] = _private(folder)
+    return folder if _trusted[folder] else None
+
+
+#: Per cache folder, whether it was found private (checked once per process).
+_trusted: dict[Path, bool] = {}
+
+
+def _private(folder: Path) -> bool:
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = folder.stat()
+    except OSError:
+        return False
+    why = []
+    if not stat.S_ISDIR(st.st_mode):
+        why.append("not a folder")
+    if st.st_uid != os.geteuid():
+        why.append(f"owned by uid {st.st_uid}, not {os.geteuid()}")
+    if st.st_mode & 0o022:
+        why.append(f"writable by {'group and others' if st.st_mode & 0o002 else 'group'} "
+                   f"(mode {stat.S_IMODE(st.st_mode):04o})")  # fmt: skip
+    if why:
+        print(
+            f"qmpprobe: warning: cache {folder} is not private ({'; '.join(why)}): not used "
+            "(chmod 700 it, or set QMPPROBE_CACHE)",
+            file=sys.stderr,
+        )
+    return not why
 
 
 def _path(kind: str, key: str) -> Path | None:
@@ -36,14 +84,17 @@ def _path(kind: str, key: str) -> Path | None:
 
 
 def load(kind: str, key: str) -> Any | None:
-    """A cached object, or None (missing, damaged, or caching off)."""
+    """A cached object, or None (missing, damaged, of the wrong shape, or caching off)."""
     path = _path(kind, key)
     if path is None:
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        found = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    shape = CACHE_SHAPES.get(kind)
+    # An entry of another shape is missing: learned again, never half-used.
+    return None if shape is not None and shape(found) else found
 
 
 def save(kind: str, key: str, obj: Any) -> None:

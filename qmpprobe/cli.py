@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from qmpprobe import __version__
+from qmpprobe import __version__, preflight
 from qmpprobe.errors import InputError, Interrupted
 
 EXIT_OK, EXIT_CHANGED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -51,6 +52,9 @@ def _diff_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--cross-host", action="store_true", help="compare KVM runs of two hosts")
 
 
+JOBS_HELP = "QEMUs at once (default: cores + 1; capped by free memory and open files)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = _Parser(prog="qmpprobe", description=__doc__)
@@ -77,8 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TYPE.PROP=VAL",
         help="passed to QEMU as -global (repeatable)",
     )
-    r.add_argument("--jobs", type=int, help="QEMUs at once (default: cores + 1)")
-    r.add_argument("--timeout", type=float, help="seconds per combo before QEMU is killed (30)")
+    r.add_argument("--jobs", type=preflight.jobs_value, help=JOBS_HELP)
+    r.add_argument(
+        "--timeout",
+        type=preflight.seconds_value,
+        help="seconds per combo before QEMU is killed (30)",
+    )
     r.add_argument(
         "--mode",
         default="exact",
@@ -132,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--smp", default="1")
     ck.add_argument("--machines", help="names or globs (each QEMU must have a match)")
     ck.add_argument("--models", help="names or globs (each QEMU must have a match)")
-    ck.add_argument("--jobs", type=int, help="QEMUs at once (default: cores + 1)")
-    ck.add_argument("--timeout", type=float, help="seconds per combo (30)")
+    ck.add_argument("--jobs", type=preflight.jobs_value, help=JOBS_HELP)
+    ck.add_argument("--timeout", type=preflight.seconds_value, help="seconds per combo (30)")
     ck.add_argument("--no-cache", action="store_true", help="probe both QEMUs again")
     _guest_arg(ck)
     _diff_args(ck, "results/check-<stamp> (with baseline/ and candidate/ runs)")
@@ -152,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the -globals that make the newest machine type's CPU equal, and verify",
     )
     x.add_argument("--out", help="run folder when probing (default: results/explain-<stamp>)")
-    x.add_argument("--jobs", type=int, help="QEMUs at once (default: cores + 1)")
-    x.add_argument("--timeout", type=float, default=30.0, help="seconds per QEMU (30)")
+    x.add_argument("--jobs", type=preflight.jobs_value, help=JOBS_HELP)
+    x.add_argument(
+        "--timeout", type=preflight.seconds_value, default=30.0, help="seconds per QEMU (30)"
+    )
 
     e = sub.add_parser("export", help="write a run's cells in another format")
     e.add_argument("run", metavar="RUN", help="run folder")
@@ -161,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--csv", action="store_true", required=True, help="cells.csv beside cells.parquet"
     )
     return parser
+
+
+def _numbers(args: argparse.Namespace) -> dict[str, int | float]:
+    """`--jobs` and `--timeout` as given (argparse checked them), for `RunOptions`."""
+    given = {"jobs": args.jobs, "timeout": args.timeout}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -187,15 +203,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             out=args.out,
             results=args.results,
             progress=progress,
+            **_numbers(args),
         )
-        if args.jobs is not None:
-            if args.jobs < 1:
-                raise InputError("--jobs must be at least 1")
-            options.jobs = args.jobs
-        if args.timeout is not None:
-            if args.timeout <= 0:
-                raise InputError("--timeout must be positive")
-            options.timeout = args.timeout
         outcome = runmod.run_sync(lambda: runmod.run(options))
     print(runmod.summary(outcome))
     if outcome.complete and not args.no_report:
@@ -207,10 +216,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_discover(args: argparse.Namespace) -> int:
+    from qmpprobe import run as runmod
     from qmpprobe.discover import discover
     from qmpprobe.qemu import LaunchOptions
 
-    found = asyncio.run(discover(LaunchOptions(args.qemu, args.accel)))
+    found = runmod.run_sync(lambda: discover(LaunchOptions(args.qemu, args.accel)))
     if args.json:
         print(json.dumps(found.manifest(), indent=1))
         return EXIT_OK
@@ -265,8 +275,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from qmpprobe import run as runmod
 
     out = Path(args.out or f"results/check-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-    for side, qemu in (("baseline", args.baseline), ("candidate", args.candidate)):
-        options = runmod.RunOptions(
+    sides = [
+        runmod.RunOptions(
             qemu=qemu,
             accel=args.accel,
             smp=args.smp,
@@ -276,11 +286,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
             out=str(out / side),
             progress=runmod.is_terminal(),
             cache=not args.no_cache,
+            **_numbers(args),
         )
-        if args.jobs:
-            options.jobs = args.jobs
-        if args.timeout:
-            options.timeout = args.timeout
+        for side, qemu in (("baseline", args.baseline), ("candidate", args.candidate))
+    ]
+    # The baseline's run refuses its own bad input before it writes anything; the candidate's
+    # is asked now, so that a refusal does not come after a whole baseline run.
+    runmod.run_sync(lambda: preflight.acceptable(sides[1]))
+    for options in sides:
         print(runmod.summary(runmod.run_sync(lambda o=options: runmod.run(o))))
     return _diff_and_write(str(out / "baseline"), str(out / "candidate"), args, str(out))
 
@@ -294,21 +307,22 @@ def _explain_run(args: argparse.Namespace) -> str:
     from qmpprobe.explain import newest_of_family
     from qmpprobe.qemu import LaunchOptions
 
-    found = asyncio.run(discover(LaunchOptions(args.qemu, args.accel)))
-    machines = [vars(m) for m in found.machines]
-    newest = newest_of_family(machines, args.machine)
     out = args.out or f"results/explain-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    # Checked as every probing command's options are, before QEMU is started.
     options = runmod.RunOptions(
         qemu=args.qemu,
         accel=args.accel,
         smp=args.smp,
-        machines=f"{args.machine},{newest}",
+        machines=args.machine,
         models=args.model,
         out=out,
         progress=runmod.is_terminal(),
+        **_numbers(args),
     )
-    if args.jobs:
-        options.jobs = args.jobs
+    found = runmod.run_sync(lambda: discover(LaunchOptions(args.qemu, args.accel)))
+    machines = [vars(m) for m in found.machines]
+    newest = newest_of_family(machines, args.machine)
+    options.machines = f"{args.machine},{newest}"
     print(runmod.summary(runmod.run_sync(lambda: runmod.run(options))))
     return out
 
@@ -317,9 +331,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     import fnmatch
 
     from qmpprobe import explain
+    from qmpprobe import run as runmod
     from qmpprobe.run import default_jobs
     from qmpprobe.store import RunFolder
 
+    preflight.check_patterns(args.model, "--model")
     folder = RunFolder(args.run or _explain_run(args))
     manifest = folder.read_manifest(require_complete=True)
     newest = explain.newest_of_family(manifest["machines"], args.machine)
@@ -354,9 +370,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if not args.as_globals:
         return EXIT_OK
     plans = explain.globals_plans(manifest, diffs, args.machine, newest)
-    trips = asyncio.run(
-        explain.verify(
-            manifest, cells, args.machine, newest, plans, args.jobs or default_jobs(), args.timeout
+    trips = runmod.run_sync(
+        lambda: explain.verify(
+            manifest,
+            cells,
+            args.machine,
+            newest,
+            plans,
+            preflight.capped_jobs(args.jobs or default_jobs()),
+            args.timeout,
         )
     )
     failed = 0
@@ -397,8 +419,9 @@ COMMANDS = {
 
 
 #: Options whose value may begin with `-` (`--cpu-flags -mmx`): argparse would take it for
-#: an option, so the value is attached (`--cpu-flags=-mmx`) before parsing.
-DASH_VALUES = ("--cpu-flags",)
+#: an option, so the value is attached (`--cpu-flags=-mmx`) before parsing. The numbers too,
+#: so that `--timeout -inf` is refused for what it is, not as a missing value.
+DASH_VALUES = ("--cpu-flags", "--timeout", "--jobs")
 
 
 def attach_dash_values(argv: Sequence[str]) -> list[str]:
@@ -417,21 +440,54 @@ def attach_dash_values(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `qmpprobe` console script."""
     args = build_parser().parse_args(attach_dash_values(sys.argv[1:] if argv is None else argv))
+    # Commands that start no QEMU (report, diff, export) stop on SIGTERM and SIGHUP as on
+    # Ctrl-C; those that do replace these with their own handlers while QEMUs run.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup` keeps SIGHUP ignored
+            signal.signal(sig, _stop)
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return _say("interrupted (each file is written whole or not at all)", EXIT_INTERRUPTED)
     except InputError as e:
-        print(f"qmpprobe: {e}", file=sys.stderr)
-        return EXIT_INPUT
+        return _say(error_text(e), EXIT_INPUT)
     except Interrupted as e:
-        print(f"qmpprobe: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _say(error_text(e), EXIT_INTERRUPTED)
     except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"qmpprobe: {where}{e.strerror or e}", file=sys.stderr)
-        return EXIT_INPUT
+        if e.errno is None and not e.filename and not str(e):
+            # A bare OSError (an asyncio TimeoutError) says nothing: a step forgot to say
+            # what it waited for. That is qmpprobe's bug, not the user's input.
+            return _internal(e)
+        return _say(error_text(e), EXIT_INPUT)
     except Exception as e:  # a bug of qmpprobe's: one line here, the traceback in a file
-        print(f"qmpprobe: internal error: {type(e).__name__}: {e}{_saved(e)}", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal(e)
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def error_text(error: BaseException) -> str:
+    """What went wrong, as one line that is never empty (the exception's type at least)."""
+    text = str(error)
+    if isinstance(error, OSError) and (error.strerror or error.filename):
+        where = f"{error.filename}: " if error.filename else ""
+        text = f"{where}{error.strerror or error}"
+    text = " | ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text or f"{type(error).__name__} (no message)"
+
+
+def _say(line: str, code: int) -> int:
+    """The command's last line, on stderr; its exit code."""
+    # stderr may be gone (a hung-up terminal): the exit code still says it.
+    with contextlib.suppress(OSError):
+        print(f"qmpprobe: {line}", file=sys.stderr)
+    return code
+
+
+def _internal(error: BaseException) -> int:
+    what = f": {error_text(error)}" if str(error).strip() else " (no message)"
+    return _say(f"internal error: {type(error).__name__}{what}{_saved(error)}", EXIT_INTERNAL)
 
 
 def _saved(error: BaseException) -> str:

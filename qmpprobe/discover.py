@@ -21,8 +21,8 @@ from qmpprobe import __version__, cache
 from qmpprobe.errors import InputError
 from qmpprobe.host import kvm_usable, qemu_fingerprint
 from qmpprobe.learn import feature_bits, learn_aliases, learn_bits
-from qmpprobe.probe import ended_text, is_edge, qemu_message
-from qmpprobe.qemu import LaunchOptions, QemuProcess
+from qmpprobe.probe import MALFORMED, ended_text, is_edge, qemu_message
+from qmpprobe.qemu import Ended, LaunchOptions, QemuProcess, together
 
 #: Seconds to wait for the QMP greeting, then for all of discovery's answers.
 GREETING_TIMEOUT = 15.0
@@ -227,12 +227,24 @@ async def _discover(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bo
         raise InputError(
             f"{qemu_path} is not a working QEMU with QMP{how}: {said or type(e).__name__}"
         ) from None
+    step = _Step("its first questions", GREETING_TIMEOUT)
     try:
         async with asyncio.timeout(DISCOVERY_TIMEOUT):
-            return await _ask(proc, qemu_path, accel, use_cache)
+            return await _ask(proc, qemu_path, accel, use_cache, step)
     except TimeoutError:
+        # Which QEMU, which step, and that it stopped answering (still there, or how it ended).
+        rc = proc.proc.returncode if proc.proc else None
+        how = ended_text(Ended.from_returncode(rc)) if rc is not None else "it is still running"
         raise InputError(
-            f"{qemu_path} did not finish discovery within {DISCOVERY_TIMEOUT:.0f} s"
+            f"{qemu_path} stopped answering during discovery: no answer to {step.what} within "
+            f"{step.within:.0f} s" + (f" (-machine none; {how})" if step.own else "")
+        ) from None
+    except MALFORMED as e:
+        # An answer of another shape than QEMU's QMP schema says (a broken build, or a
+        # wrapper that lies): this QEMU cannot be used.
+        raise InputError(
+            f"{qemu_path} gave an answer without what its QMP schema promises during "
+            f"discovery ({type(e).__name__}: {e})"
         ) from None
     except (QMPError, OSError, EOFError) as e:
         # QEMU died (or broke the protocol) while it was asked: say what it said, and how.
@@ -241,6 +253,17 @@ async def _discover(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bo
         raise InputError(
             f"{qemu_path} died during discovery ({ended_text(ended)}): {said or type(e).__name__}"
         ) from None
+
+
+@dataclass
+class _Step:
+    """What discovery is waiting for, and for how long at most (for the line a timeout ends
+    with: which QEMU, which step, that it stopped answering)."""
+
+    what: str
+    within: float
+    #: Whether discovery's own QEMU (-machine none) is the one waited for.
+    own: bool = True
 
 
 def ancestry(types: list[dict[str, Any]], typenames: Iterable[str]) -> dict[str, list[str]]:
@@ -307,7 +330,10 @@ async def _plumbing(proc: QemuProcess, models: list[Model], answers: dict[str, A
     return sorted({p["name"] for p in device.get("return", [])} | set(edges))
 
 
-async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -> Discovery:
+async def _ask(
+    proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool, step: _Step
+) -> Discovery:
+    """Everything discovery asks, in order; `step` always says what it is waiting for."""
     names = [
         "query-version",
         "query-target",
@@ -317,7 +343,13 @@ async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -
         "query-kvm",
         "query-accels",
     ]
-    answers = dict(zip(names, await proc.answers([(n, None) for n in names]), strict=True))
+    step.what, step.within = f"its first questions ({', '.join(names)})", GREETING_TIMEOUT
+    # Answered in milliseconds by any QEMU that greeted: one that is silent here is found as
+    # soon as one that never greets, not after the whole of discovery's time.
+    async with asyncio.timeout(GREETING_TIMEOUT):
+        first = await proc.answers([(n, None) for n in names])
+    step.within = DISCOVERY_TIMEOUT
+    answers = dict(zip(names, first, strict=True))
     target = _ret(answers["query-target"], "query-target")["arch"]
     if target not in X86_TARGETS:
         raise InputError(
@@ -325,17 +357,24 @@ async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -
         )
     qv = _ret(answers["query-version"], "query-version")
     fingerprint = qemu_fingerprint(qemu_path, proc.pid or 0)
+    step.what = "query-cpu-model-expansion of base"
     static = (await proc.answers([("query-cpu-model-expansion", STATIC_BASE)]))[0]
     answers["static-base"] = static
     features = _features(static)
     machines = parse_machines(_ret(answers["query-machines"], "query-machines"))
     models = parse_models(_ret(answers["query-cpu-definitions"], "query-cpu-definitions"))
     key = f"{fingerprint['id']}-{accel}-{__version__}"
+    # Missing, damaged or of another shape (cache.load checks it): learned again.
     learned = cache.load("features", key) if use_cache else None
     if learned is None:
         base_type = next((m.typename for m in models if m.name == "base"), "")
         # Independent QEMUs: both learn at once.
-        (aliases, alias_answers), (bits, crashed) = await asyncio.gather(
+        step.what, step.own = (
+            "learning feature aliases and CPUID bits (in it, in a second -machine none QEMU, "
+            "and in QEMUs of the default machine type with CPUs hot-plugged)",
+            False,
+        )
+        (aliases, alias_answers), (bits, crashed) = await together(
             learn_aliases(proc, LaunchOptions(qemu_path, accel), base_type),
             _learn_bits(qemu_path, accel, machines, models, features),
         )
@@ -345,8 +384,10 @@ async def _ask(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -
         learned["answers"]["cached"] = key
     answers["aliases"] = learned["answers"]
     answers["feature-bits"] = {"bits": learned["bits"], "crashed": learned["crashed"]}
+    step.what, step.own = "query-machines with compat-props, then qom-list-types", True
     compat_props, cpu_types, compat_answers = await _compat(proc, models)
     answers.update(compat_answers)
+    step.what = "qom-list-properties of device and of the base CPU type"
     v = qv["qemu"]
     kvm = answers["query-kvm"].get("return", {})
     return Discovery(

@@ -10,6 +10,7 @@ Cells are `cpuid:<mode>:<leaf as 0x%08x>:<subleaf>:<eax|ebx|ecx|edx>` (32-bit in
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import shutil
 import subprocess
@@ -27,26 +28,40 @@ PREFIX = "cpuid:"
 
 
 def image() -> str:
-    """The firmware image, assembled once per source version into qmpprobe's cache."""
-    from qmpprobe import cache  # cache -> store -> cells -> guest: import late
+    """The firmware image, assembled from its source by this process, in a private folder.
 
+    Never taken from a path another process could have written: with the cache off it was
+    `$TMPDIR/qmpprobe/firmware/cpuid-<hash>.bin`, which anyone could plant, and whatever
+    image runs decides every cpuid:* cell. nasm assembles the 10.7 KiB source in 40 ms
+    (15 ms of CPU, measured on this VM; a run takes seconds), so the image is built once per
+    process into a `mkdtemp` folder (mode 0700, an unpredictable name), removed at exit, and
+    neither a cached copy to verify nor a read-only cache can stand in the way. The file name
+    keeps the hash of the source (the manifest's `guest_firmware`, part of the journal key).
+    """
+    global _built
+    if _built is not None and Path(_built).is_file():
+        return _built
     source = SOURCE.read_bytes()
-    base = cache.root() or Path(tempfile.gettempdir()) / "qmpprobe"
-    out = base / "firmware" / f"cpuid-{hashlib.sha256(source).hexdigest()[:16]}.bin"
-    if out.exists():
-        return str(out)
     nasm = shutil.which("nasm")
     if nasm is None:
         raise InputError("--guest-cpuid needs nasm to build its firmware: run scripts/setup")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{id(out)}")
+    folder = Path(tempfile.mkdtemp(prefix="qmpprobe-firmware-"))
+    atexit.register(shutil.rmtree, folder, True)
+    out = folder / f"cpuid-{hashlib.sha256(source).hexdigest()[:16]}.bin"
+    copy = folder / "cpuid.asm"  # assembled from the bytes hashed, not a file read again
+    copy.write_bytes(source)
     done = subprocess.run(
-        [nasm, "-f", "bin", "-o", str(tmp), str(SOURCE)], capture_output=True, text=True
+        [nasm, "-f", "bin", "-o", str(out), str(copy)], capture_output=True, text=True
     )
-    if done.returncode != 0:
-        raise InputError(f"nasm failed on {SOURCE}: {done.stderr.strip()}")
-    tmp.replace(out)
-    return str(out)
+    if done.returncode != 0 or not out.is_file():
+        said = " | ".join(done.stderr.split("\n")).strip(" |") or f"exit {done.returncode}"
+        raise InputError(f"nasm failed on {SOURCE}: {said}")
+    _built = str(out)
+    return _built
+
+
+#: The image this process built (see `image`).
+_built: str | None = None
 
 
 def cell_name(mode: str, leaf: int, subleaf: int, reg: str) -> str:
