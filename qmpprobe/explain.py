@@ -28,7 +28,7 @@ from qmpprobe.drift import (
 )
 from qmpprobe.errors import InputError
 from qmpprobe.probe import READ_QOM_GET, ReadPlan, probe
-from qmpprobe.qemu import LaunchOptions
+from qmpprobe.qemu import LaunchOptions, together
 
 #: Facts of the host and accelerator, not of the CPU asked for.
 NOT_COMPARED = {"filtered-features", "unavailable-features"}
@@ -59,7 +59,8 @@ def differences(
     wide = req.pivot_table(
         index=["model", "prop"], columns="machine", values="value", aggfunc="first"
     )
-    if machine not in wide or newest not in wide:
+    # The newest machine type itself differs from nothing (and would be one column, not two).
+    if machine == newest or machine not in wide or newest not in wide:
         return pd.DataFrame(columns=["model", "prop", "value", "newest_value"])
     wide = wide.rename(columns={machine: "value", newest: "newest_value"}).reset_index()
     differ = wide["value"].ne(wide["newest_value"]) & wide["value"].notna()
@@ -171,4 +172,4 @@ async def verify(
         }
         return RoundTrip(model, extra, "ok", left=left)
 
-    return list(await asyncio.gather(*(one(m, g) for m, g in plans.items())))
+    return await together(*(one(m, g) for m, g in plans.items()))

@@ -19,7 +19,7 @@ from qemu.qmp import QMPError
 
 from qmpprobe.errors import InputError
 from qmpprobe.probe import qemu_message
-from qmpprobe.qemu import LaunchOptions, QemuProcess
+from qmpprobe.qemu import LaunchOptions, QemuProcess, together
 
 #: Seconds allowed to learn the CPUID bits of every flag.
 BITS_TIMEOUT = 120.0
@@ -240,7 +240,7 @@ async def learn_bits(
             return await _bits_of(topo, machine, base_type, chunk)
 
     async with asyncio.timeout(BITS_TIMEOUT):
-        parts = await asyncio.gather(*(one(c) for c in chunks))
+        parts = await together(*(one(c) for c in chunks))
     learned = {f: b for got, _ in parts for f, b in got.items()}
     crashed = {f: m for _, died in parts for f, m in died.items()}
     return learned, crashed

@@ -5,14 +5,14 @@ accelerator and topology, each with its report); each run is diffed against the 
 accelerator and topology of the latest earlier night, and adjacent QEMU releases of the night
 against each other (`<root>/<date>/releases/`). `<root>/<date>/night.json` lists what ran and
 how it ended, and `<root>/index.html` links every night. One failing binary does not stop the
-others; the exit code is 1 when a run failed or a binary changed a shipped machine type since
-the previous night. `scripts/nightly` sets up and calls `python -m qmpprobe.nightly`.
+others. Exit code: 1 when a binary changed a shipped machine type since the previous night;
+else 2 when a run or a diff could not be done (no verdict is never a pass); else 0.
+`scripts/nightly` sets up and calls `python -m qmpprobe.nightly`.
 """
 
 from __future__ import annotations
 
 import argparse
-import html
 import itertools
 import json
 import os
@@ -23,9 +23,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+from qmpprobe import escape
+from qmpprobe.errors import InputError
 from qmpprobe.host import kvm_usable
-from qmpprobe.store import atomic_write
+from qmpprobe.store import RunFolder, atomic_write
 
 
 def parse_qemus(specs: Sequence[str]) -> list[tuple[str, str]]:
@@ -82,29 +85,36 @@ def run_one(
         run = results / new[-1]
         entry["run"] = str(run.relative_to(night))
         try:
-            manifest = json.loads((run / "manifest.json").read_text())
+            # Checked as every reader checks it: a run whose manifest fails did not complete.
+            manifest = RunFolder(run).read_manifest()
             entry.update(
                 version=manifest["qemu"]["version"],
                 counts=manifest["counts"],
                 complete=manifest["complete"],
             )
-        except (OSError, ValueError, KeyError):
+        except InputError:
             entry["complete"] = False
     return entry
 
 
 def _diff(night: Path, a: Path, b: Path, out: Path) -> dict[str, Any]:
-    """`qmpprobe diff A B --out OUT`; its verdict (exit 1: a shipped machine type changed)."""
+    """`qmpprobe diff A B --out OUT`; its verdict (exit 0: no shipped machine type changed,
+    1: one did; any other exit is no verdict, and its summary says why)."""
     done = subprocess.run(
         [sys.executable, "-m", "qmpprobe", "diff", str(a), str(b), "--out", str(out)],
         capture_output=True,
         text=True,
     )
     said = (done.stdout + done.stderr).strip().splitlines()
+    summary = said[0] if said else ""
+    if done.returncode not in (0, 1):
+        # A refused or crashed diff: its last line is the reason (every command ends with one).
+        why = done.stderr.strip().splitlines()
+        summary = f"no verdict (diff exit {done.returncode}): {why[-1] if why else summary}"
     return {
         "against": str(a),
         "exit": done.returncode,
-        "summary": said[0] if said else "",
+        "summary": summary,
         "diff": str(out.relative_to(night)) if (out / "diff.html").exists() else None,
     }
 
@@ -114,9 +124,11 @@ def previous_run(root: Path, night: Path, entry: dict[str, Any]) -> Path | None:
     for earlier in sorted((p for p in root.iterdir() if p.name < night.name), reverse=True):
         try:
             runs = json.loads((earlier / "night.json").read_text())["runs"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):  # no night, or a damaged record
             continue
-        for e in runs:
+        for e in runs if isinstance(runs, list) else []:
+            if not isinstance(e, dict) or not isinstance(e.get("run"), str):
+                continue
             same = all(e.get(k) == entry[k] for k in ("name", "accel", "smp"))
             if same and e.get("complete") and e.get("run"):
                 return earlier / e["run"]
@@ -154,73 +166,98 @@ def add_diffs(root: Path, night: Path, runs: list[dict[str, Any]]) -> list[dict[
     return releases
 
 
+def _nights(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every night's record, newest first."""
+    nights = sorted((p for p in root.iterdir() if (p / "night.json").exists()), reverse=True)
+    return [(night, record) for night in nights if (record := _night(night)) is not None]
+
+
+def _night(night: Path) -> dict[str, Any] | None:
+    """A night's record, or None when it is unreadable or not of the shape this code writes
+    (a damaged night is left out of the index, not the end of the nightly)."""
+    try:
+        record = json.loads((night / "night.json").read_text())
+    except (OSError, ValueError):
+        return None
+    runs = record.get("runs") if isinstance(record, dict) else None
+    keys = ("name", "accel", "smp", "exit")
+    if not isinstance(runs, list) or not all(
+        isinstance(e, dict) and all(k in e for k in keys) for e in runs
+    ):
+        return None
+    return record
+
+
+def _href(path: str) -> str:
+    """A relative link to `path` (a night's folder names): each segment percent-encoded, so
+    no name (`--date`, a binary's name, a run folder) can make it a `javascript:` URL."""
+    return "/".join(quote(part, safe="") for part in path.split("/"))
+
+
 def write_index(root: Path) -> Path:
-    """`<root>/index.html`: every night, newest first, with links to each run's report."""
-    rows = []
-    for night in sorted((p for p in root.iterdir() if (p / "night.json").exists()), reverse=True):
-        for e in json.loads((night / "night.json").read_text())["runs"]:
+    """`<root>/index.html`: every night, newest first, with links to each run's report.
+
+    The page is a template of qmpprobe's own (autoescaped): every name, version, message and
+    path from night.json is text in it, never markup.
+    """
+    nights = _nights(root)
+    runs = []
+    for night, record in nights:
+        for e in record["runs"]:
             link = f"{night.name}/{e['run']}/report.html" if e.get("run") else ""
-            counts = ", ".join(f"{k} {v}" for k, v in (e.get("counts") or {}).items() if v)
-            cell = (
-                f'<a href="{html.escape(link)}">report</a>'
-                if link and (root / link).exists()
-                else html.escape(" ".join(e.get("said") or []))
+            runs.append(
+                {
+                    "night": night.name,
+                    "name": e["name"],
+                    "version": e.get("version", "?"),
+                    "accel": e["accel"],
+                    "smp": e["smp"],
+                    "counts": ", ".join(
+                        f"{k} {v}" for k, v in (e.get("counts") or {}).items() if v
+                    ),
+                    "exit": e["exit"],
+                    "report": _href(link) if link and (root / link).exists() else "",
+                    "said": " ".join(e.get("said") or []),
+                    "previous": _diff_cell(night.name, e.get("previous")),
+                }
             )
-            rows.append(
-                f"<tr><td>{night.name}</td><td>{html.escape(e['name'])}</td>"
-                f"<td>{html.escape(e.get('version', '?'))}</td><td>{e['accel']}</td>"
-                f"<td>{html.escape(e['smp'])}</td><td>{html.escape(counts)}</td>"
-                f"<td>{e['exit']}</td><td>{cell}</td>"
-                f"<td>{_diff_cell(night.name, e.get('previous'))}</td></tr>"
-            )
-    page = (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        "<title>qmpprobe nightly</title><style>body{font:14px system-ui,sans-serif;margin:2em}"
-        "td,th{border:1px solid #ddd;padding:2px 8px}table{border-collapse:collapse}</style>"
-        "</head><body><h1>qmpprobe nightly drift reports</h1><table><tr><th>night</th>"
-        "<th>binary</th><th>QEMU</th><th>accel</th><th>-smp</th><th>combos</th><th>exit</th>"
-        "<th>report</th><th>vs previous night</th></tr>"
-        + "".join(rows)
-        + "</table>"
-        + _release_table(root)
-        + "</body></html>\n"
-    )
+    page = escape.render("index.html.j2", {"runs": runs, "releases": _release_table(nights)})
     out = root / "index.html"
     atomic_write(out, page.encode())
     return out
 
 
-def _diff_cell(night: str, d: dict[str, Any] | None) -> str:
+def _diff_cell(night: str, d: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A diff's summary, its link and whether it broke, for the index's template."""
     if not d:
-        return ""
-    text = html.escape(d["summary"])
-    style = ' style="color:#b00020"' if d["exit"] == 1 else ""
-    return (
-        f'<a{style} href="{night}/{html.escape(d["diff"])}/diff.html">{text}</a>'
-        if d.get("diff")
-        else text
-    )
+        return None
+    return {
+        "text": d["summary"],
+        "href": _href(f"{night}/{d['diff']}/diff.html") if d.get("diff") else "",
+        "broken": d["exit"] == 1,
+    }
 
 
-def _release_table(root: Path) -> str:
-    rows = []
-    for night in sorted((p for p in root.iterdir() if (p / "night.json").exists()), reverse=True):
-        for d in json.loads((night / "night.json").read_text()).get("releases", []):
-            rows.append(
-                f"<tr><td>{night.name}</td><td>{html.escape(d['from'])} → "
-                f"{html.escape(d['to'])}</td><td>{d['accel']}</td><td>{d['smp']}</td>"
-                f"<td>{_diff_cell(night.name, d)}</td></tr>"
-            )
-    if not rows:
-        return ""
-    return (
-        "<h2>Adjacent releases</h2><table><tr><th>night</th><th>releases</th><th>accel</th>"
-        "<th>-smp</th><th>diff</th></tr>" + "".join(rows) + "</table>"
-    )
+def _release_table(nights: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The adjacent-release diffs of every night, newest night first."""
+    return [
+        {
+            "night": night.name,
+            # `from` is a keyword in Jinja's expressions.
+            "older": d["from"],
+            "newer": d["to"],
+            "accel": d["accel"],
+            "smp": d["smp"],
+            "diff": _diff_cell(night.name, d),
+        }
+        for night, record in nights
+        for d in record.get("releases", [])
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one night; exit 0 when every run completed, 1 otherwise."""
+    """Run one night; exit 1 when a shipped machine type changed since the previous night,
+    else 2 when a run or a diff could not be done, else 0."""
     p = argparse.ArgumentParser(prog="scripts/nightly", description=__doc__)
     p.add_argument(
         "--qemu",
@@ -256,10 +293,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r['name']} {r['accel']} smp{r['smp']}: exit {r['exit']} {r.get('run') or ''}"
             + (f"; vs previous night: {vs}" if vs else "")
         )
-    # A failed run, or a binary whose shipped machine types changed since the previous night.
+    for d in releases:
+        if d["exit"] not in (0, 1):
+            print(f"releases {d['from']} -> {d['to']} {d['accel']} smp{d['smp']}: {d['summary']}")
+    # A break shows on one night only (the next night diffs against this one): it wins. A diff
+    # that ended otherwise than 0 or 1 (refused, crashed) gave no verdict, which is no pass.
     broken = any(r.get("previous", {}).get("exit") == 1 for r in runs)
-    return 0 if all(r["exit"] == 0 and r.get("complete") for r in runs) and not broken else 1
+    diffs = [r["previous"] for r in runs if "previous" in r] + releases
+    undone = any(r["exit"] != 0 or not r.get("complete") for r in runs) or any(
+        d["exit"] not in (0, 1) for d in diffs
+    )
+    return 1 if broken else 2 if undone else 0
+
+
+def entry() -> int:
+    """`main`, ending with one line and exit 4 on an error of the nightly itself (never 1,
+    which means a shipped machine type changed)."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("nightly: interrupted", file=sys.stderr)
+        return 3
+    except Exception as e:  # a bug, or a night folder of another shape
+        print(f"nightly: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

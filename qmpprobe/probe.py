@@ -233,6 +233,10 @@ async def _session(
     except TimeoutError:
         record["status"] = TIMEOUT
         record["error"] = f"no answer within {timeout:g} s"
+    except MALFORMED as e:
+        # An answer without what QEMU's schema promises (a broken build, or a wrapper that
+        # lies): this combo's error, never the run's end.
+        malformed(record, e)
     finally:
         ended = await qemu.stop()
         record["seconds"] = round(time.monotonic() - started, 4)
@@ -240,7 +244,13 @@ async def _session(
     # exit/signal say how QEMU ended on its own; empty when it ran until we stopped it.
     record["exit"], record["signal"] = (ended.exit, ended.signal) if ended else (None, None)
     if record["status"] == ERROR and not record["error"]:
-        record["error"] = qemu_message(qemu.output()) or ended_text(ended)
+        said = qemu_message(qemu.output())
+        outside = record["signal"] in OUTSIDE_SIGNALS
+        record["error"] = said if said and not outside else ended_text(ended)
+    # Kept in the record: a later run (or --resume) probes such a combo again.
+    if why := environment_caused(record):
+        record["environment"] = why
+    record.pop("spawn_error", None)
     return record
 
 
@@ -306,9 +316,11 @@ async def definitions_of(
     return await _session(options.argv(machine, model), env, timeout, machine, work)
 
 
-#: A healthy dump writes a line every few milliseconds: this long without a byte, the guest
-#: (or QEMU running it) is stuck, as Opteron_G4 is on CR4.OSXSAVE under TCG 7.2 to 11.1 (and
-#: a stuck TCG vCPU burns a whole core meanwhile, so waiting longer is not free).
+#: A healthy dump writes a line every few milliseconds, using a few ms of QEMU's CPU: a guest
+#: that wrote nothing while QEMU spent this much CPU on it is stuck, as Opteron_G4 is on
+#: CR4.OSXSAVE under TCG 7.2 to 11.1 (a stuck TCG vCPU burns a whole core). Counted in CPU
+#: seconds, not wall seconds, so that a busy machine (QEMU waiting for a core) is not a stall;
+#: checked once the guest has been quiet this long on the wall clock too.
 GUEST_STALL = 0.5
 _POLL = 0.02
 
@@ -319,16 +331,21 @@ async def _guest(qemu: QemuProcess, record: dict[str, Any], dump: Path) -> None:
     # QEMU may end before it answers: the dump says whether the firmware got through.
     with contextlib.suppress(QMPError, OSError, EOFError):
         await qemu.execute("cont")
-    size, since = -1, time.monotonic()
+    size, since, mark = -1, time.monotonic(), None
     while await qemu.wait_exit(_POLL) is None:
         now = dump.stat().st_size if dump.exists() else 0
         if now != size:
-            size, since = now, time.monotonic()
+            size, since, mark = now, time.monotonic(), None
         elif time.monotonic() - since > GUEST_STALL:
-            # The same guest hangs the same way every time: final, not retried, journaled.
-            record["status"], record["stalled"] = TIMEOUT, True
-            record["error"] = f"no progress for {GUEST_STALL:g} s"
-            return
+            used = qemu.cpu_seconds()
+            if mark is None:
+                mark = used
+            elif used - mark > GUEST_STALL:
+                # QEMU's own CPU went into a guest that wrote nothing: the same guest hangs
+                # the same way every time, so this is final (not retried, journaled).
+                record["status"], record["stalled"] = TIMEOUT, True
+                record["error"] = f"no progress in {GUEST_STALL:g} s of QEMU's CPU time"
+                return
     record["status"] = OK
 
 
@@ -507,6 +524,39 @@ def split_machine_record(
     return out
 
 
+#: Signals QEMU gets from outside (a user, a supervisor, the OOM killer's SIGKILL), never
+#: from its own bugs (those are SIGABRT, SIGSEGV, ...): an end by one of them says nothing
+#: about the combo.
+OUTSIDE_SIGNALS = frozenset(
+    {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
+)
+
+
+def environment_caused(record: Mapping[str, Any]) -> str:
+    """Why a result was caused by the machine rather than by QEMU's answer to the combo
+    (killed from outside, no resources to start, no answer in time), or "" for a final one."""
+    if record.get("stalled"):
+        return ""
+    if record["status"] == TIMEOUT:
+        return "no answer in time (a busy machine can cause it)"
+    if record.get("signal") in OUTSIDE_SIGNALS:
+        return f"killed from outside ({signal.Signals(record['signal']).name})"
+    if record.get("spawn_error"):
+        return "could not be started (resources)"
+    return ""
+
+
+#: What reading an answer of the wrong shape raises (a key missing, a value of another type).
+MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+
+
+def malformed(record: dict[str, Any], e: BaseException) -> None:
+    """Make `record` the error of a QEMU answer qmpprobe cannot read (not kept in the cache:
+    a real QEMU would not say it)."""
+    record.update(status=ERROR, answers={}, malformed=True)
+    record["error"] = f"QEMU's answer lacks what its QMP schema promises ({type(e).__name__}: {e})"
+
+
 def ended_text(ended: Ended | None) -> str:
     """How QEMU ended, in words (`QEMU killed by signal 6 (SIGABRT)`)."""
     if ended is None:
@@ -517,8 +567,11 @@ def ended_text(ended: Ended | None) -> str:
 
 
 def _failure(qemu: QemuProcess, what: str, exc: BaseException) -> str:
-    """QEMU's own words if it said any, else how it ended, else what went wrong over QMP."""
+    """QEMU's own words if it said any, else how it ended, else what went wrong over QMP;
+    killed from outside, how it ended comes first (what it said last is not why)."""
     said = qemu_message(qemu.output())
+    if qemu.ended is not None and qemu.ended.signal in OUTSIDE_SIGNALS:
+        return f"{ended_text(qemu.ended)} during {what}" + (f" (it said: {said})" if said else "")
     if said:
         return said
     if qemu.ended is not None:
@@ -532,6 +585,7 @@ async def _connect(qemu: QemuProcess, record: dict[str, Any]) -> bool:
         await qemu.start()
     except OSError as e:  # e.g. no processes or file descriptors left: this combo's error
         record["error"] = f"cannot start QEMU: {e.strerror or e}"
+        record["spawn_error"] = True
         return False
     try:
         await qemu.connect()

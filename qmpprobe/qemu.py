@@ -17,9 +17,10 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import orjson
 from qemu.qmp import ExecuteError, Message, QMPClient
@@ -33,8 +34,37 @@ READ_LIMIT = 8 << 20
 #: Bytes of QEMU's stdout/stderr kept for error messages.
 TAIL_BYTES = 16 << 10
 
+T = TypeVar("T")
+
 _SETPRIV = shutil.which("setpriv")
 _PR_SET_PDEATHSIG = 1
+
+#: Sessions (= process groups: every QEMU starts a session of its own) of the QEMUs alive now.
+_LIVE: set[int] = set()
+#: Where each session's start and end is told (the reaper's pipe), or None.
+_TELL: int | None = None
+
+
+def tell_reaper(fd: int | None) -> None:
+    """Send every QEMU session's start (`+SID INODE`, the inode of its QMP socket) and end
+    (`-SID`) to `fd` from now on (QEMUs started before the reaper are discovery's: none)."""
+    global _TELL
+    _TELL = fd
+
+
+def tell(line: str) -> None:
+    """Tell the reaper one line (nothing when there is none)."""
+    if _TELL is None:
+        return
+    # A few bytes per QEMU; a reaper that is gone (EPIPE) cannot be helped from here.
+    with contextlib.suppress(OSError):
+        os.write(_TELL, f"{line}\n".encode())
+
+
+def kill_live() -> None:
+    """SIGKILL every QEMU session still alive (the last resort of a command that ends)."""
+    for sid in list(_LIVE):
+        kill_session(sid)
 
 
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -177,12 +207,18 @@ class QemuProcess:
         self._tail = bytearray()
         self._cut = False
         self._drain: asyncio.Task[None] | None = None
+        self._inode = 0
         self.ended: Ended | None = None
 
     @property
     def pid(self) -> int | None:
         """PID (and process-group id) of the process qmpprobe started."""
         return self.proc.pid if self.proc else None
+
+    def cpu_seconds(self) -> float:
+        """CPU time QEMU has used so far: the process and its descendants (a wrapper's QEMU
+        child), every thread, from /proc."""
+        return sum(_cpu_of(p) for p in tree(self.pid)) if self.pid else 0.0
 
     async def start(self, monitor_args: bool = True) -> None:
         """Spawn QEMU with the QMP monitor on one end of a fresh socketpair."""
@@ -207,6 +243,9 @@ class QemuProcess:
             )
         finally:
             theirs.close()
+        self._inode = _pipe_inode(self.proc)
+        _LIVE.add(self.proc.pid)
+        tell(f"+{self.proc.pid} {self._inode}")
         self._drain = asyncio.create_task(self._drain_output())
 
     async def _drain_output(self) -> None:
@@ -262,7 +301,9 @@ class QemuProcess:
             return None
         if self.ended is None and self.proc.returncode is not None:
             self.ended = Ended.from_returncode(self.proc.returncode)
-        kill_group(self.proc.pid)
+        # The whole tree and group: a wrapper's QEMU child too, even one that left the
+        # wrapper's session (`setsid`); listed first, as killing the wrapper orphans it.
+        kill_tree(self.proc.pid)
         reap = asyncio.ensure_future(self._reap())
         try:
             await asyncio.shield(reap)
@@ -285,10 +326,32 @@ class QemuProcess:
             self._sock.close()
             self._sock = None
         if self._drain is not None:
-            # A grandchild that left our process group could hold the pipe open: do not wait on it.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drain, 1.0)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drain), 0.1)
+            except TimeoutError:
+                # Something still writes to QEMU's output: a QEMU the wrapper left behind in
+                # a session of its own (`exec setsid qemu …` forks and returns at once).
+                for pid in pipe_holders({self._inode}):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._drain, 1.0)
             self._drain = None
+        if self.proc.pid in _LIVE:  # its whole tree is gone: the reaper may forget it
+            _LIVE.discard(self.proc.pid)
+            tell(f"-{self.proc.pid}")
+
+
+async def together(*aws: Awaitable[T]) -> list[T]:
+    """`asyncio.gather`, except that when one fails the others are cancelled and awaited
+    before the error goes on: no task is left holding a QEMU (gather leaves them running)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @contextlib.contextmanager
@@ -321,10 +384,97 @@ def _pidfds_work() -> bool:
     return True
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    """/proc/PID/stat from field 3 on (the command name may hold spaces and parentheses)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return []
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def _cpu_of(pid: int) -> float:
+    fields = _stat_fields(pid)  # utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / _TICK if len(fields) > 12 else 0.0
+
+
+def tree(pid: int) -> list[int]:
+    """A process and its descendants (through /proc/PID/task/TID/children)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+    return found
+
+
 def kill_group(pgid: int) -> None:
     """SIGKILL a process group, ignoring one that is already gone."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def _pipe_inode(proc: asyncio.subprocess.Process) -> int:
+    """The inode of the pipe QEMU writes its output to: whatever session or environment a
+    wrapper gives QEMU, QEMU keeps that pipe open for as long as it lives (its QMP socket it
+    closes as soon as qmpprobe's end is gone). 0 if asyncio does not say."""
+    transport = getattr(proc.stdout, "_transport", None)
+    pipe = transport.get_extra_info("pipe") if transport is not None else None
+    return os.fstat(pipe.fileno()).st_ino if pipe is not None else 0
+
+
+def pipe_holders(inodes: Collection[int]) -> list[int]:
+    """PIDs of live processes holding one of these pipes (through /proc/PID/fd)."""
+    wanted = {f"pipe:[{i}]" for i in inodes if i}
+    if not wanted:
+        return []
+    found = []
+    me = str(os.getpid())  # qmpprobe holds the read end of the same pipe
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or entry == me:
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") in wanted:
+                        found.append(int(entry))
+                        break
+    return found
+
+
+def session_members(sids: Collection[int]) -> list[int]:
+    """PIDs of live processes in any of these sessions (field 6 of /proc/PID/stat)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))  # the session id is field 6
+            if len(fields) > 3 and int(fields[3]) in sids:
+                found.append(int(entry))
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, its descendants and its process group."""
+    below = tree(pid)
+    kill_group(pid)
+    for p in below:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGKILL)
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL a session's process group, then every process left in the session."""
+    kill_group(sid)
+    for pid in session_members({sid}):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def owned_processes(owner: str) -> list[int]:
@@ -343,9 +493,25 @@ def owned_processes(owner: str) -> list[int]:
     return found
 
 
-def kill_owned(owner: str) -> list[int]:
-    """SIGKILL every process left by `owner`; returns their PIDs."""
+def _under_a_live_qmpprobe(pid: int) -> bool:
+    """Whether an ancestor of `pid` (other than this process) is a running qmpprobe."""
+    me = os.getpid()
+    fields = _stat_fields(pid)
+    while len(fields) > 1 and (parent := int(fields[1])) > 1:
+        if parent != me:
+            with contextlib.suppress(OSError):
+                if b"qmpprobe" in Path(f"/proc/{parent}/cmdline").read_bytes():
+                    return True
+        fields = _stat_fields(parent)
+    return False
+
+
+def kill_owned(owner: str, orphans_only: bool = False) -> list[int]:
+    """SIGKILL every process left by `owner`; returns their PIDs. With `orphans_only`, spare
+    those a live qmpprobe still runs (a copy of a run folder carries the same owner)."""
     pids = owned_processes(owner)
+    if orphans_only:
+        pids = [p for p in pids if not _under_a_live_qmpprobe(p)]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qmpprobe import __version__, cache, cpuflags, guest, reaper
+from qmpprobe import __version__, cache, cpuflags, guest, preflight, reaper
 from qmpprobe.calibrate import (
     Facts,
     cheap_plan,
@@ -52,6 +52,7 @@ from qmpprobe.learn import spelled_bits
 from qmpprobe.plan import Combo, calibration, natural_key, parse_smp, plan, topology_cpus
 from qmpprobe.probe import (
     ERROR,
+    MALFORMED,
     OK,
     PENDING,
     READ_EXPAND,
@@ -60,16 +61,23 @@ from qmpprobe.probe import (
     READ_QOM_GET,
     SKIPPED,
     STATUSES,
-    TIMEOUT,
     MachineRead,
     ReadPlan,
     definitions_of,
+    malformed,
     probe,
     probe_machine,
     probe_model,
 )
-from qmpprobe.qemu import OWNER_ENV, LaunchOptions, kill_owned, pidfd_reaping
-from qmpprobe.store import SCHEMA, RunFolder, cells_table, combos_frame
+from qmpprobe.qemu import (
+    OWNER_ENV,
+    LaunchOptions,
+    kill_live,
+    kill_owned,
+    pidfd_reaping,
+    together,
+)
+from qmpprobe.store import LOCK, MANIFEST, SCHEMA, RunFolder, cells_table, combos_frame, path_part
 
 MODE_EXACT, MODE_EXPAND = "exact", "expand"
 T = TypeVar("T")
@@ -131,6 +139,15 @@ class RunOptions:
     results: str = "results"
     progress: bool = False
 
+    def __post_init__(self) -> None:
+        # One check for every command that probes (run, resume, check, explain): bad numbers
+        # and empty patterns are refused before any QEMU starts, never taken as "all".
+        preflight.check_jobs(self.jobs)
+        preflight.check_seconds(self.timeout)
+        preflight.check_patterns(self.machines, "--machines")
+        preflight.check_patterns(self.models, "--models")
+        parse_smp(self.smp)
+
     def launch(self) -> LaunchOptions:
         """QEMU launch options for this run."""
         return LaunchOptions(
@@ -148,7 +165,8 @@ def folder_name(
 ) -> str:
     """`<UTC timestamp>-<qemu version>-<accel>-smp<N>[-expand]`."""
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    name = f"{stamp}-{discovery.version}-{accel}-smp{topology_cpus(topology)}"
+    # The version is QEMU's text: one file name, never a path (`22/../../x` stays inside).
+    name = path_part(f"{stamp}-{discovery.version}-{accel}-smp{topology_cpus(topology)}")
     return name + ("-expand" if mode == MODE_EXPAND else "")
 
 
@@ -288,16 +306,17 @@ class Runner:
     def _take(self, record: dict[str, Any], data: bytes | None) -> bool:
         """Take a journal entry (from the run's raw/ when `data` is None, else the cache)."""
         combo = (record["machine"], record["model"])
-        if not self._usable(record):
-            return False
+        if not self._usable(record) or record.get("environment") or record.get("malformed"):
+            return False  # an environment-caused result is probed again, even on --resume
         if record.get("read") == READ_EXPANSION and record["status"] == OK:
             self.candidates[combo] = (record, data)  # checked against its plan later
+            return False
+        if not self._keep(record, journal=False):
             return False
         if data is not None:
             # Compressed once already: copy the bytes (a hard link would let a change to
             # one journal reach the other).
             self.folder.put_record(*combo, data)
-        self._keep(record, journal=False)
         return True
 
     def _load_definitions(self, source: RunFolder, copy: bool) -> None:
@@ -320,7 +339,8 @@ class Runner:
             return
         self.definitions[machine] = {d["name"]: d.get("alias-of") for d in answer["return"]}
         entry = {"machine": machine, "key": self.key, "query-cpu-definitions": answer}
-        if not self.folder.definitions_path(machine).exists():
+        # Written when the folder has none, or a damaged one (it failed its schema check).
+        if self.folder.read_definitions(machine) is None:
             data = self.folder.write_definitions(machine, entry)
             if self.shared is not None:
                 with contextlib.suppress(OSError):
@@ -353,16 +373,29 @@ class Runner:
 
     def _journal(self, record: dict[str, Any]) -> None:
         data = self.folder.write_record(record)
-        # A timeout says nothing about QEMU: only final answers are worth reusing.
-        final = record["status"] in (OK, ERROR) or record.get("stalled")
+        # Only what QEMU would say again is worth reusing: not what the machine caused (a
+        # timeout, a kill from outside, no resources to start QEMU).
+        final = not record.get("environment") and not record.get("malformed")
         if self.shared is not None and final:
             with contextlib.suppress(OSError):
                 self.shared.put_record(record["machine"], record["model"], data)
 
-    def _keep(self, record: dict[str, Any], journal: bool = True) -> None:
+    def _keep(self, record: dict[str, Any], journal: bool = True) -> bool:
+        """Take a finished combo into the run (journalled first when it is new); False when
+        its answers cannot be read (a new one is then kept as that error, journalled so)."""
         record["key"] = self.key
-        if journal:
+        try:
+            self._use(record)
+        except MALFORMED as e:
+            if not journal:
+                return False  # from a journal: probed again instead
+            malformed(record, e)
+            self._use(record)
+        if journal:  # after it was read, so that an entry that cannot be is marked so
             self._journal(record)
+        return True
+
+    def _use(self, record: dict[str, Any]) -> None:
         combo = (record["machine"], record["model"])
         if combo in self.ref_set:
             self._calibrated(combo, record)
@@ -371,6 +404,18 @@ class Runner:
             self._definitions(record["machine"], defs)
         if combo not in self.planned:
             return  # a calibration combo only: journalled, not a row of the run
+        self._cells(combo, record)
+        if record["read"] == READ_EXPANSION and record["status"] == OK:
+            self.qom_gets.update(record["answers"].get("qom-get", {}).keys())
+            self.mapped.update(record.get("mapped", {}).keys())
+        if record["read"] == READ_EXPAND and "decided_by" in record:
+            self.realize_decided[record["machine"]] = record["decided_by"]["machine"]
+            self.model_summary[record["model"]] = record["decided_by"]["model"]
+        # Keep the small part; the answers live in raw/.
+        self.records[combo] = {k: v for k, v in record.items() if k not in ("answers", "output")}
+        self.counts[record["status"]] += 1
+
+    def _cells(self, combo: tuple[str, str], record: dict[str, Any]) -> None:
         source = SOURCE_EXPANSION if self.options.mode == MODE_EXPAND else SOURCE_REALIZED
         self.blocks[combo] = record_cells(
             record,
@@ -382,15 +427,6 @@ class Runner:
         )
         if "guest-cpuid" in record["answers"]:
             self.guest_blocks[combo] = guest_cells(record, self.texts)
-        if record["read"] == READ_EXPANSION and record["status"] == OK:
-            self.qom_gets.update(record["answers"].get("qom-get", {}).keys())
-            self.mapped.update(record.get("mapped", {}).keys())
-        if record["read"] == READ_EXPAND and "decided_by" in record:
-            self.realize_decided[record["machine"]] = record["decided_by"]["machine"]
-            self.model_summary[record["model"]] = record["decided_by"]["model"]
-        # Keep the small part; the answers live in raw/.
-        self.records[combo] = {k: v for k, v in record.items() if k not in ("answers", "output")}
-        self.counts[record["status"]] += 1
 
     def _calibrated(self, combo: tuple[str, str], record: dict[str, Any]) -> None:
         """Learn from a finished calibration combo (whatever its status) and wake its waiters."""
@@ -431,11 +467,12 @@ class Runner:
         return found if len(found) == len(known) else None
 
     async def _retrying(
-        self, attempt: Callable[[], Awaitable[T]], status: Callable[[T], str]
+        self, attempt: Callable[[], Awaitable[T]], record_of: Callable[[T], dict[str, Any]]
     ) -> list[T]:
-        """Every attempt's result: a timeout is tried again (`retries` times, once by default)."""
+        """Every attempt's result: one the machine caused (a timeout, a kill from outside, no
+        resources to start) is tried again, `retries` times (once by default)."""
         results = [await attempt()]
-        while status(results[-1]) == TIMEOUT and len(results) <= self.options.retries:
+        while record_of(results[-1]).get("environment") and len(results) <= self.options.retries:
             results.append(await attempt())
         return results
 
@@ -447,13 +484,7 @@ class Runner:
             while queue:
                 await handle(queue.pop())
 
-        workers = [asyncio.create_task(worker()) for _ in range(max(1, self.options.jobs))]
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+        await together(*(worker() for _ in range(max(1, self.options.jobs))))
 
     async def _probe(self, combo: Combo, bar: Progress) -> None:
         key = (combo.machine, combo.model)
@@ -461,11 +492,13 @@ class Runner:
         candidate = self.candidates.pop(key, None)
         if refs is None:
             read = self._plain_plan(combo.machine)
-        elif candidate is not None and candidate[0].get("plan") == plan_digest(
-            refs, self.flags.digest, self.plumbing_digest
+        elif (
+            candidate is not None
+            and candidate[0].get("plan")
+            == plan_digest(refs, self.flags.digest, self.plumbing_digest)
+            and self._take_candidate(*candidate)
         ):
             # Read by the very plan this run would read it by: the same cells, from the cache.
-            self._take_candidate(*candidate)
             bar.advance(self.counts)
             return
         else:
@@ -480,8 +513,7 @@ class Runner:
                 lambda: probe(
                     self.launch, combo.machine, combo.model, read, self.options.timeout, self.env
                 ),
-                # A stalled guest is QEMU's answer, the same every time: not worth a retry.
-                lambda r: OK if r.get("stalled") else r["status"],
+                lambda r: r,
             )
         finally:
             if read.definitions:
@@ -493,11 +525,13 @@ class Runner:
         if key in self.planned:
             bar.advance(self.counts)
 
-    def _take_candidate(self, record: dict[str, Any], data: bytes | None) -> None:
+    def _take_candidate(self, record: dict[str, Any], data: bytes | None) -> bool:
+        if not self._keep(record, journal=False):
+            return False
         if data is not None:
             self.folder.put_record(record["machine"], record["model"], data)
             self.manifest["from_cache"] = self.manifest.get("from_cache", 0) + 1
-        self._keep(record, journal=False)
+        return True
 
     async def _probe_machine(self, machine: str, models: list[str], bar: Progress) -> None:
         calibrated = [m for m in models if self.model_state.get(m, (ERROR,))[0] == OK]
@@ -506,7 +540,7 @@ class Runner:
             lambda: probe_machine(
                 self.launch, machine, models, own, self.options.timeout, self.env
             ),
-            lambda records: records[0]["status"],
+            lambda records: records[0],
         )
         decided = realize_decided(tries[-1][0]["answers"].get("own-cpu") or {}, self.flags)
         for rec in tries[-1]:
@@ -557,7 +591,7 @@ class Runner:
         decided for it."""
         tries = await self._retrying(
             lambda: probe_model(self.launch, machine, model, own, self.options.timeout, self.env),
-            lambda r: r["status"],
+            lambda r: r,
         )
         record = tries[-1]
         record["key"] = self.key
@@ -822,16 +856,16 @@ async def _execute(runner: Runner, options: RunOptions, started: float) -> Outco
     todo = sum(1 for c in runner.combos if not c.skip) - len(runner.records)
     bar = Progress(todo, options.progress)
     owner = runner.manifest["run_id"]
-    guard = reaper.start(owner)
+    reaper.own(owner)
     interrupted = False
     try:
         await runner.probe_pending(bar)
     except asyncio.CancelledError:
         interrupted = True
     finally:
-        bar.close()
+        with contextlib.suppress(OSError):  # a terminal that hung up must not stop the save
+            bar.close()
         kill_owned(owner)
-        os.close(guard)
         runner.save(complete=not interrupted, started=started)
     outcome = Outcome(
         runner.folder.path,
@@ -845,6 +879,33 @@ async def _execute(runner: Runner, options: RunOptions, started: float) -> Outco
             f"resume with: qmpprobe run --resume {runner.folder.path}"
         )
     return outcome
+
+
+def refuse_foreign(path: Path) -> None:
+    """`--out` must be a new or empty folder, or a run's: never overwrite a user's files."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out {path}: exists and is not a folder")
+    if path.is_dir() and not (path / MANIFEST).exists() and any(
+        p.name != LOCK for p in path.iterdir()
+    ):
+        raise InputError(f"--out {path}: exists, is not empty and is not a qmpprobe run")
+
+
+def _check_new(path: Path) -> None:
+    """Refuse a new run's folder that holds files of the user's, or a run (finish that with
+    --resume), or that another qmpprobe holds; writes nothing."""
+    refuse_foreign(path)
+    if (path / MANIFEST).exists():
+        raise InputError(f"{path} already holds a run (use --resume to finish it)")
+    RunFolder(path).check_free()
+
+
+def _claim_new(path: Path) -> RunFolder:
+    """The folder of a new run, checked (`_check_new`) and locked by this process."""
+    _check_new(path)
+    folder = RunFolder(path)
+    folder.claim()
+    return folder
 
 
 async def run(options: RunOptions) -> Outcome:
@@ -868,8 +929,11 @@ async def run(options: RunOptions) -> Outcome:
             "--mode expand cannot see what realize sets with several CPUs (ht, "
             "topology): use --smp 1, or the exact mode"
         )
+    if options.out:  # refused before any QEMU starts (and nothing written yet)
+        _check_new(Path(options.out))
     discovery = await discover(launch, options.cache)
     combos = plan(discovery, options.machines, options.models, launch.topology)
+    await preflight.ready(options, launch, discovery, combos)  # before anything is written
     now = datetime.now(UTC)
     manifest = new_manifest(options, discovery, replace(launch, qemu=discovery.qemu), now)
     path = (
@@ -878,9 +942,7 @@ async def run(options: RunOptions) -> Outcome:
         else Path(options.results)
         / folder_name(now, discovery, launch.accel, launch.topology, options.mode)
     )
-    if (path / "manifest.json").exists():
-        raise InputError(f"{path} already holds a run (use --resume to finish it)")
-    folder = RunFolder(path)
+    folder = _claim_new(path)
     folder.create()
     folder.write_discovery(discovery.answers)
     runner = Runner(folder, manifest, discovery, combos, replace(options, qemu=discovery.qemu))
@@ -896,6 +958,8 @@ async def resume(
     started = time.monotonic()
     folder = RunFolder(path)
     manifest = folder.read_manifest()
+    # Before anything is killed or written: a run still going on keeps its folder.
+    folder.claim()
     if manifest.get("qmpprobe") != __version__:
         # Its journal entries were read, and keyed, by that version's rules.
         raise InputError(
@@ -905,14 +969,18 @@ async def resume(
     options = options_from_manifest(
         manifest, jobs=jobs, timeout=timeout, progress=progress, cache=use_cache
     )
+    # Before the binary the manifest names is started (discovery runs it): it must be the
+    # very file the run used, or a foreign folder chooses what runs.
+    preflight.recorded_qemu(manifest, path)
     # A QEMU a killed attempt left behind (e.g. the child of a wrapper) dies first.
-    kill_owned(manifest["run_id"])
+    kill_owned(manifest["run_id"], orphans_only=True)
     discovery = await discover(options.launch(), options.cache)
     if discovery.fingerprint["id"] != manifest["qemu"]["fingerprint"]["id"]:
         raise InputError(
             f"{path}: QEMU changed since the run started (fingerprint "
             f"{manifest['qemu']['fingerprint']['id']} → {discovery.fingerprint['id']})"
         )
+    options.jobs = preflight.capped_jobs(options.jobs)
     combos = plan(discovery, options.machines, options.models, parse_smp(options.smp))
     runner = Runner(folder, manifest, discovery, combos, options, manifest.get("duration", 0.0))
     runner.load_journal()
@@ -920,20 +988,38 @@ async def resume(
     return await _execute(runner, options, started)
 
 
+#: Signals that stop a run cleanly (QEMUs killed, folder saved, exit 3). SIGHUP too: a closed
+#: terminal or ssh session must not end a run without a word and with its folder unsaved.
+#: One the process was started ignoring (`nohup`, `&` in a script) stays ignored.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def run_sync(coro_fn: Callable[[], Any]) -> Any:
-    """Run a coroutine with SIGINT/SIGTERM cancelling it (so QEMUs are killed and work saved)."""
+    """Run a coroutine that starts QEMUs: SIGINT/SIGTERM/SIGHUP cancel it (so QEMUs are
+    killed and work saved), a reaper outlives it, and however it ends, no QEMU and no task is
+    left."""
 
     async def main() -> Any:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         assert task is not None
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        stops = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+        for sig in stops:
             loop.add_signal_handler(sig, task.cancel)
+        guard = reaper.start()
         try:
             with pidfd_reaping():
-                return await coro_fn()
+                try:
+                    return await coro_fn()
+                finally:
+                    # A second signal must not cut the clean-up short: it only reaps QEMUs
+                    # already killed, and leaving it would hang asyncio's own shutdown.
+                    for sig in stops:
+                        loop.add_signal_handler(sig, lambda: None)
+                    await asyncio.shield(_end_everything(task))
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            reaper.stop(guard)
+            for sig in stops:
                 loop.remove_signal_handler(sig)
 
     try:
@@ -941,6 +1027,20 @@ def run_sync(coro_fn: Callable[[], Any]) -> Any:
     except asyncio.CancelledError:
         # Cancelled before the runner could turn it into Interrupted (e.g. during discovery).
         raise Interrupted("interrupted before probing started; nothing saved") from None
+
+
+async def _end_everything(main: asyncio.Task[Any]) -> None:
+    """Kill every QEMU still alive and cancel every other task, while child processes can
+    still be reaped: an exception that left siblings running would otherwise hang asyncio's
+    own shutdown on their `wait()`, after the child watcher is gone."""
+    kill_live()
+    mine = {main, asyncio.current_task()}
+    others = [t for t in asyncio.all_tasks() if t not in mine and not t.done()]
+    for t in others:
+        t.cancel()
+    if others:
+        # No time limit: their QEMUs are SIGKILLed, so each only has a dead child to reap.
+        await asyncio.wait(others)
 
 
 def summary(outcome: Outcome) -> str:

@@ -8,10 +8,14 @@ journalled in `raw/` the moment it ends: that journal is what `run --resume` con
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
+import hashlib
 import itertools
 import json
 import os
+import re
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,17 @@ import pyarrow.parquet as pq
 
 from qmpprobe.cells import CELL_COLUMNS, CellBlock, Codes, Texts
 from qmpprobe.errors import InputError
+from qmpprobe.escape import csv_bytes, unguard_frame, write_csv
 from qmpprobe.probe import STATUSES
+from qmpprobe.schema import (
+    cells_arrow,
+    check_cells,
+    check_combos,
+    check_manifest,
+    corrupted,
+    definitions_problem,
+    record_problem,
+)
 
 # Arrow's default allocator keeps what it frees; the system one gives it back, which keeps a
 # report of millions of cells within its memory budget.
@@ -37,6 +51,7 @@ COMBOS = "combos.csv"
 CELLS = "cells.parquet"
 CELLS_CSV = "cells.csv"
 RAW = "raw"
+LOCK = ".lock"
 COMBO_COLUMNS = (
     "accel", "machine", "model", "status", "error", "exit", "signal",
     "attempts", "seconds", "alias_of", "qom_type", "migration_safe",
@@ -78,9 +93,20 @@ def atomic_write(path: Path, data: bytes) -> None:
     write_atomically(path, write)
 
 
-def _safe(name: str) -> str:
-    """A machine or model name as one path component."""
-    return name.replace("/", "%2F") if name not in (".", "..") else f"%{name}"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+#: Longest file name made from a name (ext4 allows 255 bytes; room for suffixes).
+_PART_MAX = 200
+
+
+def path_part(name: str) -> str:
+    """A name from QEMU or the user (machine, model, version) as one file name, never a path:
+    `[A-Za-z0-9._+-]` kept, every other byte `%XX`, no leading dot, long names cut and hashed."""
+    out = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), name)
+    if out.startswith("."):
+        out = "%2E" + out[1:]
+    if not out or len(out) > _PART_MAX:
+        out = out[: _PART_MAX - 17] + "~" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    return out
 
 
 class RunFolder:
@@ -89,6 +115,40 @@ class RunFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._made: set[Path] = set()
+        self._lock: int | None = None
+
+    def check_free(self) -> None:
+        """Refuse a folder another qmpprobe holds (`claim`), without creating anything."""
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # no lock file: nobody holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            raise InputError(
+                f"{self.path} is in use by another qmpprobe (pid {holder}): wait for it to end"
+            ) from None
+        finally:
+            os.close(fd)
+
+    def claim(self) -> None:
+        """Become this folder's one writer until the process ends (a lock that dies with its
+        holder); refuse when another qmpprobe holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise InputError(
+                f"{self.path} is in use by another qmpprobe (pid {holder}): wait for it to end"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock = fd  # kept open (never inherited: O_CLOEXEC) until qmpprobe ends
 
     # -- writing -------------------------------------------------------------------------
     def create(self) -> None:
@@ -111,7 +171,7 @@ class RunFolder:
 
     def raw_path(self, machine: str, model: str) -> Path:
         """Where the journal entry of one combo lives."""
-        return self.path / RAW / _safe(machine) / f"{_safe(model)}.json.gz"
+        return self.path / RAW / path_part(machine) / f"{path_part(model)}.json.gz"
 
     def write_record(self, record: dict[str, Any]) -> bytes:
         """Journal one finished combo (QEMU's answers and how it ended), compressed."""
@@ -130,14 +190,14 @@ class RunFolder:
 
     def write_calibration(self, record: dict[str, Any]) -> None:
         """Journal an expand-mode model calibration (`raw/calibration/<machine>/<model>`)."""
-        path = self.path / RAW / "calibration" / _safe(record["machine"])
+        path = self.path / RAW / "calibration" / path_part(record["machine"])
         path.mkdir(parents=True, exist_ok=True)
         data = gzip.compress(orjson.dumps(record), compresslevel=1, mtime=0)
-        atomic_write(path / f"{_safe(record['model'])}.json.gz", data)
+        atomic_write(path / f"{path_part(record['model'])}.json.gz", data)
 
     def definitions_path(self, machine: str) -> Path:
         """Where a machine type's `query-cpu-definitions` answer lives (beside its combos)."""
-        return self.path / RAW / f"{_safe(machine)}.definitions.json.gz"
+        return self.path / RAW / f"{path_part(machine)}.definitions.json.gz"
 
     def write_definitions(self, machine: str, entry: dict[str, Any]) -> bytes:
         """Journal a machine type's `query-cpu-definitions` answer (with its journal key)."""
@@ -150,12 +210,13 @@ class RunFolder:
         atomic_write(self.definitions_path(machine), data)
 
     def read_definitions(self, machine: str) -> tuple[dict[str, Any], bytes] | None:
-        """A machine type's definitions entry and its compressed bytes, or None."""
-        try:
-            data = self.definitions_path(machine).read_bytes()
-            return orjson.loads(gzip.decompress(data)), data
-        except (OSError, EOFError, ValueError):
+        """A machine type's definitions entry and its compressed bytes, or None when there is
+        none or it fails its schema check (then it is asked again)."""
+        data = _read_bytes(self.definitions_path(machine))
+        entry = _entry(data, definitions_problem)
+        if entry is None or data is None or entry["machine"] != machine:
             return None
+        return entry, data
 
     def write_discovery(self, answers: dict[str, Any]) -> None:
         """Keep discovery's QMP answers beside the combos'."""
@@ -164,7 +225,7 @@ class RunFolder:
 
     def write_combos(self, combos: pd.DataFrame) -> None:
         """Write combos.csv."""
-        atomic_write(self.path / COMBOS, combos.to_csv(index=False).encode())
+        atomic_write(self.path / COMBOS, csv_bytes(combos))  # formula-like text guarded
 
     def write_cells(self, table: pa.Table) -> None:
         """Write cells.parquet."""
@@ -177,73 +238,138 @@ class RunFolder:
         return found[0] if found else None
 
     def read_record_bytes(self, machine: str, model: str) -> tuple[dict[str, Any], bytes] | None:
-        """The journal entry of one combo and its compressed bytes, or None."""
-        try:
-            data = self.raw_path(machine, model).read_bytes()
-            return orjson.loads(gzip.decompress(data)), data
-        except (OSError, EOFError, ValueError):
+        """The journal entry of one combo and its compressed bytes, or None when there is none,
+        or it fails its schema check (`schema.record_problem`), or it is another combo's:
+        such an entry is probed again, never half-used."""
+        data = _read_bytes(self.raw_path(machine, model))
+        record = _entry(data, record_problem)
+        if record is None or data is None or record["machine"] != machine:
             return None
+        return (record, data) if record["model"] == model else None
 
     def iter_records(self) -> Iterator[dict[str, Any]]:
-        """Every readable journal entry."""
+        """Every journal entry that passes its schema check and lies where its combo's goes."""
         for path in sorted((self.path / RAW).glob("*/*.json.gz")):
-            try:
-                yield orjson.loads(gzip.decompress(path.read_bytes()))
-            except (OSError, EOFError, ValueError):
-                continue
+            record = _entry(_read_bytes(path), record_problem)
+            if record is not None and self.raw_path(record["machine"], record["model"]) == path:
+                yield record
 
     def read_manifest(self, require_complete: bool = False) -> dict[str, Any]:
-        """manifest.json, checked: exists, parses, schema known (and run complete if asked)."""
+        """manifest.json, checked: exists, parses, schema known, every key the readers use
+        there with its type (`schema.check_manifest`), and the run complete if asked."""
         where = self.path / MANIFEST
         if not self.path.is_dir():
             raise InputError(f"not a run folder: {self.path} does not exist")
         try:
-            manifest = json.loads(where.read_text())
+            manifest = json.loads(_regular(where).read_text())
         except FileNotFoundError:
             raise InputError(f"not a run folder: {where} is missing") from None
-        except (OSError, ValueError) as e:
-            raise InputError(f"corrupted run folder: {where}: {e}") from None
+        except OSError as e:
+            raise corrupted(where, e.strerror or str(e)) from None
+        except ValueError as e:  # not UTF-8, or not JSON
+            raise corrupted(where, f"not JSON ({e})") from None
+        except RecursionError:
+            raise corrupted(where, "not JSON qmpprobe can read (nested too deep)") from None
         schema = manifest.get("schema") if isinstance(manifest, dict) else None
-        if not isinstance(schema, int):
-            raise InputError(f"corrupted run folder: {where} has no schema number")
+        if not isinstance(schema, int) or isinstance(schema, bool):
+            raise corrupted(where, "no schema number")
         if schema > SCHEMA:
             raise InputError(
                 f"{self.path} has schema {schema}; this qmpprobe reads up to {SCHEMA}: upgrade it"
             )
-        if require_complete and not manifest.get("complete"):
+        check_manifest(manifest, where)
+        if require_complete and not manifest["complete"]:
             raise InputError(
                 f"incomplete run: {self.path} (finish it with: qmpprobe run --resume {self.path})"
             )
         return manifest
 
     def read_combos(self) -> pd.DataFrame:
-        """combos.csv with its dtypes."""
+        """combos.csv with its dtypes, checked against its schema and the manifest."""
+        return self._combos(self.read_manifest())
+
+    #: The last combos.csv checked, with the stamps of the files it was checked against:
+    #: `read_cells` checks the cells against it without reading and checking it again.
+    _checked: tuple[tuple[Any, ...], pd.DataFrame] | None = None
+
+    def _combos(self, manifest: dict[str, Any]) -> pd.DataFrame:
+        path = self.path / COMBOS
+        stamp = (_stamp(self.path / MANIFEST), _stamp(path))
+        if self._checked is not None and self._checked[0] == stamp and None not in stamp:
+            return self._checked[1].copy()
         try:
-            df = pd.read_csv(
-                self.path / COMBOS,
-                dtype={"error": "string", "alias_of": "string"},
-                keep_default_na=False,
-                na_values={"exit": [""], "signal": [""]},
-            )
+            # All text first: every column is checked before it is typed. Without a header
+            # row, pandas refuses a row longer than the first instead of dropping its fields.
+            raw = pd.read_csv(_regular(path), dtype=str, keep_default_na=False, header=None)
+            raw = raw.iloc[1:].set_axis(list(raw.iloc[0]), axis=1).reset_index(drop=True)
+            raw = unguard_frame(raw)  # the CSV guard of write_combos off: names exact again
+        except FileNotFoundError:
+            raise corrupted(path, "missing") from None
         except (OSError, ValueError) as e:
-            raise InputError(f"corrupted run folder: {self.path / COMBOS}: {e}") from None
-        return _combo_dtypes(df)
+            raise corrupted(path, str(e)) from None
+        combos = _combo_dtypes(check_combos(raw, COMBO_COLUMNS, manifest, path))
+        self._checked = (stamp, combos)
+        return combos.copy()
 
     def read_cells(self) -> pd.DataFrame:
-        """cells.parquet as a DataFrame with categorical columns."""
+        """cells.parquet as a DataFrame with categorical columns, checked against its schema,
+        combos.csv and the manifest (`schema.check_cells`)."""
+        manifest = self.read_manifest()
+        combos = self._combos(manifest)
+        path = self.path / CELLS
         try:
-            table = pq.read_table(self.path / CELLS, memory_map=True)
+            table = pq.read_table(_regular(path), memory_map=True)
+            table = cells_arrow(table, CELL_COLUMNS, path)
             # Hand Arrow's buffers back while pandas takes the data: half the peak memory.
-            return table.to_pandas(self_destruct=True, split_blocks=True)
-        except (OSError, pa.ArrowException) as e:
-            raise InputError(f"corrupted run folder: {self.path / CELLS}: {e}") from None
+            cells = table.to_pandas(self_destruct=True, split_blocks=True)
+        except FileNotFoundError:
+            raise corrupted(path, "missing") from None
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise corrupted(path, str(e)) from None
+        check_cells(cells, combos, manifest, path)
+        return cells
 
     def export_csv(self, dest: Path | None = None) -> Path:
         """Write the cells as CSV (same columns as cells.parquet)."""
         dest = dest or self.path / CELLS_CSV
         cells = self.read_cells()
-        write_atomically(dest, lambda tmp: cells.to_csv(tmp, index=False))
+        # Guarded like every CSV qmpprobe writes (categories only: millions of rows, few names).
+        write_atomically(dest, lambda tmp: write_csv(cells, tmp))
         return dest
+
+
+def _regular(path: Path) -> Path:
+    """`path`, if it is a regular file: a FIFO or a device would block or never end a read."""
+    if path.exists() and not path.is_file():
+        raise OSError("not a regular file")
+    return path
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """Which version of a file this is (a rewrite is a rename: a new inode), or None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return _regular(path).read_bytes()
+    except OSError:
+        return None
+
+
+def _entry(data: bytes | None, problem: Callable[[Any], str | None]) -> dict[str, Any] | None:
+    """A gzip-compressed JSON entry that passes its check (`problem` says None), or None."""
+    if data is None:
+        return None
+    try:
+        entry = orjson.loads(gzip.decompress(data))
+    except (OSError, EOFError, ValueError, zlib.error):  # not gzip, cut short, not JSON
+        return None
+    return entry if problem(entry) is None else None
 
 
 def _combo_dtypes(df: pd.DataFrame) -> pd.DataFrame:

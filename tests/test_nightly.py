@@ -50,7 +50,7 @@ def test_one_night(tmp_path: Path) -> None:
         text=True,
         timeout=600,
     )
-    assert done.returncode == 1, done.stderr  # the broken binary fails, the rest goes on
+    assert done.returncode == 2, done.stderr  # the broken binary's runs not done; the rest go on
     night = json.loads((root / "2026-01-02" / "night.json").read_text())
     runs = {(r["name"], r["smp"]): r for r in night["runs"]}
     assert set(runs) == {("system", "1"), ("system", "2"), ("broken", "1"), ("broken", "2")}
@@ -120,3 +120,20 @@ def test_nights_are_diffed_against_the_previous_night_and_between_releases(tmp_p
     # The patched binary changes its shipped machine types from one night to the next: exit 1.
     env["PATCH_GLOBAL"] = "Haswell-x86_64-cpu.stepping=8"
     assert night(root, "2026-01-03", patched, env=env) == 1
+
+
+def test_a_damaged_night_is_left_out_of_the_index(tmp_path: Path) -> None:
+    from qmpprobe.nightly import write_index
+
+    good = {"runs": [{"name": "system", "accel": "tcg", "smp": 1, "exit": 0, "version": "7.2"}]}
+    for name, text in [
+        ("2026-11-01", json.dumps(good)),
+        ("2026-11-02", "{not json"),
+        ("2026-11-03", json.dumps({"runs": [{"name": "x"}]})),
+        ("2026-11-04", json.dumps([1, 2])),
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "night.json").write_text(text)
+    page = write_index(tmp_path).read_text()
+    assert "2026-11-01" in page
+    assert not any(n in page for n in ("2026-11-02", "2026-11-03", "2026-11-04"))

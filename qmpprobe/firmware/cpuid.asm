@@ -321,6 +321,15 @@ long_start:
         mov es, ax
         mov ss, ax
         mov rsp, STACK
+        ; A leaf above the highest basic leaf answers as the highest one does (Intel's rule,
+        ; and QEMU's): qemu64 on pc-i440fx-2.2 has level 4, and leaf 7 read there is leaf 4,
+        ; whose ECX has bit 3 set, so CR4.PKE was set on a CPU without PKU and the guest hung.
+        ; Leaves 0xD and 7 are read only where they exist.
+        xor eax, eax
+        cpuid
+        mov edi, eax            ; the highest basic leaf
+        cmp edi, 0xD
+        jb .no_xsave
         mov eax, 1
         xor ecx, ecx
         cpuid
@@ -339,6 +348,8 @@ long_start:
         xor ecx, ecx
         xsetbv
 .no_xsave:
+        cmp edi, 7
+        jb .no_pku
         mov eax, 7
         xor ecx, ecx
         cpuid
