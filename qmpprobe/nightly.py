@@ -28,7 +28,7 @@ from urllib.parse import quote
 from qmpprobe import escape
 from qmpprobe.errors import InputError
 from qmpprobe.host import kvm_usable
-from qmpprobe.store import RunFolder, atomic_write
+from qmpprobe.store import RunFolder, atomic_write, path_part
 
 
 def parse_qemus(specs: Sequence[str]) -> list[tuple[str, str]]:
@@ -38,7 +38,7 @@ def parse_qemus(specs: Sequence[str]) -> list[tuple[str, str]]:
         name, sep, path = spec.partition("=")
         if not sep:
             path, name = spec, re.sub(r"[^A-Za-z0-9._-]+", "-", spec.strip("/")) or "qemu"
-        out.append((name, path))
+        out.append((path_part(name), path))  # `../x=PATH` stays one folder under the night
     return out
 
 
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     qemus = parse_qemus(args.qemu or [os.environ.get("QMPPROBE_QEMU", "qemu-system-x86_64")])
     accels = args.accel.split(",") if args.accel else default_accels()
     root = Path(args.root)
-    night = root / args.date
+    night = root / path_part(args.date)  # a --date is one folder name, never a path
     night.mkdir(parents=True, exist_ok=True)
     runs = [
         run_one(night, name, qemu, accel, smp, args.run_args)

@@ -109,6 +109,14 @@ def path_part(name: str) -> str:
     return out
 
 
+def machine_part(machine: str) -> str:
+    """A machine type's folder in raw/: `path_part`, and never a name raw/ keeps for itself
+    (`calibration`, `discovery.json.gz`, `<machine>.definitions.json.gz`): those get a
+    leading `%`, which `path_part` never writes."""
+    part = path_part(machine)
+    return f"%{part}" if part == "calibration" or part.endswith(".json.gz") else part
+
+
 class RunFolder:
     """One run folder on disk."""
 
@@ -171,7 +179,7 @@ class RunFolder:
 
     def raw_path(self, machine: str, model: str) -> Path:
         """Where the journal entry of one combo lives."""
-        return self.path / RAW / path_part(machine) / f"{path_part(model)}.json.gz"
+        return self.path / RAW / machine_part(machine) / f"{path_part(model)}.json.gz"
 
     def write_record(self, record: dict[str, Any]) -> bytes:
         """Journal one finished combo (QEMU's answers and how it ended), compressed."""
@@ -190,7 +198,7 @@ class RunFolder:
 
     def write_calibration(self, record: dict[str, Any]) -> None:
         """Journal an expand-mode model calibration (`raw/calibration/<machine>/<model>`)."""
-        path = self.path / RAW / "calibration" / path_part(record["machine"])
+        path = self.path / RAW / "calibration" / machine_part(record["machine"])
         path.mkdir(parents=True, exist_ok=True)
         data = gzip.compress(orjson.dumps(record), compresslevel=1, mtime=0)
         atomic_write(path / f"{path_part(record['model'])}.json.gz", data)

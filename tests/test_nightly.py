@@ -137,3 +137,11 @@ def test_a_damaged_night_is_left_out_of_the_index(tmp_path: Path) -> None:
     page = write_index(tmp_path).read_text()
     assert "2026-11-01" in page
     assert not any(n in page for n in ("2026-11-02", "2026-11-03", "2026-11-04"))
+
+
+def test_names_of_binaries_never_become_paths() -> None:
+    from qmpprobe.nightly import parse_qemus
+
+    (name, path), (plain, _) = parse_qemus(["../../x=/usr/bin/qemu", "/opt/q/qemu-system"])
+    assert "/" not in name and not name.startswith(".") and path == "/usr/bin/qemu"
+    assert plain == "opt-q-qemu-system"

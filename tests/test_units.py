@@ -174,3 +174,16 @@ def test_feature_word_bits_and_single_bit_flags() -> None:
     assert bit_key(words[1], 4) == "0x00000007:0:ebx:4"
     assert word_bits(words) == {"0x00000001:0:ecx:0", "0x00000001:0:ecx:29", "0x00000007:0:ebx:4"}
     assert feature_bits({"pni": {"a"}, "xsave": {"b", "c"}, "kvm": set()}) == {"pni": "a"}
+
+
+def test_names_from_qemu_are_one_file_name_each() -> None:
+    from qmpprobe.store import machine_part, path_part
+
+    assert path_part("pc-i440fx-2.2") == "pc-i440fx-2.2"
+    assert path_part("7.2.22/../../x") == "7.2.22%2F..%2F..%2Fx"
+    assert path_part("..") == "%2E." and path_part("").startswith("~")
+    long = path_part("m" * 300)
+    assert len(long) <= 200 and long != path_part("m" * 301)
+    assert machine_part("calibration") == "%calibration"
+    assert machine_part("discovery.json.gz") == "%discovery.json.gz"
+    assert machine_part("pc") == "pc"
