@@ -208,6 +208,7 @@ class QemuProcess:
         self._cut = False
         self._drain: asyncio.Task[None] | None = None
         self._inode = 0
+        self._pipe: asyncio.ReadTransport | None = None
         self.ended: Ended | None = None
 
     @property
@@ -229,28 +230,41 @@ class QemuProcess:
             fd = theirs.fileno()
             argv = [*argv, "-chardev", f"socket,id=qmp,fd={fd}", "-mon", "chardev=qmp,mode=control"]
         prefix: list[str] = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
+        # QEMU's output pipe is ours, and told to the reaper before anything is spawned: a
+        # QEMU holds it however a wrapper starts it, and from the first instant it exists.
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        self._inode = os.fstat(read_fd).st_ino
+        tell(f"^{self._inode}")
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *prefix,
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+                stdout=write_fd,
+                stderr=write_fd,
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,
                 env=self.env,
                 preexec_fn=None if _SETPRIV else _set_pdeathsig,
             )
+        except BaseException:
+            os.close(read_fd)
+            tell(f"-0 {self._inode}")
+            raise
         finally:
             theirs.close()
-        self._inode = _pipe_inode(self.proc)
+            os.close(write_fd)
         _LIVE.add(self.proc.pid)
         tell(f"+{self.proc.pid} {self._inode}")
-        self._drain = asyncio.create_task(self._drain_output())
+        reader = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        self._pipe, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+        )
+        self._drain = asyncio.create_task(self._drain_output(reader))
 
-    async def _drain_output(self) -> None:
-        assert self.proc and self.proc.stdout
-        while chunk := await self.proc.stdout.read(65536):
+    async def _drain_output(self, reader: asyncio.StreamReader) -> None:
+        while chunk := await reader.read(65536):
             self._tail += chunk
             if len(self._tail) > TAIL_BYTES:
                 del self._tail[:-TAIL_BYTES]
@@ -337,9 +351,12 @@ class QemuProcess:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._drain, 1.0)
             self._drain = None
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
         if self.proc.pid in _LIVE:  # its whole tree is gone: the reaper may forget it
             _LIVE.discard(self.proc.pid)
-            tell(f"-{self.proc.pid}")
+            tell(f"-{self.proc.pid} {self._inode}")
 
 
 async def together(*aws: Awaitable[T]) -> list[T]:
@@ -419,15 +436,6 @@ def kill_group(pgid: int) -> None:
     """SIGKILL a process group, ignoring one that is already gone."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-
-
-def _pipe_inode(proc: asyncio.subprocess.Process) -> int:
-    """The inode of the pipe QEMU writes its output to: whatever session or environment a
-    wrapper gives QEMU, QEMU keeps that pipe open for as long as it lives (its QMP socket it
-    closes as soon as qmpprobe's end is gone). 0 if asyncio does not say."""
-    transport = getattr(proc.stdout, "_transport", None)
-    pipe = transport.get_extra_info("pipe") if transport is not None else None
-    return os.fstat(pipe.fileno()).st_ino if pipe is not None else 0
 
 
 def pipe_holders(inodes: Collection[int]) -> list[int]:

@@ -60,17 +60,27 @@ def stop(fd: int | None) -> None:
         os.close(fd)
 
 
-def follow(live: dict[int, int], owners: set[str], lines: bytes) -> None:
-    """Apply complete `+SID INODE` / `-SID` / `=OWNER` lines to the live sessions (each with
-    the inode of its output pipe) and the owners."""
+def follow(live: dict[int, int], pipes: set[int], owners: set[str], lines: bytes) -> None:
+    """Apply complete lines to what the reaper watches: `^INODE` (an output pipe about to be
+    given to a QEMU), `+SID INODE` (its session started), `-SID INODE` (all of it is gone),
+    `=OWNER` (a run's marker)."""
     for line in lines.split(b"\n"):
         kind, rest = line[:1], line[1:].split()
-        if kind == b"=" and rest:
+        if not rest:
+            continue
+        if kind == b"=":
             owners.add(rest[0].decode(errors="replace"))
-        elif kind == b"+" and len(rest) == 2 and rest[0].isdigit() and rest[1].isdigit():
+        elif not all(r.isdigit() for r in rest):
+            continue
+        elif kind == b"^":
+            pipes.add(int(rest[0]))
+        elif kind == b"+" and len(rest) == 2:
             live[int(rest[0])] = int(rest[1])
-        elif kind == b"-" and rest and rest[0].isdigit():
+            pipes.add(int(rest[1]))
+        elif kind == b"-":
             live.pop(int(rest[0]), None)
+            if len(rest) == 2:
+                pipes.discard(int(rest[1]))
 
 
 def main() -> None:
@@ -78,15 +88,16 @@ def main() -> None:
     flight when qmpprobe died): each live session, every process holding a live session's output
     pipe (a wrapper's QEMU in a session of its own too), every process with the marker."""
     live: dict[int, int] = {}
+    pipes: set[int] = set()
     owners: set[str] = set()
     pending = b""
     while chunk := os.read(0, 65536):
         done, _, pending = (pending + chunk).rpartition(b"\n")
-        follow(live, owners, done)
+        follow(live, pipes, owners, done)
     for _ in range(3):
         for sid in live:
             kill_session(sid)
-        for pid in pipe_holders(live.values()) if live else ():
+        for pid in pipe_holders(pipes):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         for owner in owners:

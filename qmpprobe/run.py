@@ -885,8 +885,10 @@ def refuse_foreign(path: Path) -> None:
     """`--out` must be a new or empty folder, or a run's: never overwrite a user's files."""
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {path}: exists and is not a folder")
-    if path.is_dir() and not (path / MANIFEST).exists() and any(
-        p.name != LOCK for p in path.iterdir()
+    if (
+        path.is_dir()
+        and not (path / MANIFEST).exists()
+        and any(p.name != LOCK for p in path.iterdir())
     ):
         raise InputError(f"--out {path}: exists, is not empty and is not a qmpprobe run")
 

@@ -95,10 +95,18 @@ def test_malformed_answer_while_learning_ends_cleanly(tmp_path: Path) -> None:
     assert not wait_gone(env["TEST_TOKEN"]), "a QEMU outlived qmpprobe"
 
 
-def test_malformed_answer_of_a_combo_is_its_error_and_not_cached(tmp_path: Path) -> None:
-    env = fault_env(
-        tmp_path, "rewrite", STRUCK, FAULT_COMMAND="query-cpus-fast", FAULT_EDIT="drop:qom-path"
-    )
+@pytest.mark.parametrize(
+    ("command", "edit"),
+    [
+        ("query-cpus-fast", "drop:qom-path"),  # a key missing
+        ("query-cpus-fast", 'type:"x"'),  # a string where a list belongs
+        ("qom-get", "type:[1, {}]"),  # a value of no type the property has
+    ],
+)
+def test_malformed_answer_of_a_combo_is_its_error_and_not_cached(
+    tmp_path: Path, command: str, edit: str
+) -> None:
+    env = fault_env(tmp_path, "rewrite", STRUCK, FAULT_COMMAND=command, FAULT_EDIT=edit)
     proxy = str(FAULTS / "qmp-proxy")
     done = cli(*plan_args(tmp_path / "bad", proxy), env=env)
     assert done.returncode == 0, done.stderr
@@ -113,6 +121,21 @@ def test_malformed_answer_of_a_combo_is_its_error_and_not_cached(tmp_path: Path)
     assert done.returncode == 0, done.stderr
     combos = pd.read_csv(tmp_path / "good" / "combos.csv", keep_default_na=False)
     assert (combos.status == "ok").all(), combos
+
+
+def test_a_flood_of_events_before_each_answer_changes_nothing(tmp_path: Path) -> None:
+    env = fault_env(
+        tmp_path, "rewrite", STRUCK, FAULT_COMMAND="query-cpus-fast", FAULT_EDIT="flood:20000"
+    )
+    done = cli(*plan_args(tmp_path / "flood", str(FAULTS / "qmp-proxy")), env=env)
+    assert done.returncode == 0, done.stderr
+    combos = pd.read_csv(tmp_path / "flood" / "combos.csv", keep_default_na=False)
+    assert (combos.status == "ok").all(), combos
+    clean = cli(*plan_args(tmp_path / "clean", qemu_path()), env={**env, "QMPPROBE_CACHE": "off"})
+    assert clean.returncode == 0, clean.stderr
+    a = pd.read_parquet(tmp_path / "flood" / "cells.parquet").astype(str)
+    b = pd.read_parquet(tmp_path / "clean" / "cells.parquet").astype(str)
+    pd.testing.assert_frame_equal(a, b)
 
 
 def test_kill_from_outside_is_retried_and_never_reused(tmp_path: Path) -> None:
