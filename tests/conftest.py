@@ -223,3 +223,24 @@ def assert_cells_equal_qom_get(run: Path, machine: str, model: str) -> None:
         or type(json.loads(got[p])) is not type(json.loads(expected[p]))
     }
     assert not wrong, f"{machine}/{model}: {wrong}"
+
+
+def chromium() -> str:
+    """Debian's Chromium, or skip (the HTML tests open reports in it, headless)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        pytest.skip("Debian's chromium is not installed (./scripts/test installs it)")
+    return found
+
+
+#: How the tests start Chromium: headless, offline, nothing of its own running.
+HEADLESS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]

@@ -33,7 +33,7 @@ from qmpprobe.drift import analyse
 from qmpprobe.nightly import write_index
 from qmpprobe.store import RunFolder
 
-from conftest import cli, run_folder
+from conftest import HEADLESS, chromium, cli, run_folder
 
 # Each one sets the title or the body's id when it runs; each fits QEMU's 48-byte model-id.
 SCRIPT = "<script>document.title='pwned'</script>"
@@ -164,26 +164,6 @@ def real_diff(plain: Path, hostile: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 # -- the DOM Chromium built ---------------------------------------------------------------------
-#: As tests/test_report.py starts Debian's Chromium.
-HEADLESS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not found:
-        pytest.skip("Debian's chromium is not installed (./scripts/test installs it)")
-    return found
-
-
 class Dom(HTMLParser):
     """Elements, handler attributes, links, the title and the text of a page."""
 

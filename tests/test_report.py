@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, cli, run_folder
+from conftest import HEADLESS, REPO, chromium, cli, run_folder
 
 MACHINES = "pc-i440fx-2.2,pc-i440fx-2.3,pc-i440fx-2.4,pc-i440fx-2.7,pc-i440fx-2.8,pc-q35-7.*,isapc"
 MODELS = "Haswell,Haswell-v1,qemu64,EPYC,max,Skylake-Client,Opteron_G3"
@@ -118,25 +118,6 @@ def test_report_refuses_incomplete_and_missing_runs(tmp_path: Path, reported: Pa
     done = cli("report", str(partial))
     assert done.returncode == 2 and "incomplete run" in done.stderr
     assert cli("report", str(tmp_path / "none")).returncode == 2
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not found:
-        pytest.skip("Debian's chromium is not installed (./scripts/test installs it)")
-    return found
-
-
-HEADLESS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def test_html_report_in_headless_chromium(reported: Path, tmp_path: Path) -> None:
