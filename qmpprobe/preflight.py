@@ -19,9 +19,9 @@ import asyncio
 import math
 import os
 import resource
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qmpprobe.errors import InputError
 
@@ -32,31 +32,33 @@ if TYPE_CHECKING:
     from qmpprobe.run import RunOptions
 
 
+T = TypeVar("T")
+
+
 # -- numbers and patterns ----------------------------------------------------------------------
+def _option_value(
+    text: str, parse: Callable[[str], T], what: str, check: Callable[[T], None], option: str
+) -> T:
+    """Parse and check one option's text, as argparse wants a type's errors."""
+    try:
+        value = parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    try:
+        check(value)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"{option} ")) from None
+    return value
+
+
 def jobs_value(text: str) -> int:
     """`--jobs`: a whole number >= 1 (argparse type)."""
-    try:
-        jobs = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    try:
-        check_jobs(jobs)
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--jobs ")) from None
-    return jobs
+    return _option_value(text, int, "a whole number", check_jobs, "--jobs")
 
 
 def seconds_value(text: str) -> float:
     """`--timeout`: a finite number of seconds > 0 (argparse type)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    try:
-        check_seconds(seconds)
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--timeout ")) from None
-    return seconds
+    return _option_value(text, float, "a number of seconds", check_seconds, "--timeout")
 
 
 def check_jobs(jobs: int, option: str = "--jobs") -> None:
