@@ -75,7 +75,9 @@ def check_seconds(seconds: float, option: str = "--timeout") -> None:
 
 def check_patterns(text: str | None, option: str) -> None:
     """A given `--machines`/`--models` must name something: `''` or `','` is not "all"."""
-    if text is not None and not [p for p in text.split(",") if p.strip()]:
+    from qmpprobe.plan import split_patterns
+
+    if text is not None and not split_patterns(text):
         raise InputError(f"{option} {text!r}: no name or glob given (leave the option out for all)")
 
 
