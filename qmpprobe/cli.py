@@ -8,10 +8,14 @@ import json
 import signal
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
 
-from qmpprobe import __version__, preflight
+from qmpprobe import __version__
 from qmpprobe.errors import InputError, Interrupted
+from qmpprobe.run.options import RunOptions, jobs_value, seconds_value
+from qmpprobe.run.progress import is_terminal
 
 EXIT_OK, EXIT_CHANGED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
@@ -81,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TYPE.PROP=VAL",
         help="passed to QEMU as -global (repeatable)",
     )
-    r.add_argument("--jobs", type=preflight.jobs_value, help=JOBS_HELP)
+    r.add_argument("--jobs", type=jobs_value, help=JOBS_HELP)
     r.add_argument(
         "--timeout",
-        type=preflight.seconds_value,
+        type=seconds_value,
         help="seconds per combo before QEMU is killed (30)",
     )
     r.add_argument(
@@ -140,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--smp", default="1")
     ck.add_argument("--machines", help="names or globs (each QEMU must have a match)")
     ck.add_argument("--models", help="names or globs (each QEMU must have a match)")
-    ck.add_argument("--jobs", type=preflight.jobs_value, help=JOBS_HELP)
-    ck.add_argument("--timeout", type=preflight.seconds_value, help="seconds per combo (30)")
+    ck.add_argument("--jobs", type=jobs_value, help=JOBS_HELP)
+    ck.add_argument("--timeout", type=seconds_value, help="seconds per combo (30)")
     ck.add_argument("--no-cache", action="store_true", help="probe both QEMUs again")
     _guest_arg(ck)
     _diff_args(ck, "results/check-<stamp> (with baseline/ and candidate/ runs)")
@@ -160,10 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the -globals that make the newest machine type's CPU equal, and verify",
     )
     x.add_argument("--out", help="run folder when probing (default: results/explain-<stamp>)")
-    x.add_argument("--jobs", type=preflight.jobs_value, help=JOBS_HELP)
-    x.add_argument(
-        "--timeout", type=preflight.seconds_value, default=30.0, help="seconds per QEMU (30)"
-    )
+    x.add_argument("--jobs", type=jobs_value, help=JOBS_HELP)
+    x.add_argument("--timeout", type=seconds_value, help="seconds per QEMU (30)")
+    x.add_argument("--no-cache", action="store_true", help="probe and learn everything again")
 
     e = sub.add_parser("export", help="write a run's cells in another format")
     e.add_argument("run", metavar="RUN", help="run folder")
@@ -173,42 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _numbers(args: argparse.Namespace) -> dict[str, int | float]:
-    """`--jobs` and `--timeout` as given (argparse checked them), for `RunOptions`."""
-    given = {"jobs": args.jobs, "timeout": args.timeout}
-    return {k: v for k, v in given.items() if v is not None}
+def _options(args: argparse.Namespace, **given: Any) -> RunOptions:
+    """The validated options of a probing command (the one path: `RunOptions.from_args`)."""
+    return RunOptions.from_args(vars(args), **given)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from qmpprobe import run as runmod
+    from qmpprobe.run import lifecycle
 
-    progress = runmod.is_terminal() and not args.no_progress
+    progress = is_terminal() and not args.no_progress
     if args.resume:
-        outcome = runmod.run_sync(
-            lambda: runmod.resume(args.resume, args.jobs, args.timeout, progress, not args.no_cache)
+        outcome = lifecycle.run_sync(
+            lambda: lifecycle.resume(
+                args.resume, args.jobs, args.timeout, progress, not args.no_cache
+            )
         )
     else:
-        options = runmod.RunOptions(
-            qemu=args.qemu,
-            accel=args.accel,
-            smp=args.smp,
-            cpu_flags=args.cpu_flags,
-            globals=tuple(args.globals),
-            machines=args.machines,
-            models=args.models,
-            read=args.read,
-            mode=args.mode,
-            guest_cpuid=args.guest_cpuid,
-            cache=not args.no_cache,
-            out=args.out,
-            results=args.results,
-            progress=progress,
-            **_numbers(args),
-        )
-        outcome = runmod.run_sync(lambda: runmod.run(options))
-    print(runmod.summary(outcome))
+        options = _options(args, progress=progress)
+        outcome = lifecycle.run_sync(lambda: lifecycle.run(options))
+    print(lifecycle.summary(outcome))
     if outcome.complete and not args.no_report:
-        from qmpprobe.report import write_report
+        from qmpprobe.report.report import write_report
 
         report = [p for p in write_report(outcome.folder) if p.suffix == ".html"]
         print(f"report: {report[0]}")
@@ -216,11 +204,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_discover(args: argparse.Namespace) -> int:
-    from qmpprobe import run as runmod
-    from qmpprobe.discover import discover
-    from qmpprobe.qemu import LaunchOptions
+    from qmpprobe.run import lifecycle
 
-    found = runmod.run_sync(lambda: discover(LaunchOptions(args.qemu, args.accel)))
+    found = lifecycle.discover_only(args.qemu, args.accel)
     if args.json:
         print(json.dumps(found.manifest(), indent=1))
         return EXIT_OK
@@ -241,7 +227,7 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from qmpprobe.report import write_report
+    from qmpprobe.report.report import write_report
 
     for path in write_report(args.run):
         print(path)
@@ -249,8 +235,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _diff_and_write(run_a: str, run_b: str, args: argparse.Namespace, out: str) -> int:
-    from qmpprobe import diff
-    from qmpprobe.report import write_diff
+    from qmpprobe.analysis import diff
+    from qmpprobe.report.report import write_diff
 
     accepted = diff.read_accepted(args.accept) if args.accept else None
     a, b = diff.Run.load(run_a), diff.Run.load(run_b)
@@ -262,81 +248,42 @@ def _diff_and_write(run_a: str, run_b: str, args: argparse.Namespace, out: str) 
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     out = args.out or f"results/diff-{Path(args.run_a).name}--{Path(args.run_b).name}"
     return _diff_and_write(args.run_a, args.run_b, args, out)
 
 
+def _stamp() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
-    from pathlib import Path
+    from qmpprobe.run import lifecycle
 
-    from qmpprobe import run as runmod
-
-    out = Path(args.out or f"results/check-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+    out = Path(args.out or f"results/check-{_stamp()}")
     sides = [
-        runmod.RunOptions(
-            qemu=qemu,
-            accel=args.accel,
-            smp=args.smp,
-            machines=args.machines,
-            models=args.models,
-            guest_cpuid=args.guest_cpuid,
-            out=str(out / side),
-            progress=runmod.is_terminal(),
-            cache=not args.no_cache,
-            **_numbers(args),
-        )
+        _options(args, qemu=qemu, out=str(out / side), progress=is_terminal())
         for side, qemu in (("baseline", args.baseline), ("candidate", args.candidate))
     ]
-    # The baseline's run refuses its own bad input before it writes anything; the candidate's
-    # is asked now, so that a refusal does not come after a whole baseline run.
-    runmod.run_sync(lambda: preflight.acceptable(sides[1]))
-    for options in sides:
-        print(runmod.summary(runmod.run_sync(lambda o=options: runmod.run(o))))
+    for outcome in lifecycle.check(sides):
+        print(lifecycle.summary(outcome))
     return _diff_and_write(str(out / "baseline"), str(out / "candidate"), args, str(out))
 
 
-def _explain_run(args: argparse.Namespace) -> str:
-    """Probe MACHINE and the newest of its family into a new run; its folder."""
-    from datetime import UTC, datetime
-
-    from qmpprobe import run as runmod
-    from qmpprobe.discover import discover
-    from qmpprobe.explain import newest_of_family
-    from qmpprobe.qemu import LaunchOptions
-
-    out = args.out or f"results/explain-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
-    # Checked as every probing command's options are, before QEMU is started.
-    options = runmod.RunOptions(
-        qemu=args.qemu,
-        accel=args.accel,
-        smp=args.smp,
-        machines=args.machine,
-        models=args.model,
-        out=out,
-        progress=runmod.is_terminal(),
-        **_numbers(args),
-    )
-    found = runmod.run_sync(lambda: discover(LaunchOptions(args.qemu, args.accel)))
-    machines = [vars(m) for m in found.machines]
-    newest = newest_of_family(machines, args.machine)
-    options.machines = f"{args.machine},{newest}"
-    print(runmod.summary(runmod.run_sync(lambda: runmod.run(options))))
-    return out
-
-
 def _cmd_explain(args: argparse.Namespace) -> int:
-    import fnmatch
+    from qmpprobe.analysis import explain
+    from qmpprobe.run import lifecycle
+    from qmpprobe.run.verify import verify
+    from qmpprobe.store.folder import RunFolder
 
-    from qmpprobe import explain
-    from qmpprobe import run as runmod
-    from qmpprobe.run import default_jobs
-    from qmpprobe.store import RunFolder
-
-    preflight.check_patterns(args.model, "--model")
-    folder = RunFolder(args.run or _explain_run(args))
+    # Checked as every probing command's options are, before any QEMU starts (also with
+    # --run: --as-globals probes).
+    out = args.out or f"results/explain-{_stamp()}"
+    options = _options(
+        args, machines=args.machine, models=args.model, out=out, progress=is_terminal()
+    )
+    if not args.run:
+        print(lifecycle.summary(lifecycle.explain_run(options, args.machine)))
+    folder = RunFolder(args.run or out)
     manifest = folder.read_manifest(require_complete=True)
     newest = explain.newest_of_family(manifest["machines"], args.machine)
     probed = set(folder.read_combos()["machine"].astype(str))
@@ -346,14 +293,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             f"{folder.path} has no {' and '.join(missing)}: explain needs {args.machine} and "
             f"{newest} (leave out --run to probe both)"
         )
-    cells = folder.read_cells()
-    if args.model:
-        globs = [g.strip() for g in args.model.split(",") if g.strip()]
-        names = [str(m) for m in cells["model"].cat.categories]
-        wanted = [m for m in names if any(fnmatch.fnmatchcase(m, g) for g in globs)]
-        if not wanted:
-            raise InputError(f"--model {args.model} matches no model of this run")
-        cells = cells[cells["model"].isin(wanted)]
+    cells = explain.select_models(folder.read_cells(), args.model)
     diffs = explain.causes(
         manifest, explain.differences(manifest, cells, args.machine, newest), args.machine, newest
     )
@@ -370,16 +310,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if not args.as_globals:
         return EXIT_OK
     plans = explain.globals_plans(manifest, diffs, args.machine, newest)
-    trips = runmod.run_sync(
-        lambda: explain.verify(
-            manifest,
-            cells,
-            args.machine,
-            newest,
-            plans,
-            preflight.capped_jobs(args.jobs or default_jobs()),
-            args.timeout,
-        )
+    jobs = lifecycle.preflight.capped_jobs(options.jobs)
+    trips = lifecycle.run_sync(
+        lambda: verify(manifest, cells, args.machine, newest, plans, jobs, options.timeout)
     )
     failed = 0
     for t in trips:
@@ -399,7 +332,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from qmpprobe.store import RunFolder
+    from qmpprobe.store.folder import RunFolder
 
     folder = RunFolder(args.run)
     folder.read_manifest()

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from qmpprobe import escape
+from qmpprobe.core.host import kvm_usable
 from qmpprobe.errors import InputError
-from qmpprobe.host import kvm_usable
-from qmpprobe.store import RunFolder, atomic_write, path_part
+from qmpprobe.report import escape
+from qmpprobe.store.folder import RunFolder, atomic_write, path_part
 
 
 def parse_qemus(specs: Sequence[str]) -> list[tuple[str, str]]:

@@ -42,10 +42,10 @@ from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from qmpprobe.discover import discover
-from qmpprobe.plan import parse_smp, plan
-from qmpprobe.qemu import LaunchOptions, QemuProcess
-from qmpprobe.run import default_jobs
+from qmpprobe.plan.plan import parse_smp, plan
+from qmpprobe.probe.qemu import LaunchOptions, QemuProcess
+from qmpprobe.run.lifecycle import discover_qemu
+from qmpprobe.run.options import default_jobs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -249,7 +249,7 @@ def main() -> int:
     # Discovery once, so that every run below starts from the same learned features.
     results["discovery_s"] = qmpprobe("discover", "--qemu", args.qemu, env=env)
     launch = LaunchOptions(args.qemu, "tcg", parse_smp("1"))
-    found = asyncio.run(discover(launch))
+    found = asyncio.run(discover_qemu(launch))
     combos = [c for c in plan(found, args.machines, args.models, launch.topology) if not c.skip]
     argvs = [
         LaunchOptions(found.qemu, "tcg", parse_smp("1")).argv(c.machine, c.model) for c in combos

@@ -176,7 +176,7 @@ def test_jobs_capped_by_memory(tmp_path: Path) -> None:
 
 
 def test_cap_jobs_names_what_binds(monkeypatch: pytest.MonkeyPatch) -> None:
-    from qmpprobe import preflight
+    from qmpprobe.run import preflight
 
     monkeypatch.setattr(preflight, "mem_available", lambda: 400 << 20)
     jobs, why = preflight.cap_jobs(1000)
@@ -266,7 +266,7 @@ def _guest_cells(run: Path) -> pd.DataFrame:
 
 
 def test_planted_firmware_is_not_used(tmp_path: Path) -> None:
-    from qmpprobe.guest import SOURCE
+    from qmpprobe.probe.guest import SOURCE
 
     name = f"cpuid-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]}.bin"
     planted = tmp_path / "tmp" / "qmpprobe" / "firmware" / name

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qmpprobe import compat
+from qmpprobe.analysis import compat
 
 from conftest import REPO, cli, fetched, manifest
 
@@ -45,7 +45,7 @@ def _applying() -> pd.DataFrame:
 
 
 def _order() -> pd.DataFrame:
-    from qmpprobe.drift import machine_order
+    from qmpprobe.analysis.drift import machine_order
 
     return machine_order([{"name": n} for n in ("m-1.0", "m-2.0", "m-3.0")])
 
@@ -185,8 +185,8 @@ def test_explain_as_globals_round_trip(run10: Path) -> None:
 
 def test_explain_says_what_is_left_over(run10: Path, tmp_path: Path) -> None:
     # A globals set that leaves something out must fail the round trip, not pass silently.
-    from qmpprobe import explain
-    from qmpprobe.store import RunFolder
+    from qmpprobe.analysis import explain
+    from qmpprobe.store.folder import RunFolder
 
     folder = RunFolder(run10)
     m = folder.read_manifest()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from qmpprobe import diff
+from qmpprobe.analysis import diff
 
 BITS_A = {"f16c": "0x00000001:0:ecx:29"}
 

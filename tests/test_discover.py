@@ -8,15 +8,16 @@ import subprocess
 
 import pytest
 
-from qmpprobe.discover import Discovery, discover
-from qmpprobe.qemu import LaunchOptions
+from qmpprobe.discover.discover import Discovery, discover
+from qmpprobe.probe.qemu import LaunchOptions
+from qmpprobe.run.lifecycle import discover_qemu
 
 from conftest import cli, qemu_path
 
 
 @pytest.fixture(scope="module")
 def found() -> Discovery:
-    return asyncio.run(discover(LaunchOptions(qemu_path(), "tcg"), use_cache=False))
+    return asyncio.run(discover(LaunchOptions(qemu_path(), "tcg")))
 
 
 def help_lines(*args: str) -> list[str]:
@@ -93,13 +94,13 @@ def test_fingerprint_covers_loaded_files(found: Discovery) -> None:
     assert proc["exe"] == fp["qemu"]
     assert all(len(h) == 64 for h in proc["files"].values())
     assert "fd=N" in " ".join(proc["argv"])
-    again = asyncio.run(discover(LaunchOptions(qemu_path(), "tcg"), use_cache=False))
+    again = asyncio.run(discover(LaunchOptions(qemu_path(), "tcg")))
     assert again.fingerprint["id"] == fp["id"]
 
 
 def test_cached_aliases_equal_learned_ones(found: Discovery) -> None:
-    first = asyncio.run(discover(LaunchOptions(qemu_path(), "tcg")))
-    cached = asyncio.run(discover(LaunchOptions(qemu_path(), "tcg")))
+    first = asyncio.run(discover_qemu(LaunchOptions(qemu_path(), "tcg")))
+    cached = asyncio.run(discover_qemu(LaunchOptions(qemu_path(), "tcg")))
     assert cached.answers["aliases"]["cached"].startswith(found.fingerprint["id"])
     assert first.feature_aliases == cached.feature_aliases == found.feature_aliases
 

@@ -6,7 +6,8 @@ import json
 
 import pandas as pd
 
-from qmpprobe import drift
+from qmpprobe.analysis import drift
+from qmpprobe.report.report import hex_text
 
 
 def machines(*names: str, alias: dict[str, str] | None = None) -> list[dict[str, object]]:
@@ -211,9 +212,9 @@ def test_distance_to_newest_counts_differing_properties() -> None:
 
 
 def test_hex_text() -> None:
-    assert drift.hex_text("2147483656") == "2147483656 (0x80000008)"
-    assert drift.hex_text("7") == "7"
-    assert drift.hex_text('"x"') == '"x"'
+    assert hex_text("2147483656") == "2147483656 (0x80000008)"
+    assert hex_text("7") == "7"
+    assert hex_text('"x"') == '"x"'
 
 
 def test_unavailable_name_without_a_property_changes_nothing_else() -> None:

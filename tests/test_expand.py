@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qmpprobe import drift
+from qmpprobe.analysis import drift
 
 from conftest import SMALL_MACHINES, SMALL_MODELS, cli, fetched, manifest, qemu_path, run_folder
 

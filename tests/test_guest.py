@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qmpprobe.guest import Dump, cell_name, decode
-from qmpprobe.host import kvm_usable
+from qmpprobe.core.cpuid import Dump, cell_name, decode
+from qmpprobe.core.host import kvm_usable
 
 from conftest import cli, manifest, owned_pids
 

@@ -28,10 +28,10 @@ import pyarrow as pa
 import pytest
 from markdown_it import MarkdownIt
 
-from qmpprobe import escape
-from qmpprobe.drift import analyse
+from qmpprobe.analysis.drift import analyse
 from qmpprobe.nightly import write_index
-from qmpprobe.store import RunFolder
+from qmpprobe.store import csvfile
+from qmpprobe.store.folder import RunFolder
 
 from conftest import HEADLESS, chromium, cli, run_folder
 
@@ -268,7 +268,7 @@ def test_real_run_report_shows_user_and_qemu_text_literally(hostile: Path, tmp_p
 
 
 def test_real_diff_shows_hostile_values_literally(real_diff: Path, tmp_path: Path) -> None:
-    rows = escape.read_csv(real_diff / "diff.csv")
+    rows = csvfile.read_csv(real_diff / "diff.csv")
     changed = rows[(rows["kind"] == "abi-change") & (rows["prop"] == "model-id")]
     assert set(changed["new"]) == {json.dumps(SCRIPT)}
     dom = Dom(dump_dom(real_diff / "diff.html", tmp_path / "profile"))
@@ -459,7 +459,7 @@ def test_csv_round_trips_through_qmpprobes_readers(crafted: dict[str, Any]) -> N
     )
     assert (back["error"].astype(str).str.endswith(ERROR_TAIL)).sum() == 2
     cells = folder.read_cells()
-    exported = escape.read_csv(run / "cells.csv")
+    exported = csvfile.read_csv(run / "cells.csv")
     pd.testing.assert_frame_equal(
         exported, cells.astype(str).reset_index(drop=True), check_dtype=False
     )
@@ -467,17 +467,17 @@ def test_csv_round_trips_through_qmpprobes_readers(crafted: dict[str, Any]) -> N
     for name, frame in (("transitions.csv", d.transitions), ("matrix.csv", d.matrix)):
         expect = frame.astype(object).where(frame.notna(), "").astype(str)
         pd.testing.assert_frame_equal(
-            escape.read_csv(run / name),
+            csvfile.read_csv(run / name),
             expect.reset_index(drop=True),
             check_dtype=False,
             check_names=False,  # matrix.csv's column axis is named `machine` in the frame
         )
-    assert list(escape.read_csv(run / "matrix.csv").columns[2:]) == list(MACHINE.values())
+    assert list(csvfile.read_csv(run / "matrix.csv").columns[2:]) == list(MACHINE.values())
     # diff.csv against diff.json, which needs no guard.
     doc = json.loads((crafted["diff"] / "diff.json").read_text())
-    rows = pd.DataFrame(doc["rows"])[list(escape.read_csv(crafted["diff"] / "diff.csv").columns)]
+    rows = pd.DataFrame(doc["rows"])[list(csvfile.read_csv(crafted["diff"] / "diff.csv").columns)]
     pd.testing.assert_frame_equal(
-        escape.read_csv(crafted["diff"] / "diff.csv"),
+        csvfile.read_csv(crafted["diff"] / "diff.csv"),
         rows.fillna("").astype(str),
         check_dtype=False,
     )
@@ -494,7 +494,7 @@ def test_accept_file_copied_from_diff_csv(crafted: dict[str, Any], tmp_path: Pat
     done = cli(
         "diff", str(crafted["a"]), str(crafted["b"]), "--out", str(out), "--accept", str(accept)
     )
-    rows = escape.read_csv(out / "diff.csv")
+    rows = csvfile.read_csv(out / "diff.csv")
     assert not (rows["kind"] == "abi-change").any(), rows["kind"].value_counts()
     assert (rows["kind"] == "accepted").sum() == len(abi), done.stdout
 
@@ -504,8 +504,8 @@ def test_guard_round_trip_on_its_own(tmp_path: Path) -> None:
     frame = pd.DataFrame({"t": texts, "c": pd.Categorical(texts), "n": range(len(texts))})
     frame[f"={IMG}"] = "-x"
     path = tmp_path / "t.csv"
-    path.write_bytes(escape.csv_bytes(frame))
-    back = escape.read_csv(path)
+    path.write_bytes(csvfile.csv_bytes(frame))
+    back = csvfile.read_csv(path)
     assert list(back.columns) == list(frame.columns)
     assert back["t"].tolist() == texts and back["c"].tolist() == texts
     assert guarded_cells(path) > 0

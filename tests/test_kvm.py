@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qmpprobe.host import kvm_usable
+from qmpprobe.core.host import kvm_usable
 
 from conftest import cli, json_text, manifest, qemu_path, qom_read_all
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qmpprobe import drift
-from qmpprobe.discover import discover
-from qmpprobe.learn import word_bits
-from qmpprobe.qemu import LaunchOptions
-from qmpprobe.run import RunOptions, run, run_sync
+from qmpprobe.analysis import drift
+from qmpprobe.core.cpuid import word_bits
+from qmpprobe.probe.qemu import LaunchOptions
+from qmpprobe.run.lifecycle import discover_qemu, run, run_sync
+from qmpprobe.run.options import RunOptions
 
 from conftest import fetched, qemu_path
 
@@ -131,7 +131,7 @@ def requested(run_folder: Path) -> dict[str, str]:
 
 @functools.cache
 def machines_of(qemu: str) -> frozenset[str]:
-    found = run_sync(lambda: discover(LaunchOptions(qemu, "tcg")))
+    found = run_sync(lambda: discover_qemu(LaunchOptions(qemu, "tcg")))
     return frozenset(m.name for m in found.machines)
 
 

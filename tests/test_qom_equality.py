@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qmpprobe.probe import READ_EXPANSION, ReadPlan, _qom_gets, probe
-from qmpprobe.qemu import LaunchOptions, QemuProcess
+from qmpprobe.core.vocab import READ_EXPANSION
+from qmpprobe.probe.qemu import LaunchOptions, QemuProcess
+from qmpprobe.probe.read import ReadPlan, probe, qom_gets
 
 from conftest import (
     assert_cells_equal_qom_get,
@@ -82,7 +83,7 @@ def test_qom_get_by_the_cpus_name_falls_back_to_its_path_when_ambiguous() -> Non
             await qemu.start()
             await qemu.connect()
             (cpu,) = await qemu.execute("query-cpus-fast")
-            return await _qom_gets(qemu, cpu["qom-path"], ["family", "model-id"])
+            return await qom_gets(qemu, cpu["qom-path"], ["family", "model-id"])
         finally:
             await qemu.stop()
 

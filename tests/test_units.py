@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from qmpprobe.calibrate import Facts, cheap_plan
-from qmpprobe.cells import FlagReader
-from qmpprobe.cpuflags import globals_for, metric_size, split
+from qmpprobe.core.cpuflags import globals_for, metric_size, split
+from qmpprobe.core.cpuid import alias_groups, bit_key, feature_bits, word_bits
+from qmpprobe.core.values import json_text, json_type
 from qmpprobe.errors import InputError
-from qmpprobe.learn import alias_groups, bit_key, feature_bits, word_bits
-from qmpprobe.plan import (
+from qmpprobe.plan.plan import (
     natural_key,
     parse_smp,
     select,
     split_patterns,
     topology_cpus,
 )
-from qmpprobe.probe import qemu_message, untrusted
-from qmpprobe.values import json_text, json_type
+from qmpprobe.probe.qemu import qemu_message
+from qmpprobe.probe.read import untrusted
+from qmpprobe.run.calibrate import Facts, cheap_plan
+from qmpprobe.store.cells import FlagReader
 
 
 def test_natural_order_of_machine_versions() -> None:
@@ -177,7 +178,7 @@ def test_feature_word_bits_and_single_bit_flags() -> None:
 
 
 def test_names_from_qemu_are_one_file_name_each() -> None:
-    from qmpprobe.store import machine_part, path_part
+    from qmpprobe.store.folder import machine_part, path_part
 
     assert path_part("pc-i440fx-2.2") == "pc-i440fx-2.2"
     assert path_part("7.2.22/../../x") == "7.2.22%2F..%2F..%2Fx"

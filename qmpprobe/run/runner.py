@@ -1,13 +1,13 @@
-"""Run: probe every planned combo with bounded concurrency and keep the run folder valid.
+"""The runner: probes the pending combos of one run folder with bounded concurrency.
 
-The order of work: discovery → plan → what the journal and the shared cache already have
-(an entry read from the expansion only if it was read with this run's plan for it) → before
-QEMU 10.1, the calibration combos of the plan's machine types and models, read with qom-get
-of every property (`calibrate`) → every other combo read from its expansion as its two
-calibration combos allow (one `qom-list-get` from QEMU 10.1; one QEMU per machine type in
-expand mode) → combos.csv, cells.parquet and the manifest. Each combo is journalled in raw/
-as soon as it ends, so an interrupted run loses only the combos in flight, and `run
---resume` finishes it. Ctrl-C and SIGTERM kill every QEMU and leave the folder valid.
+The order of work: what the journal and the shared cache already have (an entry read from
+the expansion only if it was read with this run's plan for it) → before QEMU 10.1, the
+calibration combos of the plan's machine types and models, read with qom-get of every
+property (`calibrate`) → every other combo read from its expansion as its two calibration
+combos allow (one `qom-list-get` from QEMU 10.1; one QEMU per machine type in expand mode) →
+combos.csv, cells.parquet and the manifest. Each combo is journalled in raw/ as soon as it
+ends, so an interrupted run loses only the combos in flight. This is the one place where
+probing (records) and the run folder meet.
 """
 
 from __future__ import annotations
@@ -15,19 +15,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
-from qmpprobe import __version__, cache, cpuflags, guest, preflight, reaper
-from qmpprobe.calibrate import (
+from qmpprobe.core import cpuflags
+from qmpprobe.core.cpuid import spelled_bits
+from qmpprobe.core.discovery import Discovery
+from qmpprobe.core.host import digest
+from qmpprobe.core.vocab import (
+    ERROR,
+    EXACT,
+    EXPAND,
+    OK,
+    PENDING,
+    READ_AUTO,
+    READ_EXPANSION,
+    READ_LIST_GET,
+    READ_QOM_GET,
+    SKIPPED,
+    SOURCE_EXPANSION,
+    SOURCE_REALIZED,
+    STATUSES,
+)
+from qmpprobe.plan.plan import Combo, calibration, natural_key
+from qmpprobe.probe.expand import MachineRead, probe_machine, probe_model
+from qmpprobe.probe.qemu import OWNER_ENV, LaunchOptions, together
+from qmpprobe.probe.read import ReadPlan, definitions_of, probe
+from qmpprobe.probe.session import MALFORMED, malformed
+from qmpprobe.run.calibrate import (
     Facts,
     cheap_plan,
     facts,
@@ -35,195 +54,22 @@ from qmpprobe.calibrate import (
     realize_decided,
     reference_plan,
 )
-from qmpprobe.cells import (
+from qmpprobe.run.manifest import journal_key
+from qmpprobe.run.options import RunOptions
+from qmpprobe.run.progress import Progress
+from qmpprobe.store import cache
+from qmpprobe.store.cells import (
     NO_FLAGS,
-    SOURCE_EXPANSION,
-    SOURCE_REALIZED,
     CellBlock,
     FlagReader,
     Texts,
+    cells_table,
     guest_cells,
     record_cells,
 )
-from qmpprobe.discover import Discovery, discover
-from qmpprobe.errors import InputError, Interrupted
-from qmpprobe.host import digest, host_facts
-from qmpprobe.learn import spelled_bits
-from qmpprobe.plan import Combo, calibration, natural_key, parse_smp, plan, topology_cpus
-from qmpprobe.probe import (
-    ERROR,
-    MALFORMED,
-    OK,
-    PENDING,
-    READ_EXPAND,
-    READ_EXPANSION,
-    READ_LIST_GET,
-    READ_QOM_GET,
-    SKIPPED,
-    STATUSES,
-    MachineRead,
-    ReadPlan,
-    definitions_of,
-    malformed,
-    probe,
-    probe_machine,
-    probe_model,
-)
-from qmpprobe.qemu import (
-    OWNER_ENV,
-    LaunchOptions,
-    kill_live,
-    kill_owned,
-    pidfd_reaping,
-    together,
-)
-from qmpprobe.store import LOCK, MANIFEST, SCHEMA, RunFolder, cells_table, combos_frame, path_part
+from qmpprobe.store.folder import RunFolder, combos_frame
 
-MODE_EXACT, MODE_EXPAND = "exact", "expand"
 T = TypeVar("T")
-
-#: What expand mode cannot see; repeated in its manifests.
-EXPAND_LIMITS = (
-    "Expand mode reads query-cpu-model-expansion (full) of each model inside one QEMU per "
-    "machine type: the CPU the machine type asks for, before realize. What realize decides is "
-    "not in its cells, as measured in the same run: the properties whose value realize changed "
-    "on the machine type's own CPU (read with qom-get in the same QEMU) or on the model "
-    "realized once on QEMU's default machine type (read for what its expansion has that "
-    "differs from the default machine type's own model's), listed under "
-    "read.realize_decided; and what only realize reports (feature-words, filtered-features). "
-    "Features the accelerator or host cannot provide count as requested; unavailable-features "
-    "comes from the machine type's query-cpu-definitions, which QEMU computes with the run's "
-    "--cpu-flags. Feature flags without a learned CPUID bit (MSR-based ones such as vmx-*) are "
-    "taken as requested. A value realize decides only for one model on one machine type is "
-    "not seen. It refuses -smp > 1, where realize changes flags with the topology."
-)
-
-#: What QMP shows and what it cannot; repeated in every manifest so no reader misses it.
-QMP_LIMITS = (
-    "Cells are QEMU's QOM properties of the CPU object (its description of the CPU), not the "
-    "CPUID values a guest reads. CPUID leaves QEMU computes when the guest asks (topology, "
-    "cache descriptors under l3-cache/legacy-cache, XSAVE layout, vendor-only leaves) and "
-    "code changes with no property behind them are invisible here."
-)
-GUEST_LIMITS = (
-    "Cells are QEMU's QOM properties of the CPU object and, from --guest-cpuid, the CPUID "
-    "values the guest read at reset (real mode) and in long mode with OSXSAVE, XCR0 and PKE "
-    "set (cpuid:* cells). MSRs and CPUID after other guest state changes are not read."
-)
-
-
-def default_jobs() -> int:
-    """Concurrent QEMUs: one per core plus one to cover the time each spends waiting on QMP."""
-    return (os.cpu_count() or 1) + 1
-
-
-@dataclass
-class RunOptions:
-    """Everything `qmpprobe run` was asked to do."""
-
-    qemu: str = "qemu-system-x86_64"
-    accel: str = "tcg"
-    smp: str = "1"
-    cpu_flags: str = ""
-    globals: tuple[str, ...] = ()
-    machines: str | None = None
-    models: str | None = None
-    jobs: int = field(default_factory=default_jobs)
-    timeout: float = 30.0
-    retries: int = 1
-    read: str = "auto"
-    mode: str = MODE_EXACT
-    guest_cpuid: bool = False
-    cache: bool = True
-    out: str | None = None
-    results: str = "results"
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        # One check for every command that probes (run, resume, check, explain): bad numbers
-        # and empty patterns are refused before any QEMU starts, never taken as "all".
-        preflight.check_jobs(self.jobs)
-        preflight.check_seconds(self.timeout)
-        preflight.check_patterns(self.machines, "--machines")
-        preflight.check_patterns(self.models, "--models")
-        parse_smp(self.smp)
-
-    def launch(self) -> LaunchOptions:
-        """QEMU launch options for this run."""
-        return LaunchOptions(
-            self.qemu,
-            self.accel,
-            parse_smp(self.smp),
-            self.cpu_flags,
-            tuple(self.globals),
-            guest.image() if self.guest_cpuid else "",
-        )
-
-
-def folder_name(
-    started: datetime, discovery: Discovery, accel: str, topology: str, mode: str
-) -> str:
-    """`<UTC timestamp>-<qemu version>-<accel>-smp<N>[-expand]`."""
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    # The version is QEMU's text: one file name, never a path (`22/../../x` stays inside).
-    name = path_part(f"{stamp}-{discovery.version}-{accel}-smp{topology_cpus(topology)}")
-    return name + ("-expand" if mode == MODE_EXPAND else "")
-
-
-def journal_key(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What a journal entry must match to be reused: same QEMU files, same run options."""
-    return {
-        "fingerprint": manifest["qemu"]["fingerprint"]["id"],
-        "accel": manifest["accel"],
-        "topology": manifest["topology"],
-        "mode": manifest["mode"],
-        "guest_cpuid": manifest.get("guest_cpuid", False),
-        "guest_firmware": manifest.get("guest_firmware", ""),
-        "cpu_flags": manifest["cpu_flags"],
-        "globals": manifest["globals"],
-        "qmpprobe": manifest["qmpprobe"],
-        "host": manifest["host"]["fingerprint"] if manifest["accel"] == "kvm" else None,
-    }
-
-
-class Progress:
-    """A progress bar with ETA on a terminal (rich), nothing otherwise."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self._bar: Any = None
-        if enabled and total:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import Progress as RichProgress
-
-            self._bar = RichProgress(
-                TextColumn("probing"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[counts]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self._task = self._bar.add_task("probe", total=total, counts="")
-            self._bar.start()
-
-    def advance(self, counts: Counter[str]) -> None:
-        """One more combo done."""
-        if self._bar:
-            text = " ".join(f"{s}:{counts[s]}" for s in STATUSES if counts[s])
-            self._bar.update(self._task, advance=1, counts=text)
-
-    def close(self) -> None:
-        """Stop drawing."""
-        if self._bar:
-            self._bar.stop()
 
 
 class Runner:
@@ -236,6 +82,7 @@ class Runner:
         discovery: Discovery,
         combos: Sequence[Combo],
         options: RunOptions,
+        launch: LaunchOptions,
         earlier_seconds: float = 0.0,
     ) -> None:
         self.folder = folder
@@ -244,7 +91,7 @@ class Runner:
         self.discovery = discovery
         self.combos = list(combos)
         self.options = options
-        self.launch = options.launch()
+        self.launch = launch
         self.key = journal_key(manifest)
         self.records: dict[tuple[str, str], dict[str, Any]] = {}
         self.blocks: dict[tuple[str, str], CellBlock] = {}
@@ -255,7 +102,7 @@ class Runner:
         self.texts = Texts()
         self.shared = cache.journal(self.key) if options.cache else None
         # QEMU >= 10.1 reads every property of the realized CPU in one command: no calibration.
-        self.list_get = options.read == "auto" and "qom-list-get" in discovery.commands
+        self.list_get = options.read == READ_AUTO and "qom-list-get" in discovery.commands
         self.planned = {(c.machine, c.model) for c in self.combos}
         self.machines = {c.machine for c in self.combos}
         self._asking_definitions: set[str] = set()
@@ -291,7 +138,7 @@ class Runner:
         return {(c.machine, c.model) for c in self.combos if not c.skip} | self.ref_set
 
     def _calibrates(self) -> bool:
-        return self.options.mode == MODE_EXACT and self.options.read == "auto" and not self.list_get
+        return self.options.mode == EXACT and self.options.read == READ_AUTO and not self.list_get
 
     def _usable(self, record: dict[str, Any]) -> bool:
         """Whether a journal entry of this key was read in a way this run can take as it is."""
@@ -408,7 +255,7 @@ class Runner:
         if record["read"] == READ_EXPANSION and record["status"] == OK:
             self.qom_gets.update(record["answers"].get("qom-get", {}).keys())
             self.mapped.update(record.get("mapped", {}).keys())
-        if record["read"] == READ_EXPAND and "decided_by" in record:
+        if record["read"] == EXPAND and "decided_by" in record:
             self.realize_decided[record["machine"]] = record["decided_by"]["machine"]
             self.model_summary[record["model"]] = record["decided_by"]["model"]
         # Keep the small part; the answers live in raw/.
@@ -416,7 +263,7 @@ class Runner:
         self.counts[record["status"]] += 1
 
     def _cells(self, combo: tuple[str, str], record: dict[str, Any]) -> None:
-        source = SOURCE_EXPANSION if self.options.mode == MODE_EXPAND else SOURCE_REALIZED
+        source = SOURCE_EXPANSION if self.options.mode == EXPAND else SOURCE_REALIZED
         self.blocks[combo] = record_cells(
             record,
             self.discovery.feature_aliases,
@@ -622,7 +469,7 @@ class Runner:
         """A machine type's own CPU model in this run: its default one in exact mode (X0 of
         its calibration combo), QEMU's default machine type's in expand mode (one model whose
         verdict holds on every machine type); failing that, the first planned one."""
-        if self.options.mode == MODE_EXPAND and self.calibration.model_machine:
+        if self.options.mode == EXPAND and self.calibration.model_machine:
             machine = self.calibration.model_machine
         return self.calibration.machine_model.get(machine) or self.combos[0].model
 
@@ -640,7 +487,7 @@ class Runner:
     async def probe_pending(self, bar: Progress) -> None:
         """Probe what the journal does not have: calibration combos first, then the rest."""
         todo = [c for c in self.combos if not c.skip and (c.machine, c.model) not in self.records]
-        if self.options.mode == MODE_EXPAND:
+        if self.options.mode == EXPAND:
             await self._probe_machines(todo, bar)
         else:
             await self._probe_combos(todo, bar)
@@ -701,8 +548,8 @@ class Runner:
         return rows
 
     def _method(self) -> str:
-        if self.options.mode == MODE_EXPAND:
-            return "expand"
+        if self.options.mode == EXPAND:
+            return EXPAND
         if self.list_get:
             return READ_LIST_GET
         if self._calibrates():
@@ -714,7 +561,7 @@ class Runner:
         read: dict[str, Any] = {"method": self._method()}
         if self.flags.words and self._method() != READ_LIST_GET:
             read["from_feature_words"] = sorted(self.flags.words)
-        if self._calibrates() or self.options.mode == MODE_EXPAND:
+        if self._calibrates() or self.options.mode == EXPAND:
             read["calibration"] = {
                 "model_machine": self.calibration.model_machine,
                 "machine_model": {
@@ -732,7 +579,7 @@ class Runner:
             read["differ_from_expansion"] = sorted(frozenset().union(*(f.changed for f in found)))
             names = {f.cpu_name for f in found}
             read["cpu_name"] = names.pop() if len(names) == 1 else ""
-        if self.options.mode == MODE_EXPAND:
+        if self.options.mode == EXPAND:
             read["realize_decided"] = {
                 "machine": _by_prop(self.realize_decided),
                 "model": _by_prop(self.model_summary),
@@ -770,288 +617,3 @@ def _by_prop(decided: dict[str, list[str]]) -> dict[str, list[str]]:
         for p in props:
             by_prop.setdefault(p, []).append(name)
     return dict(sorted(by_prop.items()))
-
-
-def new_manifest(
-    options: RunOptions, discovery: Discovery, launch: LaunchOptions, started: datetime
-) -> dict[str, Any]:
-    """The manifest of a run that is about to start (incomplete until saved at the end)."""
-    return {
-        "schema": SCHEMA,
-        "qmpprobe": __version__,
-        "run_id": uuid.uuid4().hex,
-        "complete": False,
-        "start": started.isoformat(timespec="seconds"),
-        "qemu": {
-            "path": discovery.qemu,
-            "version": discovery.version,
-            "package": discovery.package,
-            "query-version": discovery.query_version,
-            "fingerprint": discovery.fingerprint,
-            "target": discovery.target,
-            "accelerators": discovery.accelerators,
-            "kvm": discovery.kvm,
-        },
-        "accel": launch.accel,
-        "mode": options.mode,
-        "guest_cpuid": options.guest_cpuid,
-        # The image's name carries a hash of its source: a changed firmware is a new key.
-        "guest_firmware": Path(launch.firmware).name if launch.firmware else "",
-        "topology": launch.topology,
-        "cpus": topology_cpus(launch.topology),
-        "cpu_flags": launch.cpu_flags,
-        "globals": list(launch.globals),
-        "argv_example": launch.argv("MACHINE", "MODEL"),
-        "filters": {"machines": options.machines, "models": options.models},
-        "read_option": options.read,
-        "jobs": options.jobs,
-        "timeout": options.timeout,
-        "retries": options.retries,
-        "host": host_facts(),
-        "qmp_limits": GUEST_LIMITS if options.guest_cpuid else QMP_LIMITS,
-        **({"expand_limits": EXPAND_LIMITS} if options.mode == MODE_EXPAND else {}),
-        "machines": [asdict(m) for m in discovery.machines],
-        "models": [asdict(m) for m in discovery.models],
-        "features": discovery.features,
-        "feature_bits": discovery.feature_bits,
-        "feature_aliases": discovery.feature_aliases,
-        "compat_props": discovery.compat_props,
-        "cpu_types": discovery.cpu_types,
-        "plumbing": discovery.plumbing,
-    }
-
-
-def options_from_manifest(manifest: dict[str, Any], **overrides: Any) -> RunOptions:
-    """The options a run was started with (to resume it)."""
-    return replace(
-        RunOptions(
-            qemu=manifest["qemu"]["path"],
-            accel=manifest["accel"],
-            smp=manifest["topology"],
-            cpu_flags=manifest["cpu_flags"],
-            globals=tuple(manifest["globals"]),
-            machines=manifest["filters"]["machines"],
-            models=manifest["filters"]["models"],
-            timeout=manifest["timeout"],
-            retries=manifest["retries"],
-            mode=manifest.get("mode", MODE_EXACT),
-            guest_cpuid=manifest.get("guest_cpuid", False),
-            read=manifest.get("read_option", "auto"),
-        ),
-        **{k: v for k, v in overrides.items() if v is not None},
-    )
-
-
-@dataclass
-class Outcome:
-    """How a run ended."""
-
-    folder: Path
-    complete: bool
-    counts: dict[str, int]
-    seconds: float
-
-
-async def _execute(runner: Runner, options: RunOptions, started: float) -> Outcome:
-    todo = sum(1 for c in runner.combos if not c.skip) - len(runner.records)
-    bar = Progress(todo, options.progress)
-    owner = runner.manifest["run_id"]
-    reaper.own(owner)
-    interrupted = False
-    try:
-        await runner.probe_pending(bar)
-    except asyncio.CancelledError:
-        interrupted = True
-    finally:
-        with contextlib.suppress(OSError):  # a terminal that hung up must not stop the save
-            bar.close()
-        kill_owned(owner)
-        runner.save(complete=not interrupted, started=started)
-    outcome = Outcome(
-        runner.folder.path,
-        runner.manifest["complete"],
-        runner.manifest["counts"],
-        runner.manifest["duration"],
-    )
-    if interrupted:
-        raise Interrupted(
-            f"interrupted: {runner.folder.path} saved with pending combos; "
-            f"resume with: qmpprobe run --resume {runner.folder.path}"
-        )
-    return outcome
-
-
-def refuse_foreign(path: Path) -> None:
-    """`--out` must be a new or empty folder, or a run's: never overwrite a user's files."""
-    if path.exists() and not path.is_dir():
-        raise InputError(f"--out {path}: exists and is not a folder")
-    if (
-        path.is_dir()
-        and not (path / MANIFEST).exists()
-        and any(p.name != LOCK for p in path.iterdir())
-    ):
-        raise InputError(f"--out {path}: exists, is not empty and is not a qmpprobe run")
-
-
-def _check_new(path: Path) -> None:
-    """Refuse a new run's folder that holds files of the user's, or a run (finish that with
-    --resume), or that another qmpprobe holds; writes nothing."""
-    refuse_foreign(path)
-    if (path / MANIFEST).exists():
-        raise InputError(f"{path} already holds a run (use --resume to finish it)")
-    RunFolder(path).check_free()
-
-
-def _claim_new(path: Path) -> RunFolder:
-    """The folder of a new run, checked (`_check_new`) and locked by this process."""
-    _check_new(path)
-    folder = RunFolder(path)
-    folder.claim()
-    return folder
-
-
-async def run(options: RunOptions) -> Outcome:
-    """Discover, plan and probe a new run; returns where it went and what came of it."""
-    started = time.monotonic()
-    launch = options.launch()
-    if options.read not in ("auto", READ_QOM_GET):
-        raise InputError(f"--read: use auto or {READ_QOM_GET}")
-    if options.mode not in (MODE_EXACT, MODE_EXPAND):
-        raise InputError(f"--mode: use {MODE_EXACT} or {MODE_EXPAND}")
-    if options.mode == MODE_EXPAND and options.guest_cpuid:
-        raise InputError("--guest-cpuid needs the exact mode: expand mode starts no guest")
-    unconverted = cpuflags.split(launch.cpu_flags).unconverted
-    if options.mode == MODE_EXPAND and unconverted:
-        raise InputError(
-            f"--cpu-flags {','.join(unconverted)}: expand mode gives other models a tsc-freq "
-            "only in the form N[.N][K|M|G|T|P|E]; use that, tsc-frequency=HZ, or the exact mode"
-        )
-    if options.mode == MODE_EXPAND and topology_cpus(launch.topology) > 1:
-        raise InputError(
-            "--mode expand cannot see what realize sets with several CPUs (ht, "
-            "topology): use --smp 1, or the exact mode"
-        )
-    if options.out:  # refused before any QEMU starts (and nothing written yet)
-        _check_new(Path(options.out))
-    discovery = await discover(launch, options.cache)
-    combos = plan(discovery, options.machines, options.models, launch.topology)
-    await preflight.ready(options, launch, discovery, combos)  # before anything is written
-    now = datetime.now(UTC)
-    manifest = new_manifest(options, discovery, replace(launch, qemu=discovery.qemu), now)
-    path = (
-        Path(options.out)
-        if options.out
-        else Path(options.results)
-        / folder_name(now, discovery, launch.accel, launch.topology, options.mode)
-    )
-    folder = _claim_new(path)
-    folder.create()
-    folder.write_discovery(discovery.answers)
-    runner = Runner(folder, manifest, discovery, combos, replace(options, qemu=discovery.qemu))
-    runner.save(complete=False, started=started)
-    runner.load_cached()
-    return await _execute(runner, options, started)
-
-
-async def resume(
-    path: str, jobs: int | None, timeout: float | None, progress: bool, use_cache: bool = True
-) -> Outcome:
-    """Finish an interrupted run: same QEMU (checked by fingerprint), only the missing combos."""
-    started = time.monotonic()
-    folder = RunFolder(path)
-    manifest = folder.read_manifest()
-    # Before anything is killed or written: a run still going on keeps its folder.
-    folder.claim()
-    if manifest.get("qmpprobe") != __version__:
-        # Its journal entries were read, and keyed, by that version's rules.
-        raise InputError(
-            f"{path} was started by qmpprobe {manifest.get('qmpprobe')}, this is {__version__}: "
-            "start a new run"
-        )
-    options = options_from_manifest(
-        manifest, jobs=jobs, timeout=timeout, progress=progress, cache=use_cache
-    )
-    # Before the binary the manifest names is started (discovery runs it): it must be the
-    # very file the run used, or a foreign folder chooses what runs.
-    preflight.recorded_qemu(manifest, path)
-    # A QEMU a killed attempt left behind (e.g. the child of a wrapper) dies first.
-    kill_owned(manifest["run_id"], orphans_only=True)
-    discovery = await discover(options.launch(), options.cache)
-    if discovery.fingerprint["id"] != manifest["qemu"]["fingerprint"]["id"]:
-        raise InputError(
-            f"{path}: QEMU changed since the run started (fingerprint "
-            f"{manifest['qemu']['fingerprint']['id']} → {discovery.fingerprint['id']})"
-        )
-    options.jobs = preflight.capped_jobs(options.jobs)
-    combos = plan(discovery, options.machines, options.models, parse_smp(options.smp))
-    runner = Runner(folder, manifest, discovery, combos, options, manifest.get("duration", 0.0))
-    runner.load_journal()
-    runner.load_cached()
-    return await _execute(runner, options, started)
-
-
-#: Signals that stop a run cleanly (QEMUs killed, folder saved, exit 3). SIGHUP too: a closed
-#: terminal or ssh session must not end a run without a word and with its folder unsaved.
-#: One the process was started ignoring (`nohup`, `&` in a script) stays ignored.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def run_sync(coro_fn: Callable[[], Any]) -> Any:
-    """Run a coroutine that starts QEMUs: SIGINT/SIGTERM/SIGHUP cancel it (so QEMUs are
-    killed and work saved), a reaper outlives it, and however it ends, no QEMU and no task is
-    left."""
-
-    async def main() -> Any:
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        assert task is not None
-        stops = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
-        for sig in stops:
-            loop.add_signal_handler(sig, task.cancel)
-        guard = reaper.start()
-        try:
-            with pidfd_reaping():
-                try:
-                    return await coro_fn()
-                finally:
-                    # A second signal must not cut the clean-up short: it only reaps QEMUs
-                    # already killed, and leaving it would hang asyncio's own shutdown.
-                    for sig in stops:
-                        loop.add_signal_handler(sig, lambda: None)
-                    await asyncio.shield(_end_everything(task))
-        finally:
-            reaper.stop(guard)
-            for sig in stops:
-                loop.remove_signal_handler(sig)
-
-    try:
-        return asyncio.run(main())
-    except asyncio.CancelledError:
-        # Cancelled before the runner could turn it into Interrupted (e.g. during discovery).
-        raise Interrupted("interrupted before probing started; nothing saved") from None
-
-
-async def _end_everything(main: asyncio.Task[Any]) -> None:
-    """Kill every QEMU still alive and cancel every other task, while child processes can
-    still be reaped: an exception that left siblings running would otherwise hang asyncio's
-    own shutdown on their `wait()`, after the child watcher is gone."""
-    kill_live()
-    mine = {main, asyncio.current_task()}
-    others = [t for t in asyncio.all_tasks() if t not in mine and not t.done()]
-    for t in others:
-        t.cancel()
-    if others:
-        # No time limit: their QEMUs are SIGKILLed, so each only has a dead child to reap.
-        await asyncio.wait(others)
-
-
-def summary(outcome: Outcome) -> str:
-    """The line `qmpprobe run` prints at the end."""
-    counts = ", ".join(f"{s} {n}" for s, n in outcome.counts.items() if n)
-    state = "complete" if outcome.complete else "INCOMPLETE"
-    return f"{outcome.folder}: {state}; {counts}; {outcome.seconds:.1f} s"
-
-
-def is_terminal() -> bool:
-    """Whether progress can be drawn (stderr is a terminal)."""
-    return sys.stderr.isatty()

@@ -21,23 +21,23 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qmpprobe.guest import Dump
-from qmpprobe.host import digest
-from qmpprobe.learn import word_bits
-from qmpprobe.probe import (
+import numpy as np
+import pyarrow as pa
+
+from qmpprobe.core.cpuid import Dump, word_bits
+from qmpprobe.core.host import digest
+from qmpprobe.core.values import json_text, json_type
+from qmpprobe.core.vocab import (
     EDGES,
+    EXPAND,
     OK,
-    READ_EXPAND,
     READ_LIST_GET,
     READ_QOM_GET,
+    SOURCE_GUEST,
     cpus_of,
     is_edge,
 )
-from qmpprobe.values import json_text, json_type
 
-SOURCE_REALIZED = "realized"
-SOURCE_EXPANSION = "expansion"
-SOURCE_GUEST = "guest"
 CELL_COLUMNS = ("accel", "machine", "model", "prop", "value", "type", "source")
 
 
@@ -142,7 +142,7 @@ def realized_values(
             if "value" in p and not p["type"].startswith(EDGES)
         }
         return _own(values, plumbing)
-    if record["read"] == READ_EXPAND:
+    if record["read"] == EXPAND:
         return _own(expanded_values(record), plumbing)
     # Exact mode asks for no edge; an expansion has no edge but the plumbing's `memory` link.
     return _own(expansion_values(record, aliases, flags), plumbing)
@@ -264,3 +264,55 @@ def _block(
     )
     texts.last[memo] = (found, codes)
     return CellBlock(record["machine"], record["model"], *codes, source)
+
+
+def cells_table(accel: str, blocks: Sequence[CellBlock], texts: Texts) -> pa.Table:
+    """cells.parquet's table from per-combo blocks of codes: dictionary-encoded columns.
+
+    Combos stay in plan order; within a combo, properties are ordered by name, however the
+    combo was read.
+    """
+    if not blocks or not any(len(b.props) for b in blocks):
+        empty = {c: pa.array([], pa.dictionary(pa.int32(), pa.string())) for c in CELL_COLUMNS}
+        return pa.table(empty)
+    sizes = np.fromiter((len(b.props) for b in blocks), dtype=np.int64, count=len(blocks))
+
+    def codes(attr: str) -> np.ndarray:
+        return np.concatenate([np.frombuffer(getattr(b, attr), dtype=np.int32) for b in blocks])
+
+    def dictionary(values: np.ndarray, table: Codes) -> pa.DictionaryArray:
+        # Sorted dictionaries: the same cells give the same file, whatever order they came in.
+        strings = np.asarray(table.strings, dtype=object)
+        by_name = np.argsort(strings)
+        rank = np.empty(len(strings), dtype=np.int32)
+        rank[by_name] = np.arange(len(strings), dtype=np.int32)
+        return pa.DictionaryArray.from_arrays(
+            pa.array(rank[values], pa.int32()), pa.array(strings[by_name].tolist(), pa.string())
+        )
+
+    def repeated(values: list[str]) -> pa.DictionaryArray:
+        uniq, inverse = np.unique(np.asarray(values, dtype=object), return_inverse=True)
+        indices = pa.array(np.repeat(inverse, sizes).astype(np.int32))
+        return pa.DictionaryArray.from_arrays(indices, pa.array(uniq.tolist(), pa.string()))
+
+    props = codes("props")
+    names = np.asarray(texts.props.strings, dtype=object)
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[np.argsort(names)] = np.arange(len(names))
+    block = np.repeat(np.arange(len(blocks), dtype=np.int64), sizes)
+    order = np.argsort(block * len(names) + rank[props], kind="stable")
+    n = int(sizes.sum())
+    table = pa.table(
+        {
+            "accel": pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(n, dtype=np.int32)), pa.array([accel], pa.string())
+            ),
+            "machine": repeated([b.machine for b in blocks]),
+            "model": repeated([b.model for b in blocks]),
+            "prop": dictionary(props, texts.props),
+            "value": dictionary(codes("values"), texts.values),
+            "type": dictionary(codes("types"), texts.types),
+            "source": repeated([b.source for b in blocks]),
+        }
+    )
+    return table.take(pa.array(order))

@@ -11,18 +11,28 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from qemu.qmp import QMPError
 
-from qmpprobe import __version__, cache
+from qmpprobe import __version__
+from qmpprobe.core.cpuid import feature_bits
+from qmpprobe.core.discovery import Discovery, Machine, Model
+from qmpprobe.core.host import kvm_usable, qemu_fingerprint
+from qmpprobe.core.vocab import is_edge
+from qmpprobe.discover.learn import learn_aliases, learn_bits
 from qmpprobe.errors import InputError
-from qmpprobe.host import kvm_usable, qemu_fingerprint
-from qmpprobe.learn import feature_bits, learn_aliases, learn_bits
-from qmpprobe.probe import MALFORMED, ended_text, is_edge, qemu_message
-from qmpprobe.qemu import Ended, LaunchOptions, QemuProcess, together
+from qmpprobe.probe.qemu import (
+    Ended,
+    LaunchOptions,
+    QemuProcess,
+    ended_text,
+    qemu_message,
+    together,
+)
+from qmpprobe.probe.session import MALFORMED
 
 #: Seconds to wait for the QMP greeting, then for all of discovery's answers.
 GREETING_TIMEOUT = 15.0
@@ -31,73 +41,12 @@ X86_TARGETS = {"x86_64", "i386"}
 
 
 @dataclass(frozen=True)
-class Machine:
-    """A machine type as `query-machines` describes it."""
+class Learned:
+    """Where the feature aliases and CPUID bits learned from a QEMU binary are kept between
+    runs (keyed by its fingerprint): the runner hands in the shared cache's."""
 
-    name: str
-    alias: str | None
-    cpu_max: int
-    deprecated: bool
-    is_default: bool
-    default_cpu_type: str | None
-    hotpluggable_cpus: bool
-
-
-@dataclass(frozen=True)
-class Model:
-    """A CPU model as `query-cpu-definitions` describes it under `-machine none`."""
-
-    name: str
-    typename: str
-    alias_of: str | None
-    migration_safe: bool
-    deprecated: bool
-    static: bool
-    unavailable_features: tuple[str, ...]
-
-
-@dataclass
-class Discovery:
-    """What a QEMU binary is (version, fingerprint) and has (machines, models, aliases)."""
-
-    qemu: str
-    accel: str
-    version: str
-    package: str
-    query_version: dict[str, Any]
-    target: str
-    machines: list[Machine]
-    models: list[Model]
-    commands: list[str]
-    kvm: dict[str, Any]
-    accelerators: list[str]
-    #: CPUID feature flags under QEMU's canonical names (the booleans of a static expansion).
-    features: list[str]
-    #: Canonical flag → its CPUID bit (`0x00000001:0:ecx:29`), learned by hot-plugging CPUs.
-    feature_bits: dict[str, str]
-    feature_aliases: dict[str, list[str]]
-    fingerprint: dict[str, Any]
-    #: Per machine type, its declared compat props on x86 CPU types and their ancestors, as
-    #: `[qom-type, property, value]` in QEMU's order (QEMU >= 9.1; None when not declared).
-    compat_props: dict[str, list[list[str]]] | None = None
-    #: Each CPU model's QOM type → its ancestors, nearest first (from `qom-list-types`).
-    cpu_types: dict[str, list[str]] = field(default_factory=dict)
-    #: CPU properties that are not facts about the model, so not cells: what every QOM device
-    #: has (`qom-list-properties device`: type, realized, …) and the CPU type's links to other
-    #: objects (type `link<…>`, e.g. its memory; see `is_edge`).
-    plumbing: list[str] = field(default_factory=list)
-    answers: dict[str, Any] = field(repr=False, default_factory=dict)
-
-    @property
-    def development(self) -> bool:
-        """A development build (micro >= 50) whose newest machine types are still open."""
-        return int(self.query_version["qemu"]["micro"]) >= 50
-
-    def manifest(self) -> dict[str, Any]:
-        """The JSON-able summary kept in a run's manifest."""
-        d = asdict(self)
-        d.pop("answers")
-        return d
+    load: Callable[[str], dict[str, Any] | None]
+    save: Callable[[str, dict[str, Any]], None]
 
 
 def resolve_qemu(qemu: str) -> str:
@@ -193,22 +142,24 @@ def _accelerators(answers: dict[str, Any]) -> list[str]:
     return ["kvm", "tcg"] if "return" in answers["query-kvm"] else ["tcg"]
 
 
-async def discover(options: LaunchOptions, use_cache: bool = True) -> Discovery:
+async def discover(options: LaunchOptions, learned: Learned | None = None) -> Discovery:
     """Start QEMU once under `-machine none` and read everything the plan needs.
 
-    With `use_cache`, the feature aliases learned earlier from the same QEMU files are reused.
+    With `learned`, the feature aliases learned earlier from the same QEMU files are reused.
     """
     qemu_path = resolve_qemu(options.qemu)
     check_accel(options.accel)
     launch = LaunchOptions(qemu=qemu_path, accel=options.accel)
     proc = QemuProcess(launch.argv("none"), name="discover")
     try:
-        return await _discover(proc, qemu_path, options.accel, use_cache)
+        return await _discover(proc, qemu_path, options.accel, learned)
     finally:
         await proc.stop()
 
 
-async def _discover(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool) -> Discovery:
+async def _discover(
+    proc: QemuProcess, qemu_path: str, accel: str, learned: Learned | None
+) -> Discovery:
     try:
         await proc.start()
     except OSError as e:
@@ -230,7 +181,7 @@ async def _discover(proc: QemuProcess, qemu_path: str, accel: str, use_cache: bo
     step = _Step("its first questions", GREETING_TIMEOUT)
     try:
         async with asyncio.timeout(DISCOVERY_TIMEOUT):
-            return await _ask(proc, qemu_path, accel, use_cache, step)
+            return await _ask(proc, qemu_path, accel, learned, step)
     except TimeoutError:
         # Which QEMU, which step, and that it stopped answering (still there, or how it ended).
         rc = proc.proc.returncode if proc.proc else None
@@ -331,7 +282,7 @@ async def _plumbing(proc: QemuProcess, models: list[Model], answers: dict[str, A
 
 
 async def _ask(
-    proc: QemuProcess, qemu_path: str, accel: str, use_cache: bool, step: _Step
+    proc: QemuProcess, qemu_path: str, accel: str, learned: Learned | None, step: _Step
 ) -> Discovery:
     """Everything discovery asks, in order; `step` always says what it is waiting for."""
     names = [
@@ -365,8 +316,8 @@ async def _ask(
     models = parse_models(_ret(answers["query-cpu-definitions"], "query-cpu-definitions"))
     key = f"{fingerprint['id']}-{accel}-{__version__}"
     # Missing, damaged or of another shape (cache.load checks it): learned again.
-    learned = cache.load("features", key) if use_cache else None
-    if learned is None:
+    known = learned.load(key) if learned else None
+    if known is None:
         base_type = next((m.typename for m in models if m.name == "base"), "")
         # Independent QEMUs: both learn at once.
         step.what, step.own = (
@@ -378,12 +329,13 @@ async def _ask(
             learn_aliases(proc, LaunchOptions(qemu_path, accel), base_type),
             _learn_bits(qemu_path, accel, machines, models, features),
         )
-        learned = {"aliases": aliases, "bits": bits, "crashed": crashed, "answers": alias_answers}
-        cache.save("features", key, learned)
+        known = {"aliases": aliases, "bits": bits, "crashed": crashed, "answers": alias_answers}
+        if learned:
+            learned.save(key, known)
     else:
-        learned["answers"]["cached"] = key
-    answers["aliases"] = learned["answers"]
-    answers["feature-bits"] = {"bits": learned["bits"], "crashed": learned["crashed"]}
+        known["answers"]["cached"] = key
+    answers["aliases"] = known["answers"]
+    answers["feature-bits"] = {"bits": known["bits"], "crashed": known["crashed"]}
     step.what, step.own = "query-machines with compat-props, then qom-list-types", True
     compat_props, cpu_types, compat_answers = await _compat(proc, models)
     answers.update(compat_answers)
@@ -403,8 +355,8 @@ async def _ask(
         kvm=kvm,
         accelerators=_accelerators(answers),
         features=features,
-        feature_bits=feature_bits({f: set(b) for f, b in learned["bits"].items()}),
-        feature_aliases=learned["aliases"],
+        feature_bits=feature_bits({f: set(b) for f, b in known["bits"].items()}),
+        feature_aliases=known["aliases"],
         fingerprint=fingerprint,
         compat_props=compat_props,
         cpu_types=cpu_types,

@@ -1,9 +1,8 @@
 """Before a run probes anything: refuse bad input with one clear line, and size `--jobs`.
 
-Three checks, each at the root of a class of bad input:
+Two checks, each at the root of a class of bad input (numbers and name patterns are checked
+when the options are made, `run.options`):
 
-- numbers (`--jobs`, `--timeout`) and name patterns (`--machines`, `--models`) are checked by
-  the same functions for every command that probes (argparse types and `RunOptions`);
 - the run's `-smp`, `-cpu` flags and `-global`s are put to QEMU itself once, up front, on
   QEMU's own default combo (`preflight`): what QEMU refuses there and on every machine type
   and model of the plan is refused with QEMU's own message, instead of a "complete" run of
@@ -14,72 +13,21 @@ Three checks, each at the root of a class of bad input:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import math
 import os
 import resource
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
+from qmpprobe.core.discovery import Discovery
+from qmpprobe.core.host import file_sha256
 from qmpprobe.errors import InputError
-
-if TYPE_CHECKING:
-    from qmpprobe.discover import Discovery
-    from qmpprobe.plan import Combo
-    from qmpprobe.qemu import LaunchOptions
-    from qmpprobe.run import RunOptions
-
-
-T = TypeVar("T")
-
-
-# -- numbers and patterns ----------------------------------------------------------------------
-def _option_value(
-    text: str, parse: Callable[[str], T], what: str, check: Callable[[T], None], option: str
-) -> T:
-    """Parse and check one option's text, as argparse wants a type's errors."""
-    try:
-        value = parse(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-    try:
-        check(value)
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix(f"{option} ")) from None
-    return value
-
-
-def jobs_value(text: str) -> int:
-    """`--jobs`: a whole number >= 1 (argparse type)."""
-    return _option_value(text, int, "a whole number", check_jobs, "--jobs")
-
-
-def seconds_value(text: str) -> float:
-    """`--timeout`: a finite number of seconds > 0 (argparse type)."""
-    return _option_value(text, float, "a number of seconds", check_seconds, "--timeout")
-
-
-def check_jobs(jobs: int, option: str = "--jobs") -> None:
-    """Refuse a job count below 1."""
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise InputError(f"{option} must be a whole number >= 1, not {jobs!r}")
-
-
-def check_seconds(seconds: float, option: str = "--timeout") -> None:
-    """Refuse nan, inf, 0 and negative seconds (a timeout that can never or always fire)."""
-    if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds <= 0:
-        raise InputError(f"{option} must be a finite number of seconds > 0, not {seconds!r}")
-
-
-def check_patterns(text: str | None, option: str) -> None:
-    """A given `--machines`/`--models` must name something: `''` or `','` is not "all"."""
-    from qmpprobe.plan import split_patterns
-
-    if text is not None and not split_patterns(text):
-        raise InputError(f"{option} {text!r}: no name or glob given (leave the option out for all)")
-
+from qmpprobe.plan.plan import Combo, calibration
+from qmpprobe.probe.qemu import LaunchOptions, QemuProcess, ended_text, qemu_message, together
+from qmpprobe.run.options import RunOptions
 
 # -- --jobs against what the machine can hold -------------------------------------------------
 #: Memory one probing QEMU holds, measured on Debian's QEMU 7.2.22 under TCG on this project's
@@ -167,8 +115,6 @@ def cap_jobs(requested: int) -> tuple[int, str]:
 
 def capped_jobs(requested: int) -> int:
     """`cap_jobs`, saying on stderr when it capped (the run goes on with fewer)."""
-    import sys
-
     jobs, why = cap_jobs(requested)
     if jobs < requested:
         print(f"qmpprobe: --jobs {requested} capped to {jobs}: {why}", file=sys.stderr)
@@ -185,9 +131,6 @@ async def _starts(argv: Sequence[str], timeout: float) -> tuple[bool | None, str
     """Start QEMU `-S` with this command line: True when it greets on QMP with a CPU, False
     (with its own message) when it ends instead, None when it does neither in time or has no
     CPU (`x-remote`: the `-cpu` flags were never applied, so they are not proven valid)."""
-    from qmpprobe.probe import ended_text, qemu_message
-    from qmpprobe.qemu import QemuProcess
-
     proc = QemuProcess(argv, name="preflight")
     try:
         try:
@@ -238,11 +181,6 @@ async def preflight(
     machine type with its default model, each planned model on the default machine type.
     One of them starting is a combo the options are valid for, and the run goes on.
     """
-    from dataclasses import replace
-
-    from qmpprobe.plan import calibration
-    from qmpprobe.qemu import together
-
     launch = replace(launch, qemu=discovery.qemu, firmware="")  # the guest never runs here
     cal = calibration(discovery, launch.topology)
     m0 = cal.model_machine
@@ -286,24 +224,10 @@ async def ready(
     await preflight(discovery, launch, combos, options.timeout, options.jobs)
 
 
-async def acceptable(options: RunOptions) -> None:
-    """What `run(options)` would refuse before writing anything, asked now (`check` asks for
-    its candidate before it probes the baseline)."""
-    from qmpprobe.discover import discover
-    from qmpprobe.plan import plan
-
-    launch = options.launch()
-    discovery = await discover(launch, options.cache)
-    combos = plan(discovery, options.machines, options.models, launch.topology)
-    await preflight(discovery, launch, combos, options.timeout, capped_jobs(options.jobs))
-
-
 def recorded_qemu(manifest: Mapping[str, Any], run: str) -> None:
     """Refuse to start the QEMU a run folder names unless that file is the one the run used
     (the SHA-256 its fingerprint recorded): a folder from elsewhere must not choose what runs.
     """
-    from qmpprobe.host import file_sha256
-
     qemu = manifest.get("qemu")
     fingerprint = qemu.get("fingerprint") if isinstance(qemu, Mapping) else None
     path = qemu.get("path") if isinstance(qemu, Mapping) else None

@@ -24,14 +24,13 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import union_categoricals
 
-from qmpprobe import compat
-from qmpprobe.learn import bit_key
+from qmpprobe.analysis import compat
+from qmpprobe.core.cpuid import set_bits
+from qmpprobe.core.vocab import BIT_PREFIX, GUEST_PREFIX
 
 VERSIONED = re.compile(r"^(?P<prefix>.+?)-(?P<version>\d+(?:\.\d+)+)$")
 #: Accelerator/host facts: they feed runnability, not the CPU a machine type asks for.
 NOT_REQUESTED = ("feature-words", "filtered-features", "unavailable-features")
-BIT_PREFIX = "feature-words:"
-GUEST_PREFIX = "cpuid:"
 ALL_MODELS, MODEL = "all-models", "model"
 TRANSITION_COLUMNS = [
     "accel", "family", "model", "prop", "from_machine", "to_machine", "old", "new", "scope",
@@ -81,19 +80,15 @@ def _combo_lists(cells: pd.DataFrame, prop: str) -> pd.DataFrame:
     return out.dropna(subset=["item"])[["machine", "model", "item"]]
 
 
-def _set_bits(value: str) -> list[str]:
-    return [
-        bit_key(w, b) for w in json.loads(value) for b in range(32) if int(w["features"]) >> b & 1
-    ]
-
-
 def _requested_bits(cells: pd.DataFrame, named: set[str]) -> pd.DataFrame:
     """Rows for CPUID bits no named flag covers: requested = feature-words | filtered."""
     rows = cells[cells["prop"].isin(["feature-words", "filtered-features"])]
     # Many combos share the same words: decode each distinct value once, by its category code.
     codes = rows["value"].cat.codes.to_numpy()
     texts = rows["value"].cat.categories
-    decoded = {c: [b for b in _set_bits(texts[c]) if b not in named] for c in np.unique(codes)}
+    decoded = {
+        c: [b for b in set_bits(json.loads(texts[c])) if b not in named] for c in np.unique(codes)
+    }
     where = pd.DataFrame(
         {
             "machine": rows["machine"].astype(str).to_numpy(),
@@ -382,13 +377,6 @@ def distance_to_newest(along: pd.DataFrame, order: pd.DataFrame) -> pd.DataFrame
     wide.index = wide.index.astype(str)
     columns = [m for m in order.loc[order["versioned"], "machine"] if m in wide.columns]
     return wide.reindex(columns=columns)
-
-
-def hex_text(value: str) -> str:
-    """JSON text of an integer ≥ 10 shown also in hex (`2147483656 (0x80000008)`)."""
-    if value.isdigit() and int(value) >= 10:
-        return f"{value} ({int(value):#x})"
-    return value
 
 
 @dataclass

@@ -524,3 +524,26 @@ def kill_owned(owner: str, orphans_only: bool = False) -> list[int]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     return pids
+
+
+# -- what QEMU said -----------------------------------------------------------------------------
+def qemu_errors(output: str) -> list[str]:
+    """The lines of QEMU's output that are not warnings (QEMU warns about filtered features
+    on every start: never why it stopped)."""
+    return [ln.strip() for ln in output.splitlines() if ln.strip() and "warning:" not in ln]
+
+
+def qemu_message(output: str) -> str:
+    """QEMU's own error message from its output: its last lines that are not warnings (the
+    warnings when it said nothing else)."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    return " | ".join((qemu_errors(output) or lines)[-3:])
+
+
+def ended_text(ended: Ended | None) -> str:
+    """How QEMU ended, in words (`QEMU killed by signal 6 (SIGABRT)`)."""
+    if ended is None:
+        return "QEMU stopped answering"
+    if ended.signal is not None:
+        return f"QEMU killed by signal {ended.signal} ({signal.Signals(ended.signal).name})"
+    return f"QEMU exited with code {ended.exit}"

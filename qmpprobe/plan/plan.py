@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from qmpprobe.discover import Discovery, Machine, Model
+from qmpprobe.core.discovery import Discovery, Machine, Model
 from qmpprobe.errors import InputError
 
 

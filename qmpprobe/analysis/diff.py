@@ -20,19 +20,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qmpprobe import compat
-from qmpprobe.drift import (
-    BIT_PREFIX,
-    GUEST_PREFIX,
+from qmpprobe.analysis import compat
+from qmpprobe.analysis.drift import (
     VERSIONED,
     canonical_names,
     machine_order,
     model_types,
     requested,
 )
+from qmpprobe.core.vocab import BIT_PREFIX, GUEST_PREFIX
 from qmpprobe.errors import InputError
-from qmpprobe.escape import read_csv
-from qmpprobe.store import RunFolder
+from qmpprobe.store.csvfile import read_csv
+from qmpprobe.store.folder import RunFolder
 
 SCHEMA = 1
 COLUMNS = ["kind", "accel", "machine", "model", "prop", "old", "new", "compat"]

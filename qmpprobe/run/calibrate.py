@@ -25,10 +25,11 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qmpprobe.cells import FlagReader, clear_unavailable, realized_values
-from qmpprobe.host import digest
-from qmpprobe.probe import READ_EXPANSION, READ_QOM_GET, ReadPlan, cpus_of, is_edge
-from qmpprobe.values import json_text
+from qmpprobe.core.host import digest
+from qmpprobe.core.values import json_text
+from qmpprobe.core.vocab import READ_EXPANSION, READ_QOM_GET, cpus_of, is_edge
+from qmpprobe.probe.read import ReadPlan
+from qmpprobe.store.cells import FlagReader, clear_unavailable, realized_values
 
 
 @dataclass(frozen=True)

@@ -22,21 +22,25 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from qmpprobe.errors import InputError
-from qmpprobe.guest import PREFIX as GUEST_PREFIX
-from qmpprobe.guest import Dump
-from qmpprobe.probe import (
+from qmpprobe.core.cpuid import Dump
+from qmpprobe.core.values import json_type
+from qmpprobe.core.vocab import (
     ERROR,
+    EXACT,
+    EXPAND,
+    GUEST_PREFIX,
     OK,
     PENDING,
-    READ_EXPAND,
+    READ_AUTO,
     READ_EXPANSION,
     READ_LIST_GET,
     READ_QOM_GET,
+    SOURCE_EXPANSION,
+    SOURCE_REALIZED,
     STATUSES,
     TIMEOUT,
 )
-from qmpprobe.values import json_type
+from qmpprobe.errors import InputError
 
 #: A check: None, or the first problem of a value, its path relative to the value first
 #: (`.qemu.fingerprint.id: expected a string, found 3`, `[2] is missing`, `: expected …`).
@@ -236,7 +240,7 @@ MANIFEST_SHAPE = obj(
             {"package": STR},
         ),
         "accel": one_of("tcg", "kvm"),
-        "mode": one_of("exact", "expand"),
+        "mode": one_of(EXACT, EXPAND),
         "topology": NAME,
         "cpu_flags": STR,
         "globals": NAMES,
@@ -261,7 +265,7 @@ MANIFEST_SHAPE = obj(
         "plumbing": NAMES,
         "guest_cpuid": BOOL,
         "guest_firmware": STR,
-        "read_option": one_of("auto", READ_QOM_GET),
+        "read_option": one_of(READ_AUTO, READ_QOM_GET),
         "qmp_limits": STR,
         "expand_limits": STR,
         "from_cache": COUNT,
@@ -449,7 +453,7 @@ def check_cells(
         suspect = np.array([not fine(v) for v in names[col]], dtype=bool)
         return [str(v) for v in names[col][used(col, suspect)]]
 
-    sources = {"expansion"} if manifest["mode"] == "expand" else {"realized"}
+    sources = {SOURCE_EXPANSION} if manifest["mode"] == EXPAND else {SOURCE_REALIZED}
     if manifest.get("guest_cpuid"):
         sources.add("guest")
     accel = manifest["accel"]
@@ -601,7 +605,7 @@ RECORD_SHAPE = obj(
         "machine": NAME,
         "model": NAME,
         "status": one_of(OK, ERROR, TIMEOUT),
-        "read": one_of(READ_QOM_GET, READ_EXPANSION, READ_LIST_GET, READ_EXPAND),
+        "read": one_of(READ_QOM_GET, READ_EXPANSION, READ_LIST_GET, EXPAND),
         "answers": ANSWERS,
         "attempts": COUNT,
         "seconds": SECONDS,
@@ -629,7 +633,7 @@ NEEDED = {
     READ_QOM_GET: ("qom-list", "query-cpus-fast"),
     READ_EXPANSION: ("query-cpu-model-expansion", "query-cpus-fast"),
     READ_LIST_GET: ("qom-list-get", "query-cpus-fast"),
-    READ_EXPAND: ("query-cpu-model-expansion",),
+    EXPAND: ("query-cpu-model-expansion",),
 }
 
 
@@ -644,7 +648,7 @@ def record_problem(record: Any) -> str | None:
             return f"answers.{name}: an ok entry without that answer"
     if read == READ_QOM_GET and "qom-get" not in answers:
         return "answers.qom-get: an ok entry without its qom-gets"
-    if read != READ_EXPAND and not answers["query-cpus-fast"]["return"]:
+    if read != EXPAND and not answers["query-cpus-fast"]["return"]:
         return "answers.query-cpus-fast: an ok entry without a CPU"
     guest = answers.get("guest-cpuid")
     if guest is None:

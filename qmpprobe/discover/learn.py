@@ -17,41 +17,12 @@ from typing import Any
 
 from qemu.qmp import QMPError
 
+from qmpprobe.core.cpuid import alias_groups, word_bits
 from qmpprobe.errors import InputError
-from qmpprobe.probe import qemu_message
-from qmpprobe.qemu import LaunchOptions, QemuProcess, together
+from qmpprobe.probe.qemu import LaunchOptions, QemuProcess, qemu_message, together
 
 #: Seconds allowed to learn the CPUID bits of every flag.
 BITS_TIMEOUT = 120.0
-
-
-def alias_groups(turned_on: dict[str, set[str]]) -> dict[str, list[str]]:
-    """Properties that are one feature bit: each turns all the others on, both ways round.
-
-    `turned_on[p]` is the set of boolean properties that became true when `base` was expanded
-    with `p` on; dependencies turn on one way only, aliases both ways.
-    """
-    parent = {p: p for p in turned_on}
-
-    def find(p: str) -> str:
-        while parent[p] != p:
-            parent[p] = parent[parent[p]]
-            p = parent[p]
-        return p
-
-    for p, ons in turned_on.items():
-        for q in ons:
-            if q != p and q in turned_on and p in turned_on[q]:
-                parent[find(q)] = find(p)
-    groups: dict[str, list[str]] = {}
-    for p in turned_on:
-        groups.setdefault(find(p), []).append(p)
-    result = {}
-    for members in groups.values():
-        if len(members) > 1:
-            for p in members:
-                result[p] = sorted(members)
-    return dict(sorted(result.items()))
 
 
 def _expansion(props: dict[str, bool]) -> tuple[str, dict[str, Any]]:
@@ -114,34 +85,6 @@ async def learn_aliases(
         "turned_on": {p: sorted(s) for p, s in turned_on.items()},
     }
     return alias_groups(turned_on), raw
-
-
-def bit_key(word: dict[str, Any], bit: int) -> str:
-    """`0x00000007:0:ebx:4`: leaf, subleaf (0 when the leaf has none), register, bit."""
-    leaf = int(word["cpuid-input-eax"])
-    sub = int(word.get("cpuid-input-ecx", 0))
-    return f"{leaf:#010x}:{sub}:{word['cpuid-register'].lower()}:{bit}"
-
-
-def word_bits(*word_lists: Sequence[dict[str, Any]]) -> set[str]:
-    """Every bit set in any of the given feature-word lists."""
-    return {
-        bit_key(w, b)
-        for words in word_lists
-        for w in words
-        for b in range(32)
-        if int(w["features"]) >> b & 1
-    }
-
-
-def feature_bits(turned_on: dict[str, set[str]]) -> dict[str, str]:
-    """Flag → its CPUID bit, for flags that set exactly one bit (dependencies set more)."""
-    return {f: next(iter(bits)) for f, bits in sorted(turned_on.items()) if len(bits) == 1}
-
-
-def spelled_bits(bits: dict[str, str], aliases: dict[str, list[str]]) -> dict[str, str]:
-    """Every spelling of each flag with a learned single CPUID bit → that bit."""
-    return {name: bit for flag, bit in bits.items() for name in aliases.get(flag, [flag])}
 
 
 async def _bits_in_one_qemu(

@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qmpprobe.host import digest
-from qmpprobe.schema import CACHE_SHAPES
-from qmpprobe.store import RunFolder, atomic_write
+from qmpprobe.core.host import digest
+from qmpprobe.store.folder import RunFolder, atomic_write
+from qmpprobe.store.schema import CACHE_SHAPES
 
 
 def configured() -> Path | None:

@@ -9,26 +9,21 @@ no entry explains.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
 
-from qmpprobe import compat
-from qmpprobe.cells import json_text, realized_values
-from qmpprobe.drift import (
-    BIT_PREFIX,
-    GUEST_PREFIX,
+from qmpprobe.analysis import compat
+from qmpprobe.analysis.drift import (
     canonical_names,
     machine_order,
     model_types,
     requested,
 )
+from qmpprobe.core.vocab import BIT_PREFIX, GUEST_PREFIX
 from qmpprobe.errors import InputError
-from qmpprobe.probe import READ_QOM_GET, ReadPlan, probe
-from qmpprobe.qemu import LaunchOptions, together
+from qmpprobe.plan.plan import select, split_patterns
 
 #: Facts of the host and accelerator, not of the CPU asked for.
 NOT_COMPARED = {"filtered-features", "unavailable-features"}
@@ -124,52 +119,11 @@ def globals_plans(
     return plans
 
 
-@dataclass
-class RoundTrip:
-    """Newest machine type + globals, compared with the machine type explained."""
-
-    model: str
-    globals: list[str]
-    status: str
-    error: str = ""
-    left: dict[str, tuple[str, str]] = field(default_factory=dict)
-
-
-async def verify(
-    manifest: Mapping[str, Any],
-    cells: pd.DataFrame,
-    machine: str,
-    newest: str,
-    plans: Mapping[str, list[str]],
-    jobs: int,
-    timeout: float,
-) -> list[RoundTrip]:
-    """Probe the newest machine type with each model's globals; what is still different."""
-    base = LaunchOptions(
-        qemu=manifest["qemu"]["path"],
-        accel=manifest["accel"],
-        topology=manifest["topology"],
-        cpu_flags=manifest.get("cpu_flags", ""),
-        globals=tuple(manifest.get("globals", [])),
-    )
-    aliases = manifest.get("feature_aliases", {})
-    mine = cells[cells["machine"] == machine].astype(str)
-    gate = asyncio.Semaphore(jobs)
-
-    async def one(model: str, extra: list[str]) -> RoundTrip:
-        options = replace(base, globals=(*base.globals, *extra))
-        async with gate:
-            record = await probe(options, newest, model, ReadPlan(READ_QOM_GET), timeout)
-        if record["status"] != "ok":
-            return RoundTrip(model, extra, record["status"], record.get("error", ""))
-        found = realized_values(record, aliases, manifest.get("plumbing", ()))
-        got = {p: json_text(v) for p, v in found.items()}
-        want = mine[mine["model"] == model].set_index("prop")["value"].to_dict()
-        left = {
-            p: (want[p], got.get(p, "(none)"))
-            for p in want
-            if p not in NOT_COMPARED and not p.startswith(GUEST_PREFIX) and got.get(p) != want[p]
-        }
-        return RoundTrip(model, extra, "ok", left=left)
-
-    return await together(*(one(m, g) for m, g in plans.items()))
+def select_models(cells: pd.DataFrame, models: str | None) -> pd.DataFrame:
+    """The cells of the models `--model` names (names or globs; None: all), refused as any
+    pattern matching nothing is (with the close names)."""
+    if models is None:
+        return cells
+    names = [str(m) for m in cells["model"].cat.categories]
+    wanted = select(names, split_patterns(models), "model")
+    return cells[cells["model"].isin(wanted)]

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from qmpprobe.qemu import kill_owned, kill_session, pipe_holders, tell, tell_reaper
+from qmpprobe.probe.qemu import kill_owned, kill_session, pipe_holders, tell, tell_reaper
 
 
 def start() -> int | None:
@@ -32,7 +32,7 @@ def start() -> int | None:
     read_end, write_end = os.pipe()
     try:
         subprocess.Popen(
-            [sys.executable, "-m", "qmpprobe.reaper"],
+            [sys.executable, "-m", "qmpprobe.probe.reaper"],
             stdin=read_end,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -1,72 +1,78 @@
-"""Guest CPUID: what a guest reads when it executes CPUID, not QEMU's QOM description of it.
-
-`--guest-cpuid` boots the project's own firmware (`firmware/cpuid.asm`, assembled here with
-nasm) with `-bios` in the same QEMU that was just read over QMP: after the QOM read, `cont`
-runs it; it dumps every CPUID leaf and subleaf at reset (real mode) and again in long mode
-with the state an OS sets, through the debugcon port, and ends QEMU with isa-debug-exit.
-`-no-reboot` turns a guest triple fault into an exit, so a QEMU bug ends the combo quickly.
-Cells are `cpuid:<mode>:<leaf as 0x%08x>:<subleaf>:<eax|ebx|ecx|edx>` (32-bit integers).
-"""
+"""CPUID, as qmpprobe names it: feature-word bits (`0x00000007:0:ebx:4`), the feature
+aliases learned from QEMU, and the guest's CPUID dump (`--guest-cpuid`) with its cell names
+and field decoding. Pure functions: no QEMU, no files."""
 
 from __future__ import annotations
 
-import atexit
-import hashlib
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from qmpprobe.errors import InputError
+from qmpprobe.core.vocab import GUEST_PREFIX
 
-SOURCE = Path(__file__).with_name("firmware") / "cpuid.asm"
 HEADER = "QMPPROBE-CPUID 1"
 REGS = ("eax", "ebx", "ecx", "edx")
 MODES = ("real", "long")
-PREFIX = "cpuid:"
 
 
-def image() -> str:
-    """The firmware image, assembled from its source by this process, in a private folder.
+def alias_groups(turned_on: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Properties that are one feature bit: each turns all the others on, both ways round.
 
-    Never taken from a path another process could have written: with the cache off it was
-    `$TMPDIR/qmpprobe/firmware/cpuid-<hash>.bin`, which anyone could plant, and whatever
-    image runs decides every cpuid:* cell. nasm assembles the 10.7 KiB source in 40 ms
-    (15 ms of CPU, measured on this VM; a run takes seconds), so the image is built once per
-    process into a `mkdtemp` folder (mode 0700, an unpredictable name), removed at exit, and
-    neither a cached copy to verify nor a read-only cache can stand in the way. The file name
-    keeps the hash of the source (the manifest's `guest_firmware`, part of the journal key).
+    `turned_on[p]` is the set of boolean properties that became true when `base` was expanded
+    with `p` on; dependencies turn on one way only, aliases both ways.
     """
-    global _built
-    if _built is not None and Path(_built).is_file():
-        return _built
-    source = SOURCE.read_bytes()
-    nasm = shutil.which("nasm")
-    if nasm is None:
-        raise InputError("--guest-cpuid needs nasm to build its firmware: run scripts/setup")
-    folder = Path(tempfile.mkdtemp(prefix="qmpprobe-firmware-"))
-    atexit.register(shutil.rmtree, folder, True)
-    out = folder / f"cpuid-{hashlib.sha256(source).hexdigest()[:16]}.bin"
-    copy = folder / "cpuid.asm"  # assembled from the bytes hashed, not a file read again
-    copy.write_bytes(source)
-    done = subprocess.run(
-        [nasm, "-f", "bin", "-o", str(out), str(copy)], capture_output=True, text=True
-    )
-    if done.returncode != 0 or not out.is_file():
-        said = " | ".join(done.stderr.split("\n")).strip(" |") or f"exit {done.returncode}"
-        raise InputError(f"nasm failed on {SOURCE}: {said}")
-    _built = str(out)
-    return _built
+    parent = {p: p for p in turned_on}
+
+    def find(p: str) -> str:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    for p, ons in turned_on.items():
+        for q in ons:
+            if q != p and q in turned_on and p in turned_on[q]:
+                parent[find(q)] = find(p)
+    groups: dict[str, list[str]] = {}
+    for p in turned_on:
+        groups.setdefault(find(p), []).append(p)
+    result = {}
+    for members in groups.values():
+        if len(members) > 1:
+            for p in members:
+                result[p] = sorted(members)
+    return dict(sorted(result.items()))
 
 
-#: The image this process built (see `image`).
-_built: str | None = None
+def bit_key(word: dict[str, Any], bit: int) -> str:
+    """`0x00000007:0:ebx:4`: leaf, subleaf (0 when the leaf has none), register, bit."""
+    leaf = int(word["cpuid-input-eax"])
+    sub = int(word.get("cpuid-input-ecx", 0))
+    return f"{leaf:#010x}:{sub}:{word['cpuid-register'].lower()}:{bit}"
+
+
+def set_bits(words: Sequence[dict[str, Any]]) -> list[str]:
+    """The bits set in a feature-word list, word by word, lowest bit first."""
+    return [bit_key(w, b) for w in words for b in range(32) if int(w["features"]) >> b & 1]
+
+
+def word_bits(*word_lists: Sequence[dict[str, Any]]) -> set[str]:
+    """Every bit set in any of the given feature-word lists."""
+    return {bit for words in word_lists for bit in set_bits(words)}
+
+
+def feature_bits(turned_on: dict[str, set[str]]) -> dict[str, str]:
+    """Flag → its CPUID bit, for flags that set exactly one bit (dependencies set more)."""
+    return {f: next(iter(bits)) for f, bits in sorted(turned_on.items()) if len(bits) == 1}
+
+
+def spelled_bits(bits: dict[str, str], aliases: dict[str, list[str]]) -> dict[str, str]:
+    """Every spelling of each flag with a learned single CPUID bit → that bit."""
+    return {name: bit for flag, bit in bits.items() for name in aliases.get(flag, [flag])}
 
 
 def cell_name(mode: str, leaf: int, subleaf: int, reg: str) -> str:
     """`cpuid:long:0x00000004:1:eax`."""
-    return f"{PREFIX}{mode}:{leaf:#010x}:{subleaf}:{reg}"
+    return f"{GUEST_PREFIX}{mode}:{leaf:#010x}:{subleaf}:{reg}"
 
 
 class Dump:

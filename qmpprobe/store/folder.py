@@ -20,17 +20,16 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qmpprobe.cells import CELL_COLUMNS, CellBlock, Codes, Texts
+from qmpprobe.core.vocab import STATUSES
 from qmpprobe.errors import InputError
-from qmpprobe.escape import csv_bytes, unguard_frame, write_csv
-from qmpprobe.probe import STATUSES
-from qmpprobe.schema import (
+from qmpprobe.store.cells import CELL_COLUMNS
+from qmpprobe.store.csvfile import csv_bytes, unguard_frame, write_csv
+from qmpprobe.store.schema import (
     cells_arrow,
     check_cells,
     check_combos,
@@ -397,55 +396,3 @@ def combos_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     df["attempts"] = df["attempts"].fillna(0)
     df["seconds"] = df["seconds"].fillna(0.0)
     return _combo_dtypes(df)
-
-
-def cells_table(accel: str, blocks: Sequence[CellBlock], texts: Texts) -> pa.Table:
-    """cells.parquet's table from per-combo blocks of codes: dictionary-encoded columns.
-
-    Combos stay in plan order; within a combo, properties are ordered by name, however the
-    combo was read.
-    """
-    if not blocks or not any(len(b.props) for b in blocks):
-        empty = {c: pa.array([], pa.dictionary(pa.int32(), pa.string())) for c in CELL_COLUMNS}
-        return pa.table(empty)
-    sizes = np.fromiter((len(b.props) for b in blocks), dtype=np.int64, count=len(blocks))
-
-    def codes(attr: str) -> np.ndarray:
-        return np.concatenate([np.frombuffer(getattr(b, attr), dtype=np.int32) for b in blocks])
-
-    def dictionary(values: np.ndarray, table: Codes) -> pa.DictionaryArray:
-        # Sorted dictionaries: the same cells give the same file, whatever order they came in.
-        strings = np.asarray(table.strings, dtype=object)
-        by_name = np.argsort(strings)
-        rank = np.empty(len(strings), dtype=np.int32)
-        rank[by_name] = np.arange(len(strings), dtype=np.int32)
-        return pa.DictionaryArray.from_arrays(
-            pa.array(rank[values], pa.int32()), pa.array(strings[by_name].tolist(), pa.string())
-        )
-
-    def repeated(values: list[str]) -> pa.DictionaryArray:
-        uniq, inverse = np.unique(np.asarray(values, dtype=object), return_inverse=True)
-        indices = pa.array(np.repeat(inverse, sizes).astype(np.int32))
-        return pa.DictionaryArray.from_arrays(indices, pa.array(uniq.tolist(), pa.string()))
-
-    props = codes("props")
-    names = np.asarray(texts.props.strings, dtype=object)
-    rank = np.empty(len(names), dtype=np.int64)
-    rank[np.argsort(names)] = np.arange(len(names))
-    block = np.repeat(np.arange(len(blocks), dtype=np.int64), sizes)
-    order = np.argsort(block * len(names) + rank[props], kind="stable")
-    n = int(sizes.sum())
-    table = pa.table(
-        {
-            "accel": pa.DictionaryArray.from_arrays(
-                pa.array(np.zeros(n, dtype=np.int32)), pa.array([accel], pa.string())
-            ),
-            "machine": repeated([b.machine for b in blocks]),
-            "model": repeated([b.model for b in blocks]),
-            "prop": dictionary(props, texts.props),
-            "value": dictionary(codes("values"), texts.values),
-            "type": dictionary(codes("types"), texts.types),
-            "source": repeated([b.source for b in blocks]),
-        }
-    )
-    return table.take(pa.array(order))

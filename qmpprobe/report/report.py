@@ -16,10 +16,23 @@ from typing import Any
 
 import pandas as pd
 
-from qmpprobe import compat, escape, guest
-from qmpprobe.compat import DECLARED, UNDECLARED
-from qmpprobe.drift import ALL_MODELS, MODEL, Drift, analyse, hex_text
-from qmpprobe.store import RunFolder, atomic_write
+from qmpprobe.analysis import compat
+from qmpprobe.analysis.compat import DECLARED, UNDECLARED
+from qmpprobe.analysis.diff import BREAKS, COLUMNS, SCHEMA, Diff, Run, summary
+from qmpprobe.analysis.drift import ALL_MODELS, MODEL, Drift, analyse
+from qmpprobe.core.cpuid import decode
+from qmpprobe.core.vocab import GUEST_PREFIX
+from qmpprobe.report import escape
+from qmpprobe.store import csvfile
+from qmpprobe.store.folder import RunFolder, atomic_write
+
+
+def hex_text(value: str) -> str:
+    """JSON text of an integer ≥ 10 shown also in hex (`2147483656 (0x80000008)`)."""
+    if value.isdigit() and int(value) >= 10:
+        return f"{value} ({int(value):#x})"
+    return value
+
 
 FILES = (
     "transitions.csv",
@@ -68,8 +81,8 @@ def heatmap_png(distance: pd.DataFrame, title: str) -> bytes:
 
 
 def _change(old: str, new: str, prop: str = "") -> str:
-    if prop.startswith(guest.PREFIX):
-        return guest.decode(prop, old, new)
+    if prop.startswith(GUEST_PREFIX):
+        return decode(prop, old, new)
     return f"{hex_text(old)} → {hex_text(new)}"
 
 
@@ -278,10 +291,10 @@ def write_report(path: str | Path) -> list[Path]:
     combos = folder.read_combos()
     d = analyse(manifest, combos, folder.read_cells())
     out = folder.path
-    # Every CSV through escape.csv_bytes: text a spreadsheet would run as a formula is guarded.
-    atomic_write(out / "transitions.csv", escape.csv_bytes(d.transitions))
-    atomic_write(out / "runnability.csv", escape.csv_bytes(d.runnability))
-    atomic_write(out / "matrix.csv", escape.csv_bytes(d.matrix))
+    # Every CSV through csvfile.csv_bytes: text a spreadsheet would run as a formula is guarded.
+    atomic_write(out / "transitions.csv", csvfile.csv_bytes(d.transitions))
+    atomic_write(out / "runnability.csv", csvfile.csv_bytes(d.runnability))
+    atomic_write(out / "matrix.csv", csvfile.csv_bytes(d.matrix))
     _write_compat(out, manifest, d)
     ctx = context(manifest, combos, d)
     png = heatmap_png(d.distance, ctx["title"])
@@ -300,15 +313,15 @@ def _write_compat(out: Path, manifest: Mapping[str, Any], d: Drift) -> None:
             (out / name).unlink(missing_ok=True)
         return
     entries = compat.entries(manifest["compat_props"])
-    atomic_write(out / "compat_props.csv", escape.csv_bytes(entries))
-    atomic_write(out / "undeclared.csv", escape.csv_bytes(undeclared(d)))
-    atomic_write(out / "dead_entries.csv", escape.csv_bytes(d.dead))
+    atomic_write(out / "compat_props.csv", csvfile.csv_bytes(entries))
+    atomic_write(out / "undeclared.csv", csvfile.csv_bytes(undeclared(d)))
+    atomic_write(out / "dead_entries.csv", csvfile.csv_bytes(d.dead))
 
 
 DIFF_FILES = ("diff.csv", "diff.json", "diff.md", "diff.html")
 
 
-def _side(run: Any) -> dict[str, Any]:
+def _side(run: Run) -> dict[str, Any]:
     m = run.manifest
     return {
         "run": str(run.path),
@@ -322,17 +335,15 @@ def _side(run: Any) -> dict[str, Any]:
     }
 
 
-def write_diff(d: Any, out: str | Path) -> list[Path]:
+def write_diff(d: Diff, out: str | Path) -> list[Path]:
     """Write diff.csv, diff.json, diff.md and diff.html of a `diff.Diff` into `out`."""
-    from qmpprobe.diff import BREAKS, COLUMNS, SCHEMA, summary
-
     folder = Path(out)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(folder)) from e
     rows = d.rows
-    atomic_write(folder / "diff.csv", escape.csv_bytes(rows[COLUMNS]))
+    atomic_write(folder / "diff.csv", csvfile.csv_bytes(rows[COLUMNS]))
     doc = {
         "schema": SCHEMA,
         "baseline": _side(d.a),

@@ -1,0 +1,1 @@
+"""Drift, compat causes, diffs and explanations, from run folders only."""

@@ -1,0 +1,1 @@
+"""Vocabulary and pure helpers every step shares: imports nothing else of qmpprobe."""

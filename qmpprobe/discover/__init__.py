@@ -1,0 +1,1 @@
+"""What a QEMU binary has: machine types, models, features, learned from it."""

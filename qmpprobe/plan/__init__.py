@@ -1,0 +1,1 @@
+"""Which combos a run probes (no QEMU started)."""

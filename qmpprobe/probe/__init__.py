@@ -1,0 +1,1 @@
+"""The probing side: QEMU processes, one combo's reading, the guest phase."""

@@ -1,0 +1,1 @@
+"""Reports (CSV, HTML, Markdown) of analyses; escaping for each format."""

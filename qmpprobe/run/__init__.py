@@ -1,0 +1,1 @@
+"""The runner: the one place that joins probing and the run folder."""
