@@ -9,6 +9,7 @@ with one flag on at a time. Nothing here is known in advance: it all comes from 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
@@ -35,8 +36,20 @@ from qmpprobe.probe.qemu import (
 from qmpprobe.probe.session import MALFORMED
 
 #: Seconds to wait for the QMP greeting, then for all of discovery's answers.
-GREETING_TIMEOUT = 15.0
 DISCOVERY_TIMEOUT = 120.0
+
+
+def greeting_timeout() -> float:
+    """Seconds to wait for a QEMU's QMP greeting and first answers in discovery: 15, or
+    `QMPPROBE_GREETING_TIMEOUT` (any QEMU greets within milliseconds; the tests wait less
+    for a binary that never does)."""
+    try:
+        value = float(os.environ.get("QMPPROBE_GREETING_TIMEOUT", "15"))
+    except ValueError:
+        return 15.0
+    return value if math.isfinite(value) and value > 0 else 15.0
+
+
 X86_TARGETS = {"x86_64", "i386"}
 
 
@@ -164,12 +177,13 @@ async def _discover(
         await proc.start()
     except OSError as e:
         raise InputError(f"cannot start {qemu_path}: {e.strerror or e}") from None
+    within = greeting_timeout()
     try:
-        async with asyncio.timeout(GREETING_TIMEOUT):
+        async with asyncio.timeout(within):
             await proc.connect()
     except TimeoutError:
         raise InputError(
-            f"{qemu_path} did not answer QMP within {GREETING_TIMEOUT:.0f} s: is it QEMU?"
+            f"{qemu_path} did not answer QMP within {within:g} s: is it QEMU?"
         ) from None
     except Exception as e:
         ended = await proc.wait_exit(2.0)
@@ -178,7 +192,7 @@ async def _discover(
         raise InputError(
             f"{qemu_path} is not a working QEMU with QMP{how}: {said or type(e).__name__}"
         ) from None
-    step = _Step("its first questions", GREETING_TIMEOUT)
+    step = _Step("its first questions", greeting_timeout())
     try:
         async with asyncio.timeout(DISCOVERY_TIMEOUT):
             return await _ask(proc, qemu_path, accel, learned, step)
@@ -294,10 +308,10 @@ async def _ask(
         "query-kvm",
         "query-accels",
     ]
-    step.what, step.within = f"its first questions ({', '.join(names)})", GREETING_TIMEOUT
+    step.what, step.within = f"its first questions ({', '.join(names)})", greeting_timeout()
     # Answered in milliseconds by any QEMU that greeted: one that is silent here is found as
     # soon as one that never greets, not after the whole of discovery's time.
-    async with asyncio.timeout(GREETING_TIMEOUT):
+    async with asyncio.timeout(greeting_timeout()):
         first = await proc.answers([(n, None) for n in names])
     step.within = DISCOVERY_TIMEOUT
     answers = dict(zip(names, first, strict=True))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from qmpprobe.analysis import compat
 from qmpprobe.analysis.compat import DECLARED, UNDECLARED
@@ -49,13 +50,10 @@ FILES = (
 
 def heatmap_png(distance: pd.DataFrame, title: str) -> bytes:
     """Models × machine types, colour = properties that differ from the family's newest type."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows, cols = distance.shape
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * cols + 3), max(4.0, 0.16 * rows + 2)), dpi=90)
+    # A Figure of its own (no pyplot): no global backend or figure state, nothing to close.
+    fig = Figure(figsize=(max(6.0, 0.22 * cols + 3), max(4.0, 0.16 * rows + 2)), dpi=90)
+    ax = fig.subplots()
     image = ax.imshow(
         distance.fillna(0).to_numpy(dtype=float),
         aspect="auto",
@@ -76,7 +74,6 @@ def heatmap_png(distance: pd.DataFrame, title: str) -> bytes:
     fig.tight_layout()
     out = io.BytesIO()
     fig.savefig(out, format="png")
-    plt.close(fig)
     return out.getvalue()
 
 
