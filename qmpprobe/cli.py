@@ -272,6 +272,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from qmpprobe.analysis import explain
     from qmpprobe.run import lifecycle
+    from qmpprobe.run.preflight import capped_jobs
     from qmpprobe.run.verify import verify
     from qmpprobe.store.folder import RunFolder
 
@@ -310,7 +311,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if not args.as_globals:
         return EXIT_OK
     plans = explain.globals_plans(manifest, diffs, args.machine, newest)
-    jobs = lifecycle.preflight.capped_jobs(options.jobs)
+    jobs = capped_jobs(options.jobs)
     trips = lifecycle.run_sync(
         lambda: verify(manifest, cells, args.machine, newest, plans, jobs, options.timeout)
     )

@@ -131,7 +131,7 @@ def previous_run(root: Path, night: Path, entry: dict[str, Any]) -> Path | None:
                 continue
             same = all(e.get(k) == entry[k] for k in ("name", "accel", "smp"))
             if same and e.get("complete") and e.get("run"):
-                return earlier / e["run"]
+                return earlier / str(e["run"])
     return None
 
 
@@ -185,7 +185,7 @@ def _night(night: Path) -> dict[str, Any] | None:
         isinstance(e, dict) and all(k in e for k in keys) for e in runs
     ):
         return None
-    return record
+    return dict(record)
 
 
 def _href(path: str) -> str:

@@ -41,7 +41,7 @@ TRANSITION_COLUMNS = [
 def machine_order(machines: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """`machine, family, version, rank, versioned`, sorted by family then version."""
     aliases = {m["alias"]: m["name"] for m in machines if m.get("alias")}
-    rows = []
+    rows: list[tuple[str, str, tuple[int, ...], bool]] = []
     for m in machines:
         hit = VERSIONED.match(m["name"])
         if not hit:
@@ -123,7 +123,8 @@ def _concat_categorical(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
 
 def _codes(series: pd.Series, values: Iterable[str]) -> np.ndarray:
     """Category codes of `values` in a categorical column (-1 for values it does not have)."""
-    return series.cat.categories.get_indexer(list(values))
+    codes: np.ndarray = series.cat.categories.get_indexer(list(values))
+    return codes
 
 
 def requested(
@@ -141,7 +142,8 @@ def requested(
     n_model, n_prop = len(cells["model"].cat.categories), len(cells["prop"].cat.categories)
 
     def key(machine: np.ndarray, model: np.ndarray, prop: np.ndarray) -> np.ndarray:
-        return (machine.astype(np.int64) * n_model + model) * n_prop + prop
+        joined: np.ndarray = (machine.astype(np.int64) * n_model + model) * n_prop + prop
+        return joined
 
     cell_key = key(
         cells["machine"].cat.codes.to_numpy(),

@@ -233,12 +233,14 @@ class _Step:
 
 def ancestry(types: list[dict[str, Any]], typenames: Iterable[str]) -> dict[str, list[str]]:
     """Each type of `typenames` → its ancestors, nearest first, from `qom-list-types`."""
-    parent = {t["name"]: t.get("parent") for t in types}
+    parent: dict[str, str | None] = {t["name"]: t.get("parent") for t in types}
 
     def chain(name: str) -> list[str]:
         out: list[str] = []
-        while (name := parent.get(name)) and name not in out:
-            out.append(name)
+        up = parent.get(name)
+        while up and up not in out:
+            out.append(up)
+            up = parent.get(up)
         return out
 
     return {t: chain(t) for t in typenames if t in parent}

@@ -48,7 +48,7 @@ async def probe_machine(
     The first record also carries the machine type's `query-cpu-definitions` and the reading
     of its own realized CPU beside that CPU's expansion (`own-cpu`).
     """
-    expansions: list[Record] = []
+    expansions: list[dict[str, Any]] = []
 
     async def work(qemu: QemuProcess, record: Record) -> None:
         if not await connect(qemu, record):
@@ -142,15 +142,15 @@ def _differing(
 
 
 def split_machine_record(
-    record: Record, machine: str, models: Sequence[str], expansions: list[Record]
+    record: Record, machine: str, models: Sequence[str], expansions: list[dict[str, Any]]
 ) -> list[Record]:
     """One record per model out of an expand-mode machine record (machine-wide answers first)."""
     defs = record["answers"].get("query-cpu-definitions", {})
     entries = {d["name"]: d for d in defs.get("return", [])}
     share = round(record["seconds"] / max(1, len(models)), 4)
-    out = []
+    out: list[Record] = []
     for i, model in enumerate(models):
-        rec = {
+        rec: Record = {
             **record,
             "machine": machine,
             "model": model,
@@ -158,13 +158,13 @@ def split_machine_record(
             "seconds": share,
             "output": record["output"] if i == 0 else "",
         }
-        answers: Record = {"definition": entries.get(model)}
+        answers: dict[str, Any] = {"definition": entries.get(model)}
         if i == 0:
             answers.update(record["answers"])
         if record["status"] == OK:
             answers["query-cpu-model-expansion"] = expansions[i]
             if "error" in expansions[i]:
-                rec.update(status=ERROR, error=expansions[i]["error"].get("desc", ""))
+                rec.update({"status": ERROR, "error": expansions[i]["error"].get("desc", "")})
         rec["answers"] = answers
         out.append(rec)
     return out

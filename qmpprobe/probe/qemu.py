@@ -20,12 +20,13 @@ import sys
 from collections.abc import Awaitable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 from qemu.qmp import ExecuteError, Message, QMPClient
 from qemu.qmp.message import DeserializationError, UnexpectedTypeError
-from qemu.qmp.qmp_client import BadReplyError, ErrorResponse
+from qemu.qmp.models import ErrorResponse
+from qemu.qmp.qmp_client import BadReplyError
 
 #: Environment variable set in every QEMU qmpprobe starts; its value names the owner (a run).
 OWNER_ENV = "QMPPROBE_OWNER"
@@ -117,7 +118,8 @@ class Ended:
 def qmp_answer(result: Any) -> dict[str, Any]:
     """Wrap a command result as QEMU's own answer object (`{"return": ...}` or `{"error": ...}`)."""
     if isinstance(result, ExecuteError):
-        return {"error": dict(result.received["error"])}
+        error = cast(dict[str, Any], result.received["error"])
+        return {"error": dict(error)}
     if isinstance(result, BaseException):
         raise result
     return {"return": result}
@@ -389,7 +391,7 @@ def pidfd_reaping() -> Iterator[None]:
         yield
     finally:
         # The next event loop gets a default watcher again, not one tied to this loop.
-        asyncio.set_child_watcher(None)
+        asyncio.set_child_watcher(None)  # type: ignore[arg-type]  # documented: the default
         watcher.close()
 
 

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from qmpprobe.core.record import Record
 from qmpprobe.core.values import json_text
@@ -217,14 +217,14 @@ async def probe(
         if dump:
             guest_result(record, dump.read_text(errors="replace") if dump.exists() else "")
     # How it was read goes with the answers: a journal entry is reused only where valid.
-    plan = {
+    plan: dict[str, Any] = {
         "read": record.pop("read", read.method),
         **({"slot": list(read.topology)} if read.topology else {}),
         **({"words": read.words} if read.words else {}),
         **({"calibration": [list(c) for c in read.calibration]} if read.calibration else {}),
         **({"plan": read.digest} if read.digest else {}),
     }
-    return {"machine": machine, "model": model, **plan, **record}
+    return cast(Record, {"machine": machine, "model": model, **plan, **record})
 
 
 async def definitions_of(
@@ -233,7 +233,7 @@ async def definitions_of(
     model: str,
     timeout: float,
     env: dict[str, str] | None = None,
-) -> dict[str, Any]:
+) -> Record:
     """A machine type's `query-cpu-definitions` answer, from a QEMU started for that alone
     (when every combo of the machine type came from the journal without it)."""
 

@@ -51,7 +51,7 @@ MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 def malformed(record: Record, e: BaseException) -> None:
     """Make `record` the error of a QEMU answer qmpprobe cannot read (not kept in the cache:
     a real QEMU would not say it)."""
-    record.update(status=ERROR, answers={}, malformed=True)
+    record.update({"status": ERROR, "answers": {}, "malformed": True})
     record["error"] = f"QEMU's answer lacks what its QMP schema promises ({type(e).__name__}: {e})"
 
 

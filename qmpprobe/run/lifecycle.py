@@ -8,12 +8,12 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qmpprobe import __version__
 from qmpprobe.analysis.explain import newest_of_family
@@ -30,6 +30,8 @@ from qmpprobe.run.progress import Progress
 from qmpprobe.run.runner import Runner
 from qmpprobe.store import cache
 from qmpprobe.store.folder import LOCK, MANIFEST, RunFolder
+
+T = TypeVar("T")
 
 
 def launch_options(options: RunOptions, firmware: bool = True) -> LaunchOptions:
@@ -194,12 +196,12 @@ async def resume(
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def run_sync(coro_fn: Callable[[], Any]) -> Any:
+def run_sync(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine that starts QEMUs: SIGINT/SIGTERM/SIGHUP cancel it (so QEMUs are
     killed and work saved), a reaper outlives it, and however it ends, no QEMU and no task is
     left."""
 
-    async def main() -> Any:
+    async def main() -> T:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         assert task is not None
@@ -270,8 +272,8 @@ def check(sides: Sequence[RunOptions]) -> list[Outcome]:
     """`qmpprobe check`: a run of each side; the later sides' bad input is refused before the
     first side probes anything (a refusal must not come after a whole baseline run)."""
     for later in sides[1:]:
-        run_sync(lambda o=later: acceptable(o))
-    return [run_sync(lambda o=options: run(o)) for options in sides]
+        run_sync(partial(acceptable, later))
+    return [run_sync(partial(run, options)) for options in sides]
 
 
 def explain_run(options: RunOptions, machine: str) -> Outcome:

@@ -26,6 +26,7 @@ from qmpprobe.core import cpuflags
 from qmpprobe.core.cpuid import spelled_bits
 from qmpprobe.core.discovery import Discovery
 from qmpprobe.core.host import digest
+from qmpprobe.core.record import Record
 from qmpprobe.core.vocab import (
     ERROR,
     EXACT,
@@ -117,7 +118,7 @@ class Runner:
         self.ref_status: dict[tuple[str, str], str] = {}
         self._ready: dict[tuple[str, str], asyncio.Future[Facts | None]] = {}
         #: Journal entries read from the expansion, kept only if their plan is still this run's.
-        self.candidates: dict[tuple[str, str], tuple[dict[str, Any], bytes | None]] = {}
+        self.candidates: dict[tuple[str, str], tuple[Record, bytes | None]] = {}
         self.qom_gets: Counter[str] = Counter()
         self.mapped: Counter[str] = Counter()
         self.realize_decided: dict[str, list[str]] = {}
@@ -140,7 +141,7 @@ class Runner:
     def _calibrates(self) -> bool:
         return self.options.mode == EXACT and self.options.read == READ_AUTO and not self.list_get
 
-    def _usable(self, record: dict[str, Any]) -> bool:
+    def _usable(self, record: Record) -> bool:
         """Whether a journal entry of this key was read in a way this run can take as it is."""
         if record.get("key") != self.key:
             return False
@@ -150,7 +151,7 @@ class Runner:
         # Flags read from feature words need the same learned bits.
         return not record.get("words") or record["words"] == self.flags.digest
 
-    def _take(self, record: dict[str, Any], data: bytes | None) -> bool:
+    def _take(self, record: Record, data: bytes | None) -> bool:
         """Take a journal entry (from the run's raw/ when `data` is None, else the cache)."""
         combo = (record["machine"], record["model"])
         if not self._usable(record) or record.get("environment") or record.get("malformed"):
@@ -218,7 +219,7 @@ class Runner:
         self.manifest["from_cache"] = self.manifest.get("from_cache", 0) + found
         return found
 
-    def _journal(self, record: dict[str, Any]) -> None:
+    def _journal(self, record: Record) -> None:
         data = self.folder.write_record(record)
         # Only what QEMU would say again is worth reusing: not what the machine caused (a
         # timeout, a kill from outside, no resources to start QEMU).
@@ -227,7 +228,7 @@ class Runner:
             with contextlib.suppress(OSError):
                 self.shared.put_record(record["machine"], record["model"], data)
 
-    def _keep(self, record: dict[str, Any], journal: bool = True) -> bool:
+    def _keep(self, record: Record, journal: bool = True) -> bool:
         """Take a finished combo into the run (journalled first when it is new); False when
         its answers cannot be read (a new one is then kept as that error, journalled so)."""
         record["key"] = self.key
@@ -242,7 +243,7 @@ class Runner:
             self._journal(record)
         return True
 
-    def _use(self, record: dict[str, Any]) -> None:
+    def _use(self, record: Record) -> None:
         combo = (record["machine"], record["model"])
         if combo in self.ref_set:
             self._calibrated(combo, record)
@@ -262,7 +263,7 @@ class Runner:
         self.records[combo] = {k: v for k, v in record.items() if k not in ("answers", "output")}
         self.counts[record["status"]] += 1
 
-    def _cells(self, combo: tuple[str, str], record: dict[str, Any]) -> None:
+    def _cells(self, combo: tuple[str, str], record: Record) -> None:
         source = SOURCE_EXPANSION if self.options.mode == EXPAND else SOURCE_REALIZED
         self.blocks[combo] = record_cells(
             record,
@@ -275,7 +276,7 @@ class Runner:
         if "guest-cpuid" in record["answers"]:
             self.guest_blocks[combo] = guest_cells(record, self.texts)
 
-    def _calibrated(self, combo: tuple[str, str], record: dict[str, Any]) -> None:
+    def _calibrated(self, combo: tuple[str, str], record: Record) -> None:
         """Learn from a finished calibration combo (whatever its status) and wake its waiters."""
         found = facts(record, self.discovery.feature_aliases, self.discovery.plumbing, self.flags)
         self.facts[combo] = found
@@ -314,7 +315,7 @@ class Runner:
         return found if len(found) == len(known) else None
 
     async def _retrying(
-        self, attempt: Callable[[], Awaitable[T]], record_of: Callable[[T], dict[str, Any]]
+        self, attempt: Callable[[], Awaitable[T]], record_of: Callable[[T], Record]
     ) -> list[T]:
         """Every attempt's result: one the machine caused (a timeout, a kill from outside, no
         resources to start) is tried again, `retries` times (once by default)."""
@@ -372,7 +373,7 @@ class Runner:
         if key in self.planned:
             bar.advance(self.counts)
 
-    def _take_candidate(self, record: dict[str, Any], data: bytes | None) -> bool:
+    def _take_candidate(self, record: Record, data: bytes | None) -> bool:
         if not self._keep(record, journal=False):
             return False
         if data is not None:
@@ -399,7 +400,9 @@ class Runner:
             if rec["status"] == OK and status != OK:
                 # What realize decides for this model is unknown: no values that might be.
                 model_machine = self.calibration.model_machine
-                rec.update(status=status, error=f"{rec['model']} on {model_machine}: {error}")
+                rec.update(
+                    {"status": status, "error": f"{rec['model']} on {model_machine}: {error}"}
+                )
             rec["realize_decided"] = sorted({*decided, *mine})
             rec["decided_by"] = {"machine": decided, "model": mine}
             self._keep(rec)

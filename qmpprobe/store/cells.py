@@ -19,7 +19,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -58,7 +58,7 @@ class FlagReader:
         key = tuple(tuple(w.values()) for w in feature_words)
         found = self._decoded.get(key)
         if found is None:
-            on = word_bits(feature_words)
+            on = word_bits(feature_words)  # type: ignore[arg-type]  # read-only use
             found = self._decoded[key] = {s: b in on for s, b in self.words.items()}
         return found
 
@@ -161,6 +161,10 @@ def expanded_values(record: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
+#: A block's codes: property names, values, JSON types.
+Columns = tuple["array[int]", "array[int]", "array[int]"]
+
+
 @dataclass
 class CellBlock:
     """Cells of one combo, as parallel columns of codes into a `Texts`' tables."""
@@ -203,7 +207,7 @@ class Texts:
         self.false = (self.values("false"), self.types("boolean"))
         #: Per (model, source), the last cells coded and their codes: a model's CPU is often
         #: the same on the next machine type, and comparing is ~20x cheaper than coding.
-        self.last: dict[tuple[str, str], tuple[Mapping[str, Any], tuple[array[int], ...]]] = {}
+        self.last: dict[tuple[str, str], tuple[Mapping[str, Any], Columns]] = {}
 
     def value(self, value: Any) -> tuple[int, int]:
         """(value code, type code) of a QMP value."""
@@ -249,11 +253,11 @@ def _block(
         and all(type(a) is type(b) for a, b in zip(last[0].values(), found.values(), strict=True))
     ):
         # Same names, same values, same types (== alone has True equal to 1).
-        return CellBlock(record["machine"], record["model"], *last[1], source)
+        return CellBlock(record["machine"], record["model"], *last[1], source=source)
     known = texts.props.code.get
-    props = [known(p) for p in found]
-    if None in props:
-        props = [texts.props(p) for p in found]
+    looked = [known(p) for p in found]
+    # Every name known (the common case): the codes as they are.
+    props = [texts.props(p) for p in found] if None in looked else cast(list[int], looked)
     value, true, false = texts.value, texts.true, texts.false
     # Most cells are booleans: those need no call.
     coded = [true if v is True else false if v is False else value(v) for v in found.values()]
@@ -263,7 +267,7 @@ def _block(
         array("i", [c[1] for c in coded]),
     )
     texts.last[memo] = (found, codes)
-    return CellBlock(record["machine"], record["model"], *codes, source)
+    return CellBlock(record["machine"], record["model"], *codes, source=source)
 
 
 def cells_table(accel: str, blocks: Sequence[CellBlock], texts: Texts) -> pa.Table:

@@ -20,7 +20,9 @@ _NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"
 
 
 def _is_text(values: pd.Series | pd.Index) -> bool:
-    return pd.api.types.is_object_dtype(values.dtype) or pd.api.types.is_string_dtype(values.dtype)
+    return bool(
+        pd.api.types.is_object_dtype(values.dtype) or pd.api.types.is_string_dtype(values.dtype)
+    )
 
 
 def _map_text(values: pd.Series, change: Callable[[pd.Series], pd.Series]) -> pd.Series:
@@ -116,7 +118,8 @@ def write_csv(frame: pd.DataFrame, target: str | Path | None = None) -> str | No
     # has that character: a lone CR in a text (hostile or not) would split the row on
     # reading. Such a file gets CRLF line ends (RFC 4180's), and its CR fields are quoted.
     ends = "\r\n" if _has_cr(guarded) else "\n"
-    return guarded.to_csv(target, index=False, lineterminator=ends)
+    text: str | None = guarded.to_csv(target, index=False, lineterminator=ends)
+    return text
 
 
 def csv_bytes(frame: pd.DataFrame) -> bytes:

@@ -18,13 +18,14 @@ import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qmpprobe.core.record import Record
 from qmpprobe.core.vocab import STATUSES
 from qmpprobe.errors import InputError
 from qmpprobe.store.cells import CELL_COLUMNS
@@ -180,7 +181,7 @@ class RunFolder:
         """Where the journal entry of one combo lives."""
         return self.path / RAW / machine_part(machine) / f"{path_part(model)}.json.gz"
 
-    def write_record(self, record: dict[str, Any]) -> bytes:
+    def write_record(self, record: Record) -> bytes:
         """Journal one finished combo (QEMU's answers and how it ended), compressed."""
         data = gzip.compress(orjson.dumps(record), compresslevel=1, mtime=0)
         self.put_record(record["machine"], record["model"], data)
@@ -195,7 +196,7 @@ class RunFolder:
             self._made.add(path.parent)
         atomic_write(path, data)
 
-    def write_calibration(self, record: dict[str, Any]) -> None:
+    def write_calibration(self, record: Record) -> None:
         """Journal an expand-mode model calibration (`raw/calibration/<machine>/<model>`)."""
         path = self.path / RAW / "calibration" / machine_part(record["machine"])
         path.mkdir(parents=True, exist_ok=True)
@@ -239,25 +240,25 @@ class RunFolder:
         write_atomically(self.path / CELLS, lambda tmp: pq.write_table(table, tmp))
 
     # -- reading -------------------------------------------------------------------------
-    def read_record(self, machine: str, model: str) -> dict[str, Any] | None:
+    def read_record(self, machine: str, model: str) -> Record | None:
         """The journal entry of one combo, or None when there is none (or it is unreadable)."""
         found = self.read_record_bytes(machine, model)
         return found[0] if found else None
 
-    def read_record_bytes(self, machine: str, model: str) -> tuple[dict[str, Any], bytes] | None:
+    def read_record_bytes(self, machine: str, model: str) -> tuple[Record, bytes] | None:
         """The journal entry of one combo and its compressed bytes, or None when there is none,
         or it fails its schema check (`schema.record_problem`), or it is another combo's:
         such an entry is probed again, never half-used."""
         data = _read_bytes(self.raw_path(machine, model))
-        record = _entry(data, record_problem)
+        record = _record(data)
         if record is None or data is None or record["machine"] != machine:
             return None
         return (record, data) if record["model"] == model else None
 
-    def iter_records(self) -> Iterator[dict[str, Any]]:
+    def iter_records(self) -> Iterator[Record]:
         """Every journal entry that passes its schema check and lies where its combo's goes."""
         for path in sorted((self.path / RAW).glob("*/*.json.gz")):
-            record = _entry(_read_bytes(path), record_problem)
+            record = _record(_read_bytes(path))
             if record is not None and self.raw_path(record["machine"], record["model"]) == path:
                 yield record
 
@@ -289,7 +290,7 @@ class RunFolder:
             raise InputError(
                 f"incomplete run: {self.path} (finish it with: qmpprobe run --resume {self.path})"
             )
-        return manifest
+        return dict(manifest)
 
     def read_combos(self) -> pd.DataFrame:
         """combos.csv with its dtypes, checked against its schema and the manifest."""
@@ -366,6 +367,11 @@ def _read_bytes(path: Path) -> bytes | None:
         return _regular(path).read_bytes()
     except OSError:
         return None
+
+
+def _record(data: bytes | None) -> Record | None:
+    """A journal entry that passes `schema.record_problem`: of the record's shape."""
+    return cast(Record | None, _entry(data, record_problem))
 
 
 def _entry(data: bytes | None, problem: Callable[[Any], str | None]) -> dict[str, Any] | None:

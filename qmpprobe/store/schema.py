@@ -36,6 +36,7 @@ from qmpprobe.core.vocab import (
     READ_LIST_GET,
     READ_QOM_GET,
     SOURCE_EXPANSION,
+    SOURCE_GUEST,
     SOURCE_REALIZED,
     STATUSES,
     TIMEOUT,
@@ -161,7 +162,9 @@ def objects(required: Mapping[str, Kinds], optional: Mapping[str, Kinds] | None 
         return set(t) if isinstance(t, tuple) else {t}
 
     # A key that is absent reads as `_ABSENT`, of type `object`: allowed where it is optional.
-    fields = [(k, kinds(t), operator.itemgetter(k)) for k, t in required.items()]
+    fields: list[tuple[str, set[type], Callable[[Any], Any]]] = [
+        (k, kinds(t), operator.itemgetter(k)) for k, t in required.items()
+    ]
     fields += [
         (k, {*kinds(t), object}, operator.methodcaller("get", k, _ABSENT))
         for k, t in (optional or {}).items()
@@ -455,7 +458,7 @@ def check_cells(
 
     sources = {SOURCE_EXPANSION} if manifest["mode"] == EXPAND else {SOURCE_REALIZED}
     if manifest.get("guest_cpuid"):
-        sources.add("guest")
+        sources.add(SOURCE_GUEST)
     accel = manifest["accel"]
     for col, fine, what in (
         ("accel", lambda v: v == accel, f"not the run's accelerator {accel}"),
@@ -463,9 +466,9 @@ def check_cells(
         ("type", lambda v: v in JSON_TYPES, "not a JSON type"),
         ("prop", bool, "an empty property name"),
     ):
-        bad = odd(col, fine)
-        if bad:
-            raise corrupted(path, f"{col} {_shown(bad[0])} in the cells: {what}")
+        strange = odd(col, fine)
+        if strange:
+            raise corrupted(path, f"{col} {_shown(strange[0])} in the cells: {what}")
     # Each distinct value text is parsed once; its JSON type must be every row's type.
     values, vcodes, tcodes = names["value"], codes["value"], codes["type"]
     parsed: dict[int, Any] = {}
