@@ -285,8 +285,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if not args.run:
         print(lifecycle.summary(lifecycle.explain_run(options, args.machine)))
     folder = RunFolder(args.run or out)
-    manifest = folder.read_manifest(require_complete=True)
-    newest = explain.newest_of_family(manifest["machines"], args.machine)
+    manifest = folder.manifest(require_complete=True)
+    newest = explain.newest_of_family(manifest.machines, args.machine)
     probed = set(folder.read_combos()["machine"].astype(str))
     missing = [m for m in (args.machine, newest) if m not in probed]
     if missing:
@@ -299,8 +299,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         manifest, explain.differences(manifest, cells, args.machine, newest), args.machine, newest
     )
     print(
-        f"{args.machine} vs {newest} ({manifest['qemu']['version']}, {manifest['accel']}, "
-        f"-smp {manifest['topology']}): {len(diffs)} difference(s), "
+        f"{args.machine} vs {newest} ({manifest.qemu.version}, {manifest.accel}, "
+        f"-smp {manifest.topology}): {len(diffs)} difference(s), "
         f"{diffs['model'].nunique()} model(s)"
     )
     for model, group in diffs.groupby("model", sort=True):

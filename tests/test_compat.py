@@ -185,13 +185,13 @@ def test_explain_as_globals_round_trip(run10: Path) -> None:
 
 def test_explain_says_what_is_left_over(run10: Path, tmp_path: Path) -> None:
     # A globals set that leaves something out must fail the round trip, not pass silently.
-    from qmpprobe.analysis import explain
+    from qmpprobe.run.verify import verify
     from qmpprobe.store.folder import RunFolder
 
     folder = RunFolder(run10)
-    m = folder.read_manifest()
+    m = folder.manifest()
     trips = asyncio.run(
-        explain.verify(m, folder.read_cells(), "pc-q35-2.4", "pc-q35-10.0", {"qemu64": []}, 1, 30)
+        verify(m, folder.read_cells(), "pc-q35-2.4", "pc-q35-10.0", {"qemu64": []}, 1, 30)
     )
     assert trips[0].status == "ok"
     assert trips[0].left["model-id"] == (

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from qmpprobe.analysis import diff
+from qmpprobe.store.manifest import Manifest
 
 BITS_A = {"f16c": "0x00000001:0:ecx:29"}
 
@@ -58,7 +60,7 @@ def run(
         "feature_bits": BITS_A if bits is None else bits,
         "feature_aliases": {},
     }
-    return diff.Run(Path(name), manifest, combos, cells.astype("category"))
+    return diff.Run(Path(name), Manifest.of(manifest), combos, cells.astype("category"))
 
 
 def kinds(d: diff.Diff) -> list[tuple[str, str, str, str, str, str]]:
@@ -190,13 +192,14 @@ def test_kvm_runs_of_two_hosts_need_cross_host() -> None:
 
     rows = grid("stepping", {"pc-q35-1.0": 1})
     a, b = run("a", rows), run("b", rows)
-    for r, host in ((a, "host-a"), (b, "host-b")):
-        r.manifest["accel"] = "kvm"
-        r.manifest["host"]["fingerprint"] = host
+    a, b = (
+        replace(r, manifest=replace(r.manifest, accel="kvm", host={"fingerprint": host}))
+        for r, host in ((a, "host-a"), (b, "host-b"))
+    )
     with pytest.raises(InputError, match=r"different hosts .*--cross-host"):
         diff.compare(a, b)
     d = diff.compare(a, b, cross_host=True)
     assert d.rows.empty and d.notes and "different hosts" in d.notes[0]
-    b.manifest["accel"] = "tcg"
+    b = replace(b, manifest=replace(b.manifest, accel="tcg"))
     with pytest.raises(InputError, match="cannot compare a kvm run with a tcg run"):
         diff.compare(a, b)

@@ -8,6 +8,7 @@ import pandas as pd
 
 from qmpprobe.analysis import drift
 from qmpprobe.report.report import hex_text
+from qmpprobe.store.manifest import Manifest
 
 
 def machines(*names: str, alias: dict[str, str] | None = None) -> list[dict[str, object]]:
@@ -122,7 +123,7 @@ def analyse(rows: list[tuple[str, str, str, object]], *names: str) -> drift.Drif
         "feature_aliases": {},
         "feature_bits": {},
     }
-    return drift.analyse(manifest, combos, c)
+    return drift.analyse(Manifest.of(manifest), combos, c)
 
 
 def test_shared_change_with_named_exception_and_model_scope() -> None:

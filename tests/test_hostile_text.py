@@ -463,7 +463,7 @@ def test_csv_round_trips_through_qmpprobes_readers(crafted: dict[str, Any]) -> N
     pd.testing.assert_frame_equal(
         exported, cells.astype(str).reset_index(drop=True), check_dtype=False
     )
-    d = analyse(folder.read_manifest(), back, cells)
+    d = analyse(folder.manifest(), back, cells)
     for name, frame in (("transitions.csv", d.transitions), ("matrix.csv", d.matrix)):
         expect = frame.astype(object).where(frame.notna(), "").astype(str)
         pd.testing.assert_frame_equal(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import pandas as pd
 
@@ -29,11 +28,6 @@ DECLARED, DERIVED, UNDECLARED = "declared", "derived", "undeclared"
 ENTRY = ["qom_type", "property", "value"]
 UP_TO = r" \(<= [^)]*\)$"
 DEAD_COLUMNS = ["family", "up_to", "next_machine", *ENTRY, "models", "reason"]
-
-
-def declares(manifest: Mapping[str, Any]) -> bool:
-    """Whether the run's QEMU declared its compat props (QEMU >= 9.1)."""
-    return manifest.get("compat_props") is not None
 
 
 def entries(compat_props: Mapping[str, Sequence[Sequence[str]]]) -> pd.DataFrame:

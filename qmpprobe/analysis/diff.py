@@ -15,7 +15,6 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,13 +24,13 @@ from qmpprobe.analysis.drift import (
     VERSIONED,
     canonical_names,
     machine_order,
-    model_types,
     requested,
 )
 from qmpprobe.core.vocab import BIT_PREFIX, GUEST_PREFIX
 from qmpprobe.errors import InputError
 from qmpprobe.store.csvfile import read_csv
 from qmpprobe.store.folder import RunFolder
+from qmpprobe.store.manifest import Manifest
 
 SCHEMA = 1
 COLUMNS = ["kind", "accel", "machine", "model", "prop", "old", "new", "compat"]
@@ -73,7 +72,7 @@ class Run:
     """One side of a diff, loaded from its folder."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     combos: pd.DataFrame
     cells: pd.DataFrame
 
@@ -81,7 +80,7 @@ class Run:
     def load(cls, path: str | Path) -> Run:
         """Read a complete run folder (InputError otherwise)."""
         folder = RunFolder(path)
-        manifest = folder.read_manifest(require_complete=True)
+        manifest = folder.manifest(require_complete=True)
         return cls(folder.path, manifest, folder.read_combos(), folder.read_cells())
 
     @property
@@ -92,8 +91,8 @@ class Run:
     def facts(self) -> pd.DataFrame:
         """`machine, model, fact, prop, value`: the requested CPU, bits under `bit:` ids."""
         m = self.manifest
-        bits = m.get("feature_bits", {})
-        req = requested(self.cells, m.get("feature_aliases", {}), m.get("features", []), bits)
+        bits = m.feature_bits
+        req = requested(self.cells, m.feature_aliases, m.features, bits)
         req = req.astype(str)
         named = {p: f"bit:{b}" for p, b in bits.items()}
         fact = req["prop"].map(named)
@@ -107,14 +106,14 @@ class Run:
 def check_comparable(a: Run, b: Run, cross_host: bool) -> None:
     """Refuse runs that cannot be compared (InputError, one line)."""
     ma, mb = a.manifest, b.manifest
-    if ma["accel"] != mb["accel"]:
-        raise InputError(f"cannot compare a {ma['accel']} run with a {mb['accel']} run")
-    if ma["topology"] != mb["topology"]:
-        raise InputError(f"cannot compare -smp {ma['topology']} with -smp {mb['topology']}")
-    if ma.get("mode") != mb.get("mode"):
-        raise InputError(f"cannot compare {ma.get('mode')} mode with {mb.get('mode')} mode")
-    ha, hb = ma["host"]["fingerprint"], mb["host"]["fingerprint"]
-    if ma["accel"] == "kvm" and ha != hb and not cross_host:
+    if ma.accel != mb.accel:
+        raise InputError(f"cannot compare a {ma.accel} run with a {mb.accel} run")
+    if ma.topology != mb.topology:
+        raise InputError(f"cannot compare -smp {ma.topology} with -smp {mb.topology}")
+    if ma.mode != mb.mode:
+        raise InputError(f"cannot compare {ma.mode} mode with {mb.mode} mode")
+    ha, hb = ma.host_fingerprint, mb.host_fingerprint
+    if ma.accel == "kvm" and ha != hb and not cross_host:
         raise InputError(
             f"KVM runs from different hosts ({ha} vs {hb}): pass --cross-host "
             "to compare them anyway"
@@ -123,10 +122,10 @@ def check_comparable(a: Run, b: Run, cross_host: bool) -> None:
 
 def shipped_machines(a: Run, unreleased: Iterable[str]) -> set[str]:
     """Versioned machine types of A, less the still-open newest ones of a development build."""
-    order = machine_order(a.manifest["machines"])
+    order = machine_order(a.manifest.machines)
     versioned = order[order["versioned"]]
     shipped = set(versioned["machine"])
-    if int(a.manifest["qemu"]["query-version"]["qemu"]["micro"]) >= 50:
+    if a.manifest.qemu.development:
         shipped -= set(versioned.groupby("family")["machine"].last())
     return shipped - set(unreleased)
 
@@ -159,7 +158,7 @@ def fact_rows(a: Run, b: Run, shipped: set[str]) -> pd.DataFrame:
     changed["prop"] = changed["prop_b"].fillna(changed["prop_a"])
     changed = changed.rename(columns={"value_a": "old", "value_b": "new"})
     a_props = set(a.cells["prop"].astype(str).unique())
-    b_features = set(b.manifest.get("features", []))
+    b_features = set(b.manifest.features)
     safe = dict(
         zip(b.combos["model"].astype(str), b.combos["migration_safe"].astype(bool), strict=False)
     )
@@ -189,8 +188,8 @@ def fact_rows(a: Run, b: Run, shipped: set[str]) -> pd.DataFrame:
     rest = changed[~changed["kind"].isin([NEW_PROP, REMOVED_PROP])]
     return pd.concat(
         [
-            _rows(rest["kind"], a.manifest["accel"], rest.fillna("")),
-            _prop_rows(props, a.manifest["accel"]),
+            _rows(rest["kind"], a.manifest.accel, rest.fillna("")),
+            _prop_rows(props, a.manifest.accel),
         ],
         ignore_index=True,
     )
@@ -214,7 +213,7 @@ def _prop_rows(props: pd.DataFrame, accel: str) -> pd.DataFrame:
 
 def combo_rows(a: Run, b: Run, shipped: set[str]) -> pd.DataFrame:
     """Status, alias-of and capability differences of combos planned in both runs."""
-    accel = a.manifest["accel"]
+    accel = a.manifest.accel
     cols = ["machine", "model", "status", "error", "alias_of"]
     both = (
         a.combos[cols]
@@ -266,7 +265,7 @@ def _capability(a: Run, b: Run, combos: pd.DataFrame) -> pd.DataFrame:
 
 def inventory_rows(a: Run, b: Run) -> pd.DataFrame:
     """Machine types and models only one of the two runs planned."""
-    accel = a.manifest["accel"]
+    accel = a.manifest.accel
     out = []
     for col, new, gone in (
         ("machine", NEW_MACHINE, REMOVED_MACHINE),
@@ -347,7 +346,7 @@ def compare(
     """Compare a baseline run with a candidate run."""
     check_comparable(a, b, cross_host)
     notes = []
-    if bool(a.manifest.get("guest_cpuid")) != bool(b.manifest.get("guest_cpuid")):
+    if a.manifest.guest_cpuid != b.manifest.guest_cpuid:
         a, b = _without_guest(a), _without_guest(b)
         notes.append(
             "Only one run has guest CPUID cells (--guest-cpuid): they are left out of the diff."
@@ -364,9 +363,7 @@ def compare(
     )
     rows, restore = covered(rows.reset_index(drop=True), b)
     rows = apply_accepted(rows, accepted if accepted is not None else pd.DataFrame(columns=COLUMNS))
-    if a.manifest["accel"] == "kvm" and (
-        a.manifest["host"]["fingerprint"] != b.manifest["host"]["fingerprint"]
-    ):
+    if a.manifest.accel == "kvm" and a.manifest.host_fingerprint != b.manifest.host_fingerprint:
         notes.append(
             "KVM runs from different hosts (--cross-host): host differences show up "
             "as capability and status changes, not as QEMU's."
@@ -388,11 +385,11 @@ def covered(rows: pd.DataFrame, b: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
     """
     rows = rows.assign(compat="")
     m = b.manifest
-    if not compat.declares(m):
+    if m.compat_props is None:
         return rows, pd.DataFrame(columns=RESTORE_COLUMNS)
-    canon = canonical_names(m.get("feature_aliases", {}), m.get("features", []))
-    applying = compat.applies(m.get("cpu_types", {}), model_types(m))
-    force = compat.in_force(compat.entries(m["compat_props"]), applying, canon)
+    canon = canonical_names(m.feature_aliases, m.features)
+    applying = compat.applies(m.cpu_types, m.model_types())
+    force = compat.in_force(compat.entries(m.compat_props), applying, canon)
     # Guest CPUID values and unnamed bits have no property an entry could set.
     qom = ~rows["prop"].str.startswith((GUEST_PREFIX, BIT_PREFIX))
     abi = (
@@ -408,7 +405,7 @@ def covered(rows: pd.DataFrame, b: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
 RESTORE_COLUMNS = ["family", "qom_type", "property", "value", "up_to", "models", "machines"]
 
 
-def restore_entries(undeclared: pd.DataFrame, manifest: dict[str, Any]) -> pd.DataFrame:
+def restore_entries(undeclared: pd.DataFrame, manifest: Manifest) -> pd.DataFrame:
     """The compat entry that would give each undeclared change its old value back.
 
     On the CPU base type when every model of the candidate that changed on those machine
@@ -416,10 +413,10 @@ def restore_entries(undeclared: pd.DataFrame, manifest: dict[str, Any]) -> pd.Da
     """
     if undeclared.empty:
         return pd.DataFrame(columns=RESTORE_COLUMNS)
-    order = machine_order(manifest["machines"])[["machine", "family", "rank"]]
+    order = machine_order(manifest.machines)[["machine", "family", "rank"]]
     df = undeclared.merge(order, on="machine")
-    types = model_types(manifest).set_index("model")["qom_type"]
-    cpu_types = manifest.get("cpu_types", {})
+    types = manifest.model_types().set_index("model")["qom_type"]
+    cpu_types = manifest.cpu_types
     df["own"] = df["model"].map(types)
     key = ["family", "prop", "old", "new"]
     n_models = df.groupby(key)["model"].transform("nunique")

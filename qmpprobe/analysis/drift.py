@@ -27,6 +27,7 @@ from pandas.api.types import union_categoricals
 from qmpprobe.analysis import compat
 from qmpprobe.core.cpuid import set_bits
 from qmpprobe.core.vocab import BIT_PREFIX, GUEST_PREFIX
+from qmpprobe.store.manifest import Manifest
 
 VERSIONED = re.compile(r"^(?P<prefix>.+?)-(?P<version>\d+(?:\.\d+)+)$")
 #: Accelerator/host facts: they feed runnability, not the CPU a machine type asks for.
@@ -398,24 +399,24 @@ class Drift:
     dead: pd.DataFrame | None = None
 
 
-def analyse(manifest: Mapping[str, Any], combos: pd.DataFrame, cells: pd.DataFrame) -> Drift:
+def analyse(manifest: Manifest, combos: pd.DataFrame, cells: pd.DataFrame) -> Drift:
     """The whole drift analysis of a run (manifest, combos.csv, cells.parquet)."""
-    order = machine_order(manifest["machines"])
+    order = machine_order(manifest.machines)
     req = requested(
         cells,
-        manifest.get("feature_aliases", {}),
-        manifest.get("features", []),
-        manifest.get("feature_bits", {}),
+        manifest.feature_aliases,
+        manifest.features,
+        manifest.feature_bits,
     )
     along = along_families(req, order)
     per_model, distinct = changes(along)
-    trans = transitions(per_model, distinct, manifest["accel"])
+    trans = transitions(per_model, distinct, manifest.accel)
     dead = None
-    if compat.declares(manifest):
+    if manifest.declares:
         trans, dead = _attribute(manifest, combos, trans, req)
     run = runnability(combos, cells)
     return Drift(
-        accel=manifest["accel"],
+        accel=manifest.accel,
         order=order,
         transitions=trans,
         shared=shared_transitions(distinct),
@@ -428,28 +429,20 @@ def analyse(manifest: Mapping[str, Any], combos: pd.DataFrame, cells: pd.DataFra
     )
 
 
-def model_types(manifest: Mapping[str, Any]) -> pd.DataFrame:
-    """`model, qom_type` of every model the run's QEMU has."""
-    models = manifest.get("models", [])
-    return pd.DataFrame(
-        {"model": [m["name"] for m in models], "qom_type": [m["typename"] for m in models]}
-    )
-
-
 def _attribute(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     combos: pd.DataFrame,
     trans: pd.DataFrame,
     req: pd.DataFrame,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Transitions with their declared cause, and the entries that cause nothing."""
-    canon = canonical_names(manifest.get("feature_aliases", {}), manifest.get("features", []))
+    canon = canonical_names(manifest.feature_aliases, manifest.features)
     # Adjacent means adjacent in this run: a plan may leave machine types out.
     planned = set(combos["machine"].astype(str))
-    order = machine_order([m for m in manifest["machines"] if m["name"] in planned])
-    ent = compat.entries(manifest["compat_props"])
+    order = machine_order([m for m in manifest.machines if m["name"] in planned])
+    ent = compat.entries(manifest.compat_props or {})
     ent = ent[ent["machine"].isin(planned)]
-    applying = compat.applies(manifest.get("cpu_types", {}), model_types(manifest))
+    applying = compat.applies(manifest.cpu_types, manifest.model_types())
     force = compat.in_force(ent, applying, canon)
     ending = compat.ends(ent, order)
     attributed = compat.attribute(trans.drop(columns=["cause_kind", "cause"]), force)

@@ -18,12 +18,12 @@ from qmpprobe.analysis import compat
 from qmpprobe.analysis.drift import (
     canonical_names,
     machine_order,
-    model_types,
     requested,
 )
 from qmpprobe.core.vocab import BIT_PREFIX, GUEST_PREFIX
 from qmpprobe.errors import InputError
 from qmpprobe.plan.plan import select, split_patterns
+from qmpprobe.store.manifest import Manifest
 
 #: Facts of the host and accelerator, not of the CPU asked for.
 NOT_COMPARED = {"filtered-features", "unavailable-features"}
@@ -41,15 +41,13 @@ def newest_of_family(machines: Sequence[Mapping[str, Any]], machine: str) -> str
     return str(order.loc[order["family"] == family, "machine"].iloc[-1])
 
 
-def differences(
-    manifest: Mapping[str, Any], cells: pd.DataFrame, machine: str, newest: str
-) -> pd.DataFrame:
+def differences(manifest: Manifest, cells: pd.DataFrame, machine: str, newest: str) -> pd.DataFrame:
     """`model, prop, value, newest_value`: the requested CPU of `machine` vs the newest."""
     req = requested(
         cells[cells["machine"].isin([machine, newest])],
-        manifest.get("feature_aliases", {}),
-        manifest.get("features", []),
-        manifest.get("feature_bits", {}),
+        manifest.feature_aliases,
+        manifest.features,
+        manifest.feature_bits,
     ).astype(str)
     wide = req.pivot_table(
         index=["model", "prop"], columns="machine", values="value", aggfunc="first"
@@ -62,26 +60,24 @@ def differences(
     return wide.loc[differ, ["model", "prop", "value", "newest_value"]].reset_index(drop=True)
 
 
-def _carried(manifest: Mapping[str, Any], machine: str, newest: str) -> pd.DataFrame:
+def _carried(manifest: Manifest, machine: str, newest: str) -> pd.DataFrame:
     """Entries of `machine` the newest does not carry, each with the models it applies to."""
-    ent = compat.entries(manifest["compat_props"])
+    ent = compat.entries(manifest.compat_props or {})
     mine = ent[ent["machine"] == machine]
     theirs = ent.loc[ent["machine"] == newest, compat.ENTRY].drop_duplicates()
     mine = mine.merge(theirs, on=compat.ENTRY, how="left", indicator=True)
     mine = mine[mine["_merge"] == "left_only"].drop(columns="_merge")
-    applying = compat.applies(manifest.get("cpu_types", {}), model_types(manifest))
+    applying = compat.applies(manifest.cpu_types, manifest.model_types())
     return mine.merge(applying, on="qom_type").sort_values("pos")
 
 
-def causes(
-    manifest: Mapping[str, Any], diffs: pd.DataFrame, machine: str, newest: str
-) -> pd.DataFrame:
+def causes(manifest: Manifest, diffs: pd.DataFrame, machine: str, newest: str) -> pd.DataFrame:
     """The differences with `cause_kind` and `cause` (see `compat`)."""
-    if not compat.declares(manifest):
+    if not manifest.declares:
         return diffs.assign(cause_kind="", cause="")
-    canon = canonical_names(manifest.get("feature_aliases", {}), manifest.get("features", []))
-    applying = compat.applies(manifest.get("cpu_types", {}), model_types(manifest))
-    ent = compat.entries(manifest["compat_props"])
+    canon = canonical_names(manifest.feature_aliases, manifest.features)
+    applying = compat.applies(manifest.cpu_types, manifest.model_types())
+    ent = compat.entries(manifest.compat_props or {})
     force = compat.in_force(ent[ent["machine"].isin([machine, newest])], applying, canon)
     trans = diffs.assign(from_machine=machine, to_machine=newest, family="")
     out = compat.attribute(trans, force)
@@ -89,16 +85,16 @@ def causes(
 
 
 def globals_plans(
-    manifest: Mapping[str, Any], explained: pd.DataFrame, machine: str, newest: str
+    manifest: Manifest, explained: pd.DataFrame, machine: str, newest: str
 ) -> dict[str, list[str]]:
     """Per model, the `-global`s that should turn the newest machine type's CPU into this one's.
 
     First the entries this machine type carries and the newest does not, in QEMU's order;
     then a direct `-global` for each difference no entry explains.
     """
-    declares = compat.declares(manifest)
+    declares = manifest.declares
     carried = _carried(manifest, machine, newest) if declares else None
-    types = model_types(manifest).set_index("model")["qom_type"]
+    types = manifest.model_types().set_index("model")["qom_type"]
     direct = explained[
         (explained["cause_kind"] == compat.UNDECLARED if declares else True)
         & ~explained["prop"].str.startswith((BIT_PREFIX, GUEST_PREFIX))

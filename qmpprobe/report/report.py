@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from qmpprobe.core.vocab import GUEST_PREFIX
 from qmpprobe.report import escape
 from qmpprobe.store import csvfile
 from qmpprobe.store.folder import RunFolder, atomic_write
+from qmpprobe.store.manifest import Manifest
 
 
 def hex_text(value: str) -> str:
@@ -197,16 +197,16 @@ def _abbrev(names: list[str], keep: int = 8) -> str:
     return ", ".join(names[:keep]) + more
 
 
-def _facts(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
-    q, host = manifest["qemu"], manifest["host"]
+def _facts(manifest: Manifest) -> list[tuple[str, str]]:
+    q, host = manifest.qemu, manifest.host
     facts = [
-        ("QEMU", f"{q['version']} ({q.get('package', '')}) at {q['path']}"),
-        ("QEMU fingerprint", q["fingerprint"]["id"]),
-        ("accelerator", manifest["accel"]),
-        ("topology", f"-smp {manifest['topology']}"),
-        ("mode", manifest["mode"]),
-        ("extra -cpu flags", manifest.get("cpu_flags") or "none"),
-        ("-global", " ".join(manifest.get("globals") or []) or "none"),
+        ("QEMU", f"{q.version} ({q.package}) at {q.path}"),
+        ("QEMU fingerprint", q.fingerprint_id),
+        ("accelerator", manifest.accel),
+        ("topology", f"-smp {manifest.topology}"),
+        ("mode", manifest.mode),
+        ("extra -cpu flags", manifest.cpu_flags or "none"),
+        ("-global", " ".join(manifest.globals) or "none"),
         (
             "host",
             f"{host['cpu'].get('model_name')} (microcode {host['cpu'].get('microcode')}), "
@@ -214,12 +214,11 @@ def _facts(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
         ),
         (
             "run",
-            f"{manifest['start']}, {manifest.get('duration', 0):.0f} s, qmpprobe "
-            f"{manifest['qmpprobe']}",
+            f"{manifest.start}, {manifest.duration:.0f} s, qmpprobe {manifest.qmpprobe}",
         ),
-        ("combos", ", ".join(f"{k} {v}" for k, v in manifest["counts"].items() if v)),
+        ("combos", ", ".join(f"{k} {v}" for k, v in manifest.counts.items() if v)),
     ]
-    if manifest["accel"] == "kvm":
+    if manifest.accel == "kvm":
         facts.insert(3, ("host fingerprint (KVM results describe this host)", host["fingerprint"]))
     return facts
 
@@ -244,12 +243,12 @@ def _headline(d: Drift, combos: pd.DataFrame) -> list[tuple[str, Any]]:
     ]
 
 
-def _realize_decided(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _realize_decided(manifest: Manifest) -> list[tuple[str, str]]:
     """Expand mode: each property realize decides, with the machine types or models it does
     so on (all of them, or the ones named)."""
-    decided = manifest.get("read", {}).get("realize_decided", {})
-    machines = {m["name"] for m in manifest.get("machines", [])}
-    planned = set(manifest.get("read", {}).get("calibration", {}).get("machine_model", {}))
+    decided = manifest.read.get("realize_decided", {})
+    machines = {m["name"] for m in manifest.machines}
+    planned = set(manifest.read.get("calibration", {}).get("machine_model", {}))
     rows = []
     for p, ms in decided.get("machine", {}).items():
         every = set(ms) >= (planned or machines)
@@ -258,11 +257,11 @@ def _realize_decided(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
     return sorted(rows)
 
 
-def context(manifest: Mapping[str, Any], combos: pd.DataFrame, d: Drift) -> dict[str, Any]:
+def context(manifest: Manifest, combos: pd.DataFrame, d: Drift) -> dict[str, Any]:
     """What the templates show."""
     return {
-        "title": f"CPU model drift: QEMU {manifest['qemu']['version']}, {manifest['accel']}, "
-        f"-smp {manifest['topology']}",
+        "title": f"CPU model drift: QEMU {manifest.qemu.version}, {manifest.accel}, "
+        f"-smp {manifest.topology}",
         "facts": _facts(manifest),
         "headline": _headline(d, combos),
         "shared": _shared_rows(d),
@@ -270,8 +269,8 @@ def context(manifest: Mapping[str, Any], combos: pd.DataFrame, d: Drift) -> dict
         "aliases": _alias_rows(d),
         "runnability": _runnability_rows(d),
         "failures": _failures(combos),
-        "limits": manifest.get("qmp_limits", ""),
-        "expand_limits": manifest.get("expand_limits", ""),
+        "limits": manifest.qmp_limits,
+        "expand_limits": manifest.expand_limits,
         "realize_decided": _realize_decided(manifest),
         "declared": d.dead is not None,
         "causes": _by_cause(d) if d.dead is not None else [],
@@ -284,7 +283,7 @@ def context(manifest: Mapping[str, Any], combos: pd.DataFrame, d: Drift) -> dict
 def write_report(path: str | Path) -> list[Path]:
     """Analyse a complete run folder and write every report file into it."""
     folder = RunFolder(path)
-    manifest = folder.read_manifest(require_complete=True)
+    manifest = folder.manifest(require_complete=True)
     combos = folder.read_combos()
     d = analyse(manifest, combos, folder.read_cells())
     out = folder.path
@@ -303,13 +302,13 @@ def write_report(path: str | Path) -> list[Path]:
     return [out / f for f in FILES if (out / f).exists()]
 
 
-def _write_compat(out: Path, manifest: Mapping[str, Any], d: Drift) -> None:
+def _write_compat(out: Path, manifest: Manifest, d: Drift) -> None:
     """The declared CPU compat props and both mismatch tables, when QEMU declares them."""
     if d.dead is None:
         for name in ("compat_props.csv", "undeclared.csv", "dead_entries.csv"):
             (out / name).unlink(missing_ok=True)
         return
-    entries = compat.entries(manifest["compat_props"])
+    entries = compat.entries(manifest.compat_props or {})
     atomic_write(out / "compat_props.csv", csvfile.csv_bytes(entries))
     atomic_write(out / "undeclared.csv", csvfile.csv_bytes(undeclared(d)))
     atomic_write(out / "dead_entries.csv", csvfile.csv_bytes(d.dead))
@@ -322,13 +321,13 @@ def _side(run: Run) -> dict[str, Any]:
     m = run.manifest
     return {
         "run": str(run.path),
-        "qemu": m["qemu"]["path"],
-        "version": m["qemu"]["version"],
-        "package": m["qemu"].get("package", ""),
-        "fingerprint": m["qemu"]["fingerprint"]["id"],
-        "host": m["host"]["fingerprint"],
-        "accel": m["accel"],
-        "topology": m["topology"],
+        "qemu": m.qemu.path,
+        "version": m.qemu.version,
+        "package": m.qemu.package,
+        "fingerprint": m.qemu.fingerprint_id,
+        "host": m.host_fingerprint,
+        "accel": m.accel,
+        "topology": m.topology,
     }
 
 
@@ -353,15 +352,14 @@ def write_diff(d: Diff, out: str | Path) -> list[Path]:
         "breaks": len(d.breaks),
         "summary": summary(d),
         "restore": d.restore.to_dict(orient="records"),
-        "guest": bool(d.a.manifest.get("guest_cpuid") and d.b.manifest.get("guest_cpuid")),
+        "guest": d.a.manifest.guest_cpuid and d.b.manifest.guest_cpuid,
         "rows": rows.to_dict(orient="records"),
     }
     atomic_write(folder / "diff.json", (json.dumps(doc, indent=1) + "\n").encode())
     groups = [(k, g.to_dict(orient="records")) for k, g in rows.groupby("kind", sort=False)]
     ctx = {
-        "title": f"qmpprobe diff: QEMU {d.a.manifest['qemu']['version']} → "
-        f"{d.b.manifest['qemu']['version']} ({d.a.manifest['accel']}, "
-        f"-smp {d.a.manifest['topology']})",
+        "title": f"qmpprobe diff: QEMU {d.a.manifest.qemu.version} → "
+        f"{d.b.manifest.qemu.version} ({d.a.manifest.accel}, -smp {d.a.manifest.topology})",
         "doc": doc,
         "groups": groups,
         "breaks": BREAKS,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import pandas as pd
 
@@ -16,6 +15,7 @@ from qmpprobe.core.vocab import GUEST_PREFIX, OK, READ_QOM_GET
 from qmpprobe.probe.qemu import LaunchOptions, together
 from qmpprobe.probe.read import ReadPlan, probe
 from qmpprobe.store.cells import realized_values
+from qmpprobe.store.manifest import Manifest
 
 
 @dataclass
@@ -30,7 +30,7 @@ class RoundTrip:
 
 
 async def verify(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     cells: pd.DataFrame,
     machine: str,
     newest: str,
@@ -40,13 +40,13 @@ async def verify(
 ) -> list[RoundTrip]:
     """Probe the newest machine type with each model's globals; what is still different."""
     base = LaunchOptions(
-        qemu=manifest["qemu"]["path"],
-        accel=manifest["accel"],
-        topology=manifest["topology"],
-        cpu_flags=manifest.get("cpu_flags", ""),
-        globals=tuple(manifest.get("globals", [])),
+        qemu=manifest.qemu.path,
+        accel=manifest.accel,
+        topology=manifest.topology,
+        cpu_flags=manifest.cpu_flags,
+        globals=manifest.globals,
     )
-    aliases = manifest.get("feature_aliases", {})
+    aliases = manifest.feature_aliases
     mine = cells[cells["machine"] == machine].astype(str)
     gate = asyncio.Semaphore(jobs)
 
@@ -56,7 +56,7 @@ async def verify(
             record = await probe(options, newest, model, ReadPlan(READ_QOM_GET), timeout)
         if record["status"] != OK:
             return RoundTrip(model, extra, record["status"], record.get("error", ""))
-        found = realized_values(record, aliases, manifest.get("plumbing", ()))
+        found = realized_values(record, aliases, manifest.plumbing)
         got = {p: json_text(v) for p, v in found.items()}
         want = mine[mine["model"] == model].set_index("prop")["value"].to_dict()
         left = {

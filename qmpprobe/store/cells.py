@@ -71,7 +71,7 @@ def _returned(answers: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def clear_unavailable(
-    values: dict[str, Any], unavailable: Sequence[str], aliases: Mapping[str, list[str]]
+    values: dict[str, Any], unavailable: Sequence[str], aliases: Mapping[str, Sequence[str]]
 ) -> None:
     """Realize clears every feature the accelerator or host cannot provide, under all its names."""
     for name in unavailable:
@@ -81,7 +81,7 @@ def clear_unavailable(
 
 
 def expansion_values(
-    record: Mapping[str, Any], aliases: Mapping[str, list[str]], flags: FlagReader = NO_FLAGS
+    record: Mapping[str, Any], aliases: Mapping[str, Sequence[str]], flags: FlagReader = NO_FLAGS
 ) -> dict[str, Any]:
     """The realized CPU from the expansion, filtered features, feature words and qom-gets."""
     answers = record["answers"]
@@ -112,7 +112,7 @@ def _own(values: dict[str, Any], plumbing: Collection[str]) -> dict[str, Any]:
 
 def realized_values(
     record: Mapping[str, Any],
-    aliases: Mapping[str, list[str]],
+    aliases: Mapping[str, Sequence[str]],
     plumbing: Collection[str] = (),
     flags: FlagReader = NO_FLAGS,
 ) -> dict[str, Any]:
@@ -225,7 +225,7 @@ class Texts:
 
 def record_cells(
     record: Mapping[str, Any],
-    aliases: Mapping[str, list[str]],
+    aliases: Mapping[str, Sequence[str]],
     source: str,
     texts: Texts,
     plumbing: Collection[str] = (),

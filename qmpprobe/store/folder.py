@@ -30,6 +30,7 @@ from qmpprobe.core.vocab import STATUSES
 from qmpprobe.errors import InputError
 from qmpprobe.store.cells import CELL_COLUMNS
 from qmpprobe.store.csvfile import csv_bytes, unguard_frame, write_csv
+from qmpprobe.store.manifest import Manifest
 from qmpprobe.store.schema import (
     cells_arrow,
     check_cells,
@@ -261,6 +262,10 @@ class RunFolder:
             record = _record(_read_bytes(path))
             if record is not None and self.raw_path(record["machine"], record["model"]) == path:
                 yield record
+
+    def manifest(self, require_complete: bool = False) -> Manifest:
+        """The manifest, checked as `read_manifest` checks it, typed for its readers."""
+        return Manifest.of(self.read_manifest(require_complete))
 
     def read_manifest(self, require_complete: bool = False) -> dict[str, Any]:
         """manifest.json, checked: exists, parses, schema known, every key the readers use
