@@ -286,14 +286,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         print(lifecycle.summary(lifecycle.explain_run(options, args.machine)))
     folder = RunFolder(args.run or out)
     manifest = folder.manifest(require_complete=True)
-    newest = explain.newest_of_family(manifest.machines, args.machine)
-    probed = set(folder.read_combos()["machine"].astype(str))
-    missing = [m for m in (args.machine, newest) if m not in probed]
-    if missing:
-        raise InputError(
-            f"{folder.path} has no {' and '.join(missing)}: explain needs {args.machine} and "
-            f"{newest} (leave out --run to probe both)"
-        )
+    newest = explain.pair(folder.path, manifest, folder.read_combos(), args.machine)
     cells = explain.select_models(folder.read_cells(), args.model)
     diffs = explain.causes(
         manifest, explain.differences(manifest, cells, args.machine, newest), args.machine, newest

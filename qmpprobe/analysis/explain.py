@@ -10,6 +10,7 @@ no entry explains.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -39,6 +40,20 @@ def newest_of_family(machines: Sequence[Mapping[str, Any]], machine: str) -> str
         raise InputError(f"{machine} has no version: it has no family to compare with")
     family = row["family"].iloc[0]
     return str(order.loc[order["family"] == family, "machine"].iloc[-1])
+
+
+def pair(run: Path, manifest: Manifest, combos: pd.DataFrame, machine: str) -> str:
+    """The newest machine type of `machine`'s family, when the run probed both (else an
+    InputError saying what is missing)."""
+    newest = newest_of_family(manifest.machines, machine)
+    probed = set(combos["machine"].astype(str))
+    missing = [m for m in (machine, newest) if m not in probed]
+    if missing:
+        raise InputError(
+            f"{run} has no {' and '.join(missing)}: explain needs {machine} and "
+            f"{newest} (leave out --run to probe both)"
+        )
+    return newest
 
 
 def differences(manifest: Manifest, cells: pd.DataFrame, machine: str, newest: str) -> pd.DataFrame:
