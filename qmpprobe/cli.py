@@ -206,7 +206,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_discover(args: argparse.Namespace) -> int:
     from qmpprobe.run import lifecycle
 
-    found = lifecycle.discover_only(args.qemu, args.accel)
+    found = lifecycle.discover_only(_options(args))
     if args.json:
         print(json.dumps(found.manifest(), indent=1))
         return EXIT_OK

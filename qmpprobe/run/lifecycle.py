@@ -263,9 +263,10 @@ def summary(outcome: Outcome) -> str:
     return f"{outcome.folder}: {state}; {counts}; {outcome.seconds:.1f} s"
 
 
-def discover_only(qemu: str, accel: str) -> Discovery:
+def discover_only(options: RunOptions) -> Discovery:
     """`qmpprobe discover`: what the binary has (feature learning from the shared cache)."""
-    return run_sync(lambda: discover_qemu(LaunchOptions(qemu, accel)))
+    launch = launch_options(options, firmware=False)
+    return run_sync(lambda: discover_qemu(launch, options.cache))
 
 
 def check(sides: Sequence[RunOptions]) -> list[Outcome]:
@@ -278,6 +279,6 @@ def check(sides: Sequence[RunOptions]) -> list[Outcome]:
 
 def explain_run(options: RunOptions, machine: str) -> Outcome:
     """`qmpprobe explain` without `--run`: probe `machine` and the newest of its family."""
-    found = discover_only(options.qemu, options.accel)
+    found = discover_only(options)
     newest = newest_of_family([asdict(m) for m in found.machines], machine)
     return run_sync(lambda: run(replace(options, machines=f"{machine},{newest}")))
