@@ -13,7 +13,6 @@ probing (records) and the run folder meet.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections import Counter
@@ -55,10 +54,10 @@ from qmpprobe.run.calibrate import (
     realize_decided,
     reference_plan,
 )
+from qmpprobe.run.journal import Journal
 from qmpprobe.run.manifest import journal_key
 from qmpprobe.run.options import RunOptions
 from qmpprobe.run.progress import Progress
-from qmpprobe.store import cache
 from qmpprobe.store.cells import (
     NO_FLAGS,
     CellBlock,
@@ -101,7 +100,7 @@ class Runner:
         self.env = {**os.environ, OWNER_ENV: manifest["run_id"], "LC_ALL": "C"}
         self.counts: Counter[str] = Counter()
         self.texts = Texts()
-        self.shared = cache.journal(self.key) if options.cache else None
+        self.journal = Journal(folder, self.key, options.cache)
         # QEMU >= 10.1 reads every property of the realized CPU in one command: no calibration.
         self.list_get = options.read == READ_AUTO and "qom-list-get" in discovery.commands
         self.planned = {(c.machine, c.model) for c in self.combos}
@@ -162,20 +161,15 @@ class Runner:
         if not self._keep(record, journal=False):
             return False
         if data is not None:
-            # Compressed once already: copy the bytes (a hard link would let a change to
-            # one journal reach the other).
-            self.folder.put_record(*combo, data)
+            self.journal.adopt(record, data)
         return True
 
-    def _load_definitions(self, source: RunFolder, copy: bool) -> None:
-        """Each planned machine type's `query-cpu-definitions`, where `source` has them."""
-        for machine in sorted(self.machines - self.definitions.keys()):
-            found = source.read_definitions(machine)
-            if found is None or found[0].get("key") != self.key:
-                continue
-            if copy:
-                self.folder.put_definitions(machine, found[1])
-            self._definitions(machine, found[0]["query-cpu-definitions"])
+    def _load_definitions(self, shared: bool) -> None:
+        """Each planned machine type's `query-cpu-definitions`, where the journal has them."""
+        for machine, answer in self.journal.definitions(
+            self.machines - self.definitions.keys(), shared
+        ):
+            self._definitions(machine, answer)
 
     def _definitions(self, machine: str, answer: dict[str, Any]) -> None:
         """Keep a machine type's definitions (alias-of per model); journal them when new.
@@ -186,47 +180,27 @@ class Runner:
         if machine in self.definitions:
             return
         self.definitions[machine] = {d["name"]: d.get("alias-of") for d in answer["return"]}
-        entry = {"machine": machine, "key": self.key, "query-cpu-definitions": answer}
-        # Written when the folder has none, or a damaged one (it failed its schema check).
-        if self.folder.read_definitions(machine) is None:
-            data = self.folder.write_definitions(machine, entry)
-            if self.shared is not None:
-                with contextlib.suppress(OSError):
-                    self.shared.put_definitions(machine, data)
+        self.journal.write_definitions(machine, answer)
 
     def load_journal(self) -> int:
         """Take every finished combo whose journal entry matches this run; returns how many."""
-        self._load_definitions(self.folder, copy=False)
-        wanted = self._wanted()
-        return sum(
-            self._take(rec, None)
-            for rec in self.folder.iter_records()
-            if (rec.get("machine"), rec.get("model")) in wanted
-        )
+        self._load_definitions(shared=False)
+        return sum(self._take(rec, None) for rec in self.journal.own(self._wanted()))
 
     def load_cached(self) -> int:
         """Take finished combos from the shared journal (same key); returns how many."""
-        if self.shared is None:
+        if self.journal.shared is None:
             return 0
-        self._load_definitions(self.shared, copy=True)
+        self._load_definitions(shared=True)
         found = 0
         for combo in sorted(self._wanted()):
             if combo in self.records or combo in self.facts or combo in self.candidates:
                 continue
-            entry = self.shared.read_record_bytes(*combo)
+            entry = self.journal.cached(*combo)
             if entry is not None and self._take(entry[0], entry[1]):
                 found += combo in self.planned
         self.manifest["from_cache"] = self.manifest.get("from_cache", 0) + found
         return found
-
-    def _journal(self, record: Record) -> None:
-        data = self.folder.write_record(record)
-        # Only what QEMU would say again is worth reusing: not what the machine caused (a
-        # timeout, a kill from outside, no resources to start QEMU).
-        final = not record.get("environment") and not record.get("malformed")
-        if self.shared is not None and final:
-            with contextlib.suppress(OSError):
-                self.shared.put_record(record["machine"], record["model"], data)
 
     def _keep(self, record: Record, journal: bool = True) -> bool:
         """Take a finished combo into the run (journalled first when it is new); False when
@@ -240,7 +214,7 @@ class Runner:
             malformed(record, e)
             self._use(record)
         if journal:  # after it was read, so that an entry that cannot be is marked so
-            self._journal(record)
+            self.journal.write(record)
         return True
 
     def _use(self, record: Record) -> None:
@@ -377,7 +351,7 @@ class Runner:
         if not self._keep(record, journal=False):
             return False
         if data is not None:
-            self.folder.put_record(record["machine"], record["model"], data)
+            self.journal.adopt(record, data)
             self.manifest["from_cache"] = self.manifest.get("from_cache", 0) + 1
         return True
 
@@ -444,8 +418,7 @@ class Runner:
             lambda r: r,
         )
         record = tries[-1]
-        record["key"] = self.key
-        self.folder.write_calibration(record)
+        self.journal.write_calibration(record)
         self.ref_status[(machine, model)] = record["status"]
         decided = realize_decided(record["answers"], self.flags) if record["status"] == OK else []
         return record["status"], record.get("error", ""), decided
