@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,8 @@ QEMU = os.environ.get("QMPPROBE_TEST_QEMU", "qemu-system-x86_64")
 REPO = Path(__file__).resolve().parent.parent
 FAULTS = Path(__file__).resolve().parent / "faults"
 # A cache of the tests' own (the first run learns, the rest reuse); never the user's.
-os.environ["QMPPROBE_CACHE"] = tempfile.mkdtemp(prefix="qmpprobe-test-cache-")
+CACHE = Path(tempfile.mkdtemp(prefix="qmpprobe-test-cache-"))
+os.environ["QMPPROBE_CACHE"] = str(CACHE)
 
 #: The small plan most tests share: old and new machine types, ones that cannot start,
 #: a drifting model, its versioned twin, and models that need KVM or are not migration-safe.
@@ -66,6 +68,50 @@ def cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"qmpprobe {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
     return proc
+
+
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`qmpprobe ARGS` through `qmpprobe.cli.main` in this process, as `cli` returns it.
+
+    No interpreter start and no imports per case: only for what qmpprobe answers before any
+    QEMU starts (argument errors, refusals, readers of run folders). Whatever checks
+    processes, signals or fault wrappers runs it as a user does, with `cli`.
+    """
+    from qmpprobe import cli as climod
+
+    capsys.readouterr()  # what the test printed before is not the command's
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = climod.main(list(args))
+    except SystemExit as e:  # argparse's own exit (its errors are one line too)
+        code = e.code if isinstance(e.code, int) else 2
+    finally:
+        for sig, handler in handlers.items():  # main's own handlers are not pytest's
+            signal.signal(sig, handler)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["qmpprobe", *args], code, out, err)
+
+
+@functools.cache
+def _learned(qemu: str, env: tuple[tuple[str, str], ...]) -> None:
+    cli("discover", "--qemu", qemu, env={**os.environ, **dict(env)}, check=True)
+
+
+def learned_cache(tmp: Path, qemu: str | None = None, env: dict[str, str] | None = None) -> str:
+    """A private cache of the test's own (for QMPPROBE_CACHE) holding only what discovery
+    learned (the features entries of the tests' cache, `qemu`'s among them): no journal.
+
+    For runs that must probe every combo themselves: `--no-cache` would also throw away the
+    learning (seconds per run), which depends only on the QEMU files that ran. Their
+    fingerprint is its key, so a wrapper that runs QEMU otherwise than `qemu` started with
+    `env` (the variables that differ from the tests' own) simply learns again. By default a
+    fault wrapper is learned as it is when its fault does not strike (it execs QEMU).
+    """
+    healthy = {"FAULT_QEMU": qemu_path(), "FAULT_MODE": "none", "FAULT_MATCH": "-no-such-"}
+    _learned(qemu or qemu_path(), tuple(sorted((env or healthy).items())))
+    folder = Path(tempfile.mkdtemp(prefix="cache-", dir=tmp))  # mode 0700: private
+    shutil.copytree(CACHE / "features", folder / "features")
+    return str(folder)
 
 
 def run_folder(tmp: Path, *args: str) -> Path:

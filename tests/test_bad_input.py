@@ -17,7 +17,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import FAULTS, REPO, cli, manifest, owned_pids, qemu_path
+from conftest import (
+    FAULTS,
+    REPO,
+    cli,
+    in_process,
+    learned_cache,
+    manifest,
+    owned_pids,
+    qemu_path,
+)
 
 
 def refused(proc: subprocess.CompletedProcess[str], *words: str) -> str:
@@ -90,20 +99,29 @@ PROBING = {
         ("--jobs", "many"),
     ],
 )
-def test_bad_numbers_are_refused(tmp_path: Path, command: str, option: str, value: str) -> None:
+def test_bad_numbers_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, option: str, value: str
+) -> None:
+    # Refused while the arguments are read, before any QEMU starts: asked in this process.
     out = tmp_path / "out"
-    refused(cli(*PROBING[command](out), option, value), option, value)
+    refused(in_process(capsys, *PROBING[command](out), option, value), option, value)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("command", sorted(PROBING))
 @pytest.mark.parametrize("value", ["", ",,", " , "])
-def test_empty_patterns_are_not_all(tmp_path: Path, command: str, value: str) -> None:
+def test_empty_patterns_are_not_all(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, value: str
+) -> None:
     out = tmp_path / "out"
     option = "--model" if command == "explain" else "--models"
-    refused(cli(*PROBING[command](out), option, value), option, "no name or glob")
+    refused(in_process(capsys, *PROBING[command](out), option, value), option, "no name or glob")
     if command != "explain":
-        refused(cli(*PROBING[command](out), "--machines", value), "--machines", "no name or glob")
+        refused(
+            in_process(capsys, *PROBING[command](out), "--machines", value),
+            "--machines",
+            "no name or glob",
+        )
     assert not out.exists()
 
 
@@ -210,11 +228,13 @@ def test_jobs_capped_by_open_files(tmp_path: Path) -> None:
 # -- SIGHUP -----------------------------------------------------------------------------------
 def test_sighup_stops_cleanly_and_resume_finishes(tmp_path: Path) -> None:
     out = tmp_path / "run"
+    # 78 combos, each probed by this run (a cache of its own with only the learned features).
     argv = ["run", "--qemu", qemu_path(), "--out", str(out), "--machines", "pc-i440fx-2.*",
-            "--models", "Haswell*,qemu64,EPYC*", "--no-cache", "--no-report"]  # fmt: skip
+            "--models", "Haswell,Haswell-v[1-3],qemu64,EPYC", "--no-report"]  # fmt: skip
+    env = {**os.environ, "QMPPROBE_CACHE": learned_cache(tmp_path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "qmpprobe", *argv],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while len(list((out / "raw").glob("*/*.json.gz"))) < 20:

@@ -27,7 +27,7 @@ import pytest
 from qmpprobe.cli import main
 from qmpprobe.nightly import previous_run
 
-from conftest import REPO, cli, qemu_path
+from conftest import REPO, cli, in_process, qemu_path
 
 #: explain needs a machine type and the newest of its family: q35's newest is in the small plan.
 EXPLAIN = "pc-q35-7.2"
@@ -300,9 +300,11 @@ def test_corrupted_folder_is_refused_by_every_reader(
     "case",
     ["manifest-garbage", "manifest-no-machines", "manifest-counts-as-text", "manifest-no-accel"],
 )
-def test_resume_refuses_a_corrupted_manifest(case: str, clean: Path, tmp_path: Path) -> None:
+def test_resume_refuses_a_corrupted_manifest(
+    case: str, clean: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run, file = damaged(clean, tmp_path, case)
-    proc = cli("run", "--resume", str(run), "--no-cache")
+    proc = in_process(capsys, "run", "--resume", str(run), "--no-cache")
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert str(file) in line and "Traceback" not in proc.stderr

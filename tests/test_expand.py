@@ -10,7 +10,16 @@ import pytest
 
 from qmpprobe.analysis import drift
 
-from conftest import SMALL_MACHINES, SMALL_MODELS, cli, fetched, manifest, qemu_path, run_folder
+from conftest import (
+    SMALL_MACHINES,
+    SMALL_MODELS,
+    cli,
+    fetched,
+    in_process,
+    manifest,
+    qemu_path,
+    run_folder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +149,9 @@ def test_expand_equals_exact_with_cpu_flags(tmp_path: Path, version: str) -> Non
     }
 
 
-def test_expand_refuses_several_cpus(tmp_path: Path) -> None:
-    done = cli(
+def test_expand_refuses_several_cpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    done = in_process(
+        capsys,
         "run",
         "--qemu",
         qemu_path(),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import FAULTS, REPO, cli, manifest, qemu_path
+from conftest import FAULTS, REPO, cli, in_process, manifest, qemu_path
 
 MACHINES, MODELS, STRUCK = "pc-i440fx-2.3,pc-q35-7.2", "qemu64,Haswell", "pc-i440fx-2.3"
 
@@ -244,11 +244,13 @@ def test_resume_of_a_running_run_is_refused_and_harms_nothing(tmp_path: Path) ->
     assert manifest(out)["complete"] is True
 
 
-def test_out_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+def test_out_refuses_a_folder_that_is_not_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "combos.csv").write_text("my own data\n")
-    done = cli(*plan_args(mine, qemu_path()))
+    done = in_process(capsys, *plan_args(mine, qemu_path()))
     assert done.returncode == 2
     assert "not a qmpprobe run" in one_clear_line(done.stderr)
     assert (mine / "combos.csv").read_text() == "my own data\n"
