@@ -46,6 +46,7 @@ def small(out: Path, *extra: str) -> list[str]:
 
 
 # -- a QEMU that greets and goes silent ------------------------------------------------------
+@pytest.mark.slow  # discovery's 15 s wait for the first answers
 def test_qemu_silent_after_greeting_says_which_step(tmp_path: Path) -> None:
     env = {**os.environ, "FAULT_QEMU": qemu_path(), "FAULT_MODE": "silence", "FAULT_MATCH": "none"}
     out = tmp_path / "run"
@@ -226,6 +227,7 @@ def test_jobs_capped_by_open_files(tmp_path: Path) -> None:
 
 
 # -- SIGHUP -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sighup_stops_cleanly_and_resume_finishes(tmp_path: Path) -> None:
     out = tmp_path / "run"
     # 78 combos, each probed by this run (a cache of its own with only the learned features).

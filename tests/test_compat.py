@@ -15,6 +15,9 @@ import pytest
 
 from conftest import REPO, cli, fetched, in_process, manifest
 
+#: Real QEMU 10.0 and 11.1 (fetched): the full run only.
+pytestmark = pytest.mark.slow
+
 PATCHED = str(REPO / "tests" / "patches" / "qemu-patched")
 
 

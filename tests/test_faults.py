@@ -14,6 +14,9 @@ import pytest
 
 from conftest import FAULTS, cli, learned_cache, manifest, owned_pids, qemu_path, run_folder
 
+#: A run per injected fault: the full run only.
+pytestmark = pytest.mark.slow
+
 MACHINES, MODELS, STRUCK = "pc-i440fx-2.3,pc-q35-7.2", "qemu64,Haswell", "pc-i440fx-2.3"
 
 

@@ -19,6 +19,9 @@ import pytest
 
 from conftest import FAULTS, REPO, cli, in_process, manifest, qemu_path
 
+#: A run (or two) per hostile QEMU or wrapper: the full run only.
+pytestmark = pytest.mark.slow
+
 MACHINES, MODELS, STRUCK = "pc-i440fx-2.3,pc-q35-7.2", "qemu64,Haswell", "pc-i440fx-2.3"
 
 

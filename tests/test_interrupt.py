@@ -14,6 +14,9 @@ import pytest
 
 from conftest import FAULTS, REPO, cli, learned_cache, manifest, owned_pids, qemu_path, run_folder
 
+#: Runs stopped and resumed, hung QEMUs: the full run only.
+pytestmark = pytest.mark.slow
+
 #: Big enough to interrupt in the middle (78 combos, and calibration combos outside the
 #: plan), small enough to finish quickly.
 MACHINES = "pc-i440fx-2.*"

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from qmpprobe.nightly import parse_qemus
 
 from conftest import REPO, qemu_path
@@ -20,6 +22,7 @@ def test_parse_qemus() -> None:
     ]
 
 
+@pytest.mark.slow
 def test_one_night(tmp_path: Path) -> None:
     root = tmp_path / "nightly"
     done = subprocess.run(
@@ -97,6 +100,7 @@ def night(root: Path, date: str, *qemus: str, env: dict[str, str] | None = None)
     return done.returncode
 
 
+@pytest.mark.slow
 def test_nights_are_diffed_against_the_previous_night_and_between_releases(tmp_path: Path) -> None:
     root = tmp_path / "nightly"
     env = {

@@ -14,6 +14,9 @@ import pytest
 
 from conftest import assert_cells_equal_qom_get, cli, fetched, qemu_path, sample_combos
 
+#: Other releases (fetched): the full run only.
+pytestmark = pytest.mark.slow
+
 #: Per release: a few machine types of its own, old and new.
 PLANS = {
     "5.2": "pc-i440fx-1.4,pc-i440fx-2.2,pc-i440fx-2.3,pc-q35-5.2,isapc",
