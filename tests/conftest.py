@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import gzip
+import io
 import json
 import os
 import random
@@ -70,8 +71,11 @@ def cli(
     return proc
 
 
-def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
-    """`qmpprobe ARGS` through `qmpprobe.cli.main` in this process, as `cli` returns it.
+def in_process(
+    capsys: pytest.CaptureFixture[str] | None, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`qmpprobe ARGS` through `qmpprobe.cli.main` in this process, as `cli` returns it
+    (its output read with `capsys`, or, in a fixture that has none, caught here).
 
     No interpreter start and no imports per case: only for what qmpprobe answers before any
     QEMU starts (argument errors, refusals, readers of run folders). Whatever checks
@@ -79,17 +83,25 @@ def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.Com
     """
     from qmpprobe import cli as climod
 
-    capsys.readouterr()  # what the test printed before is not the command's
+    if capsys is not None:
+        capsys.readouterr()  # what the test printed before is not the command's
+    out, err = io.StringIO(), io.StringIO()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        code = climod.main(list(args))
-    except SystemExit as e:  # argparse's own exit (its errors are one line too)
-        code = e.code if isinstance(e.code, int) else 2
+        with contextlib.ExitStack() as stack:
+            if capsys is None:
+                stack.enter_context(contextlib.redirect_stdout(out))
+                stack.enter_context(contextlib.redirect_stderr(err))
+            try:
+                code = climod.main(list(args))
+            except SystemExit as e:  # argparse's own exit (its errors are one line too)
+                code = e.code if isinstance(e.code, int) else 2
     finally:
         for sig, handler in handlers.items():  # main's own handlers are not pytest's
             signal.signal(sig, handler)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["qmpprobe", *args], code, out, err)
+    if capsys is not None:
+        return subprocess.CompletedProcess(["qmpprobe", *args], code, *capsys.readouterr())
+    return subprocess.CompletedProcess(["qmpprobe", *args], code, out.getvalue(), err.getvalue())
 
 
 @functools.cache
@@ -140,6 +152,7 @@ def smp2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "qemu64,Haswell,max",
         "--smp",
         "2",
+        "--no-report",  # its readers read cells, combos, journal and manifest
     )
 
 

@@ -69,6 +69,7 @@ def test_forgotten_compat_entry_breaks_every_shipped_machine_type(
         assert "abi-change" in (out / name).read_text()
 
 
+@pytest.mark.slow
 def test_change_on_the_newest_machine_types_only(baseline: Path, tmp_path: Path) -> None:
     candidate = patched_run(tmp_path, "pc-i440fx-7.2,pc-q35-7.2")
     out = tmp_path / "diff"
@@ -136,6 +137,7 @@ def test_diff_of_a_broken_folder_is_refused(
     assert in_process(capsys, "diff", str(tmp_path), str(baseline)).returncode == 2
 
 
+@pytest.mark.slow
 def test_check_probes_both_and_fails_on_a_break(tmp_path: Path) -> None:
     patch = patched_env()
     env = {**os.environ, **patch, "QMPPROBE_CACHE": learned_cache(tmp_path, PATCHED, patch)}

@@ -42,6 +42,7 @@ def start_run(
         MACHINES,
         "--models",
         MODELS,
+        "--no-report",
     ]
     return subprocess.Popen(
         [sys.executable, "-m", "qmpprobe", *argv],
@@ -55,7 +56,7 @@ def start_run(
 
 def resume(out: Path) -> subprocess.CompletedProcess[str]:
     """Finish `out` with an empty journal cache of its own: what is pending is probed now."""
-    return cli("run", "--resume", str(out), env=fresh(out.parent), check=True)
+    return cli("run", "--resume", str(out), "--no-report", env=fresh(out.parent), check=True)
 
 
 def wait_for_records(out: Path, n: int, proc: subprocess.Popen[str], limit: float = 120) -> None:
@@ -82,7 +83,9 @@ def sorted_cells(run: Path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_folder(tmp_path_factory.mktemp("whole"), "--machines", MACHINES, "--models", MODELS)
+    return run_folder(
+        tmp_path_factory.mktemp("whole"), "--machines", MACHINES, "--models", MODELS, "--no-report"
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -173,6 +176,7 @@ def test_hung_qemu_times_out_after_a_retry(tmp_path: Path) -> None:
         "qom-get",
         "--timeout",
         "1.5",
+        "--no-report",
         env=fresh(tmp_path, str(FAULTS / "qemu-fault"), fault_env("hang", "pc-i440fx-2.3")),
     )
     assert done.returncode == 0, done.stderr

@@ -122,6 +122,7 @@ def test_flagged_run_equals_qom_get_with_the_same_flags(tmp_path: Path) -> None:
         "Haswell,EPYC,qemu64",
         "--cpu-flags",
         "+avx,-sse4.2",
+        "--no-report",
     )
     # The independent reader passes the same flags on -cpu.
     cells = pd.read_parquet(run / "cells.parquet")
