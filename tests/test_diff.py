@@ -49,6 +49,7 @@ def diff_csv(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / "diff.csv", keep_default_na=False, dtype=str)
 
 
+@pytest.mark.slow
 def test_forgotten_compat_entry_breaks_every_shipped_machine_type(
     baseline: Path, forgotten: Path, tmp_path: Path
 ) -> None:
@@ -93,6 +94,7 @@ def test_change_on_the_newest_machine_types_only(baseline: Path, tmp_path: Path)
     assert set(diff_csv(out)["kind"]) == {"unshipped-change"}
 
 
+@pytest.mark.slow
 def test_identical_binary_has_no_rows(baseline: Path, tmp_path: Path) -> None:
     again = run_folder(tmp_path, *PLAN)
     out = tmp_path / "diff"
@@ -101,6 +103,7 @@ def test_identical_binary_has_no_rows(baseline: Path, tmp_path: Path) -> None:
     assert diff_csv(out).empty
 
 
+@pytest.mark.slow
 def test_accepted_changes_keep_the_check_green(
     baseline: Path, forgotten: Path, tmp_path: Path
 ) -> None:

@@ -81,6 +81,7 @@ def test_cells_depend_only_on_the_combo(tmp_path: Path, version: str) -> None:
             assert_cells_equal_qom_get(runs[first], machine, model)
 
 
+@pytest.mark.slow
 def test_a_cached_entry_read_by_another_plan_is_not_taken(tmp_path: Path) -> None:
     machines = "pc-i440fx-2.4,pc-q35-7.2"
     cache = learned_cache(tmp_path)  # no journal entry yet
