@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,18 +135,39 @@ def run_folder(tmp: Path, *args: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete TCG run of the small plan (one CPU)."""
-    return run_folder(
-        tmp_path_factory.mktemp("small"), "--machines", SMALL_MACHINES, "--models", SMALL_MODELS
-    )
+def real_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Real runs of the system QEMU shared by the whole session, one per plan:
+    `real_runs(*ARGS)` runs `qmpprobe run ARGS` the first time and returns that folder after.
+
+    For readers only: a test that changes a run's files works on `copy_of(run, tmp)`.
+    """
+    made: dict[tuple[str, ...], Path] = {}
+
+    def get(*args: str) -> Path:
+        if args not in made:
+            made[args] = run_folder(tmp_path_factory.mktemp("real"), *args)
+        return made[args]
+
+    return get
+
+
+def copy_of(run: Path, tmp: Path) -> Path:
+    """A copy of a shared run, for a test that changes it."""
+    dest = tmp / "run"
+    shutil.copytree(run, dest)
+    return dest
 
 
 @pytest.fixture(scope="session")
-def smp2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_run(real_runs: Callable[..., Path]) -> Path:
+    """A complete TCG run of the small plan (one CPU)."""
+    return real_runs("--machines", SMALL_MACHINES, "--models", SMALL_MODELS)
+
+
+@pytest.fixture(scope="session")
+def smp2_run(real_runs: Callable[..., Path]) -> Path:
     """A TCG run with two CPUs on a few machine types."""
-    return run_folder(
-        tmp_path_factory.mktemp("smp2"),
+    return real_runs(
         "--machines",
         "pc-i440fx-2.3,pc-q35-7.2",
         "--models",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -34,8 +35,8 @@ def patched_run(tmp: Path, machines: str = "") -> Path:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_folder(tmp_path_factory.mktemp("baseline"), *PLAN)
+def baseline(real_runs: Callable[..., Path]) -> Path:
+    return real_runs(*PLAN)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -18,14 +19,12 @@ from conftest import (
     in_process,
     manifest,
     qemu_path,
-    run_folder,
 )
 
 
 @pytest.fixture(scope="module")
-def expanded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_folder(
-        tmp_path_factory.mktemp("expand"),
+def expanded(real_runs: Callable[..., Path]) -> Path:
+    return real_runs(
         "--mode",
         "expand",
         "--machines",

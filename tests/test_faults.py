@@ -7,12 +7,13 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import FAULTS, cli, learned_cache, manifest, owned_pids, qemu_path, run_folder
+from conftest import FAULTS, cli, copy_of, learned_cache, manifest, owned_pids, qemu_path
 
 #: A run per injected fault: the full run only.
 pytestmark = pytest.mark.slow
@@ -187,9 +188,11 @@ def test_many_jobs_give_the_same_cells(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(a, b)
 
 
-def test_truncated_journal_entry_is_probed_again(tmp_path: Path) -> None:
+def test_truncated_journal_entry_is_probed_again(
+    tmp_path: Path, real_runs: Callable[..., Path]
+) -> None:
     plan = ["--machines", "pc-i440fx-2.3,pc-q35-7.2", "--models", "qemu64,Haswell", "--no-report"]
-    run = run_folder(tmp_path, *plan)
+    run = copy_of(real_runs(*plan), tmp_path)
     before = pd.read_parquet(run / "cells.parquet").astype(str)
     entry = run / "raw" / "pc-q35-7.2" / "Haswell.json.gz"
     entry.write_bytes(entry.read_bytes()[:100])  # a write cut short by a crash

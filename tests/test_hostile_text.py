@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 from collections import Counter
+from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,8 @@ FOREIGN = ("svg", "u", "i", "b", "iframe", "object", "embed")
 
 # -- runs ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_folder(tmp_path_factory.mktemp("plain"), "--machines", MACHINES, "--models", MODELS)
+def plain(real_runs: Callable[..., Path]) -> Path:
+    return real_runs("--machines", MACHINES, "--models", MODELS)
 
 
 @pytest.fixture(scope="module")

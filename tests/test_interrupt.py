@@ -7,12 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import FAULTS, REPO, cli, learned_cache, manifest, owned_pids, qemu_path, run_folder
+from conftest import FAULTS, REPO, cli, learned_cache, manifest, owned_pids, qemu_path
 
 #: Runs stopped and resumed, hung QEMUs: the full run only.
 pytestmark = pytest.mark.slow
@@ -82,10 +83,8 @@ def sorted_cells(run: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_folder(
-        tmp_path_factory.mktemp("whole"), "--machines", MACHINES, "--models", MODELS, "--no-report"
-    )
+def uninterrupted(real_runs: Callable[..., Path]) -> Path:
+    return real_runs("--machines", MACHINES, "--models", MODELS, "--no-report")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import HEADLESS, REPO, chromium, in_process, run_folder
+from conftest import HEADLESS, REPO, chromium, in_process
 
 MACHINES = "pc-i440fx-2.2,pc-i440fx-2.3,pc-i440fx-2.4,pc-i440fx-2.7,pc-i440fx-2.8,pc-q35-7.*,isapc"
 MODELS = "Haswell,Haswell-v1,qemu64,EPYC,max,Skylake-Client,Opteron_G3"
@@ -18,8 +19,8 @@ ARTIFACTS = REPO / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
-def reported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = run_folder(tmp_path_factory.mktemp("report"), "--machines", MACHINES, "--models", MODELS)
+def reported(real_runs: Callable[..., Path]) -> Path:
+    out = real_runs("--machines", MACHINES, "--models", MODELS)
     assert (out / "report.html").exists()
     return out
 
