@@ -70,7 +70,9 @@ def wait_for_records(out: Path, n: int, proc: subprocess.Popen[str], limit: floa
     raise AssertionError(f"fewer than {n} combos probed in {limit}s")
 
 
-def wait_gone(run_id: str, limit: float = 5.0) -> list[int]:
+def wait_gone(run_id: str, limit: float = 30.0) -> list[int]:
+    """Wait (generously: the machine may be busy; it returns as soon as all are gone) until
+    no process carries the run's marker; those still there."""
     deadline = time.monotonic() + limit
     while (left := owned_pids(run_id)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -99,7 +101,7 @@ def test_signal_stops_cleanly_and_resume_finishes(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 3, err
     assert err.strip().splitlines()[-1].startswith("qmpprobe: interrupted")
-    assert not wait_gone(run_id, 1.0), "QEMU left running after the signal"
+    assert not wait_gone(run_id), "QEMU left running after the signal"
     m = manifest(out)
     assert m["complete"] is False
     # Some of the 40 journal entries are calibration combos outside the plan.
