@@ -6,13 +6,16 @@ import asyncio
 import contextlib
 import functools
 import gzip
+import io
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,8 @@ QEMU = os.environ.get("QMPPROBE_TEST_QEMU", "qemu-system-x86_64")
 REPO = Path(__file__).resolve().parent.parent
 FAULTS = Path(__file__).resolve().parent / "faults"
 # A cache of the tests' own (the first run learns, the rest reuse); never the user's.
-os.environ["QMPPROBE_CACHE"] = tempfile.mkdtemp(prefix="qmpprobe-test-cache-")
+CACHE = Path(tempfile.mkdtemp(prefix="qmpprobe-test-cache-"))
+os.environ["QMPPROBE_CACHE"] = str(CACHE)
 
 #: The small plan most tests share: old and new machine types, ones that cannot start,
 #: a drifting model, its versioned twin, and models that need KVM or are not migration-safe.
@@ -68,6 +72,61 @@ def cli(
     return proc
 
 
+def in_process(
+    capsys: pytest.CaptureFixture[str] | None, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`qmpprobe ARGS` through `qmpprobe.cli.main` in this process, as `cli` returns it
+    (its output read with `capsys`, or, in a fixture that has none, caught here).
+
+    No interpreter start and no imports per case: only for what qmpprobe answers before any
+    QEMU starts (argument errors, refusals, readers of run folders). Whatever checks
+    processes, signals or fault wrappers runs it as a user does, with `cli`.
+    """
+    from qmpprobe import cli as climod
+
+    if capsys is not None:
+        capsys.readouterr()  # what the test printed before is not the command's
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with contextlib.ExitStack() as stack:
+            if capsys is None:
+                stack.enter_context(contextlib.redirect_stdout(out))
+                stack.enter_context(contextlib.redirect_stderr(err))
+            try:
+                code = climod.main(list(args))
+            except SystemExit as e:  # argparse's own exit (its errors are one line too)
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        for sig, handler in handlers.items():  # main's own handlers are not pytest's
+            signal.signal(sig, handler)
+    if capsys is not None:
+        return subprocess.CompletedProcess(["qmpprobe", *args], code, *capsys.readouterr())
+    return subprocess.CompletedProcess(["qmpprobe", *args], code, out.getvalue(), err.getvalue())
+
+
+@functools.cache
+def _learned(qemu: str, env: tuple[tuple[str, str], ...]) -> None:
+    cli("discover", "--qemu", qemu, env={**os.environ, **dict(env)}, check=True)
+
+
+def learned_cache(tmp: Path, qemu: str | None = None, env: dict[str, str] | None = None) -> str:
+    """A private cache of the test's own (for QMPPROBE_CACHE) holding only what discovery
+    learned (the features entries of the tests' cache, `qemu`'s among them): no journal.
+
+    For runs that must probe every combo themselves: `--no-cache` would also throw away the
+    learning (seconds per run), which depends only on the QEMU files that ran. Their
+    fingerprint is its key, so a wrapper that runs QEMU otherwise than `qemu` started with
+    `env` (the variables that differ from the tests' own) simply learns again. By default a
+    fault wrapper is learned as it is when its fault does not strike (it execs QEMU).
+    """
+    healthy = {"FAULT_QEMU": qemu_path(), "FAULT_MODE": "none", "FAULT_MATCH": "-no-such-"}
+    _learned(qemu or qemu_path(), tuple(sorted((env or healthy).items())))
+    folder = Path(tempfile.mkdtemp(prefix="cache-", dir=tmp))  # mode 0700: private
+    shutil.copytree(CACHE / "features", folder / "features")
+    return str(folder)
+
+
 def run_folder(tmp: Path, *args: str) -> Path:
     """Run a small plan into a fresh folder and return it."""
     out = tmp / "run"
@@ -76,24 +135,46 @@ def run_folder(tmp: Path, *args: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete TCG run of the small plan (one CPU)."""
-    return run_folder(
-        tmp_path_factory.mktemp("small"), "--machines", SMALL_MACHINES, "--models", SMALL_MODELS
-    )
+def real_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Real runs of the system QEMU shared by the whole session, one per plan:
+    `real_runs(*ARGS)` runs `qmpprobe run ARGS` the first time and returns that folder after.
+
+    For readers only: a test that changes a run's files works on `copy_of(run, tmp)`.
+    """
+    made: dict[tuple[str, ...], Path] = {}
+
+    def get(*args: str) -> Path:
+        if args not in made:
+            made[args] = run_folder(tmp_path_factory.mktemp("real"), *args)
+        return made[args]
+
+    return get
+
+
+def copy_of(run: Path, tmp: Path) -> Path:
+    """A copy of a shared run, for a test that changes it."""
+    dest = tmp / "run"
+    shutil.copytree(run, dest)
+    return dest
 
 
 @pytest.fixture(scope="session")
-def smp2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_run(real_runs: Callable[..., Path]) -> Path:
+    """A complete TCG run of the small plan (one CPU)."""
+    return real_runs("--machines", SMALL_MACHINES, "--models", SMALL_MODELS)
+
+
+@pytest.fixture(scope="session")
+def smp2_run(real_runs: Callable[..., Path]) -> Path:
     """A TCG run with two CPUs on a few machine types."""
-    return run_folder(
-        tmp_path_factory.mktemp("smp2"),
+    return real_runs(
         "--machines",
         "pc-i440fx-2.3,pc-q35-7.2",
         "--models",
         "qemu64,Haswell,max",
         "--smp",
         "2",
+        "--no-report",  # its readers read cells, combos, journal and manifest
     )
 
 
@@ -129,9 +210,8 @@ async def _qom_read_all(
             stderr=subprocess.DEVNULL,
         )
         try:
-            for _ in range(200):
-                if os.path.exists(sock):
-                    break
+            # No deadline of our own: QEMU makes the socket or ends (the machine may be busy).
+            while not os.path.exists(sock) and proc.poll() is None:
                 await asyncio.sleep(0.02)
             client = QMPClient("independent", readbuflen=1 << 22)
             await client.connect(sock)
@@ -206,23 +286,38 @@ def sample_combos(run: Path, n: int, seed: int) -> list[tuple[str, str, str]]:
 
 
 def assert_cells_equal_qom_get(run: Path, machine: str, model: str) -> None:
+    assert_combos_equal_qom_get(run, [(machine, model)])
+
+
+def assert_combos_equal_qom_get(run: Path, combos: list[tuple[str, str]]) -> None:
+    """Each combo's cells equal `qom_read_all` of it; the independent QEMUs run side by
+    side (as many at once as a run's default --jobs), each its own process and socket."""
     m = manifest(run)
+    args = (m["topology"], m["accel"], m["qemu"]["path"])
+
+    async def read_all() -> list[dict[str, Any]]:
+        room = asyncio.Semaphore((os.cpu_count() or 1) + 1)
+
+        async def one(machine: str, model: str) -> dict[str, Any]:
+            async with room:
+                return await _qom_read_all(machine, model, *args)
+
+        return await asyncio.gather(*(one(*c) for c in combos))
+
     cells = pd.read_parquet(run / "cells.parquet")
-    mine = cells[(cells.machine == machine) & (cells.model == model)]
-    got = dict(zip(mine.prop.astype(str), mine.value.astype(str), strict=True))
-    truth = qom_read_all(
-        machine, model, smp=m["topology"], accel=m["accel"], qemu=m["qemu"]["path"]
-    )
-    truth.pop("__cpus__")
-    expected = {p: json_text(v) for p, v in truth.items()}
-    assert set(got) == set(expected), set(got) ^ set(expected)
-    wrong = {
-        p: (got[p], expected[p])
-        for p in expected
-        if json.loads(got[p]) != json.loads(expected[p])
-        or type(json.loads(got[p])) is not type(json.loads(expected[p]))
-    }
-    assert not wrong, f"{machine}/{model}: {wrong}"
+    for (machine, model), truth in zip(combos, asyncio.run(read_all()), strict=True):
+        mine = cells[(cells.machine == machine) & (cells.model == model)]
+        got = dict(zip(mine.prop.astype(str), mine.value.astype(str), strict=True))
+        truth.pop("__cpus__")
+        expected = {p: json_text(v) for p, v in truth.items()}
+        assert set(got) == set(expected), (machine, model, set(got) ^ set(expected))
+        wrong = {
+            p: (got[p], expected[p])
+            for p in expected
+            if json.loads(got[p]) != json.loads(expected[p])
+            or type(json.loads(got[p])) is not type(json.loads(expected[p]))
+        }
+        assert not wrong, f"{machine}/{model}: {wrong}"
 
 
 def chromium() -> str:

@@ -17,7 +17,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import FAULTS, REPO, cli, manifest, owned_pids, qemu_path
+from conftest import (
+    FAULTS,
+    REPO,
+    cli,
+    in_process,
+    learned_cache,
+    manifest,
+    owned_pids,
+    qemu_path,
+)
 
 
 def refused(proc: subprocess.CompletedProcess[str], *words: str) -> str:
@@ -37,6 +46,7 @@ def small(out: Path, *extra: str) -> list[str]:
 
 
 # -- a QEMU that greets and goes silent ------------------------------------------------------
+@pytest.mark.slow  # discovery's 15 s wait for the first answers
 def test_qemu_silent_after_greeting_says_which_step(tmp_path: Path) -> None:
     env = {**os.environ, "FAULT_QEMU": qemu_path(), "FAULT_MODE": "silence", "FAULT_MATCH": "none"}
     out = tmp_path / "run"
@@ -90,20 +100,29 @@ PROBING = {
         ("--jobs", "many"),
     ],
 )
-def test_bad_numbers_are_refused(tmp_path: Path, command: str, option: str, value: str) -> None:
+def test_bad_numbers_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, option: str, value: str
+) -> None:
+    # Refused while the arguments are read, before any QEMU starts: asked in this process.
     out = tmp_path / "out"
-    refused(cli(*PROBING[command](out), option, value), option, value)
+    refused(in_process(capsys, *PROBING[command](out), option, value), option, value)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("command", sorted(PROBING))
 @pytest.mark.parametrize("value", ["", ",,", " , "])
-def test_empty_patterns_are_not_all(tmp_path: Path, command: str, value: str) -> None:
+def test_empty_patterns_are_not_all(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, value: str
+) -> None:
     out = tmp_path / "out"
     option = "--model" if command == "explain" else "--models"
-    refused(cli(*PROBING[command](out), option, value), option, "no name or glob")
+    refused(in_process(capsys, *PROBING[command](out), option, value), option, "no name or glob")
     if command != "explain":
-        refused(cli(*PROBING[command](out), "--machines", value), "--machines", "no name or glob")
+        refused(
+            in_process(capsys, *PROBING[command](out), "--machines", value),
+            "--machines",
+            "no name or glob",
+        )
     assert not out.exists()
 
 
@@ -111,11 +130,12 @@ def test_empty_patterns_are_not_all(tmp_path: Path, command: str, value: str) ->
 @pytest.mark.parametrize(
     ("extra", "said"),
     [
+        # One case in the quick tier; each starts a QEMU per calibration combo of the plan.
         (["--smp", "2,foo=bar"], "foo"),
-        (["--cpu-flags", "nosuchflag=on"], "nosuchflag"),
-        (["--cpu-flags", "+nosuchflag"], "nosuchflag"),
-        (["--global", "nodot"], "nodot"),
-        (["--global", "x86_64-cpu.nosuchprop=1"], "nosuchprop"),
+        pytest.param(["--cpu-flags", "nosuchflag=on"], "nosuchflag", marks=pytest.mark.slow),
+        pytest.param(["--cpu-flags", "+nosuchflag"], "nosuchflag", marks=pytest.mark.slow),
+        pytest.param(["--global", "nodot"], "nodot", marks=pytest.mark.slow),
+        pytest.param(["--global", "x86_64-cpu.nosuchprop=1"], "nosuchprop", marks=pytest.mark.slow),
     ],
 )
 def test_options_qemu_refuses_everywhere(tmp_path: Path, extra: list[str], said: str) -> None:
@@ -189,6 +209,7 @@ def test_cap_jobs_names_what_binds(monkeypatch: pytest.MonkeyPatch) -> None:
     assert preflight.cap_jobs(3) == (3, "")
 
 
+@pytest.mark.slow
 def test_jobs_capped_by_open_files(tmp_path: Path) -> None:
     def limit() -> None:  # as `ulimit -n 48` does: soft and hard
         resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
@@ -208,13 +229,16 @@ def test_jobs_capped_by_open_files(tmp_path: Path) -> None:
 
 
 # -- SIGHUP -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sighup_stops_cleanly_and_resume_finishes(tmp_path: Path) -> None:
     out = tmp_path / "run"
+    # 78 combos, each probed by this run (a cache of its own with only the learned features).
     argv = ["run", "--qemu", qemu_path(), "--out", str(out), "--machines", "pc-i440fx-2.*",
-            "--models", "Haswell*,qemu64,EPYC*", "--no-cache", "--no-report"]  # fmt: skip
+            "--models", "Haswell,Haswell-v[1-3],qemu64,EPYC", "--no-report"]  # fmt: skip
+    env = {**os.environ, "QMPPROBE_CACHE": learned_cache(tmp_path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "qmpprobe", *argv],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while len(list((out / "raw").glob("*/*.json.gz"))) < 20:
@@ -233,10 +257,11 @@ def test_sighup_stops_cleanly_and_resume_finishes(tmp_path: Path) -> None:
 
 
 # -- --resume of a folder from elsewhere ------------------------------------------------------
-def _foreign(tmp_path: Path, qemu: str) -> Path:
-    """A small incomplete run whose manifest names `qemu` instead of the QEMU it used."""
+def _foreign(small_run: Path, tmp_path: Path, qemu: str) -> Path:
+    """A copy of the small run, incomplete, whose manifest names `qemu` instead of the QEMU
+    it used."""
     run = tmp_path / "run"
-    cli(*small(run, "--machines", "pc-q35-7.2", "--models", "qemu64"), check=True)
+    shutil.copytree(small_run, run)
     data = json.loads((run / "manifest.json").read_text())
     data["qemu"]["path"] = qemu
     data["complete"] = False
@@ -244,18 +269,18 @@ def _foreign(tmp_path: Path, qemu: str) -> Path:
     return run
 
 
-def test_resume_does_not_run_another_binary(tmp_path: Path) -> None:
+def test_resume_does_not_run_another_binary(small_run: Path, tmp_path: Path) -> None:
     marker = tmp_path / "it-ran"
     evil = tmp_path / "qemu-system-x86_64"
     evil.write_text(f'#!/bin/sh\ntouch {marker}\nexec {qemu_path()} "$@"\n')
     evil.chmod(0o755)
-    run = _foreign(tmp_path, str(evil))
+    run = _foreign(small_run, tmp_path, str(evil))
     refused(cli("run", "--resume", str(run)), str(evil), "not the QEMU this run used")
     assert not marker.exists()
 
 
-def test_resume_with_its_qemu_missing(tmp_path: Path) -> None:
-    run = _foreign(tmp_path, str(tmp_path / "gone"))
+def test_resume_with_its_qemu_missing(small_run: Path, tmp_path: Path) -> None:
+    run = _foreign(small_run, tmp_path, str(tmp_path / "gone"))
     refused(cli("run", "--resume", str(run)), "missing")
 
 
@@ -265,6 +290,7 @@ def _guest_cells(run: Path) -> pd.DataFrame:
     return cells[cells["source"] == "guest"]
 
 
+@pytest.mark.slow  # no usable cache: learns again
 def test_planted_firmware_is_not_used(tmp_path: Path) -> None:
     from qmpprobe.probe.guest import SOURCE
 
@@ -291,6 +317,7 @@ def in_private_mount_namespace(script: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # no usable cache: learns again
 def test_read_only_cache_still_gives_cpuid_cells(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
@@ -305,6 +332,7 @@ def test_read_only_cache_still_gives_cpuid_cells(tmp_path: Path) -> None:
     assert len(_guest_cells(out)) > 40
 
 
+@pytest.mark.slow  # no usable cache: learns again
 def test_cache_others_may_write_is_not_used(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -317,6 +345,7 @@ def test_cache_others_may_write_is_not_used(tmp_path: Path) -> None:
     assert list(cache.iterdir()) == [], "an untrusted cache was written to"
 
 
+@pytest.mark.slow  # no usable cache: learns again
 def test_cache_of_another_user_is_not_used(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to give a folder to another user")
@@ -331,6 +360,7 @@ def test_cache_of_another_user_is_not_used(tmp_path: Path) -> None:
     assert list(cache.iterdir()) == []
 
 
+@pytest.mark.slow  # no usable cache: learns again
 def test_cache_is_created_private(tmp_path: Path) -> None:
     cache = tmp_path / "new" / "cache"
     env = {**os.environ, "QMPPROBE_CACHE": str(cache)}

@@ -1,8 +1,12 @@
-"""Bad input: one line on stderr, exit code 2, nothing written that looks like a result."""
+"""Bad input: one line on stderr, exit code 2, nothing written that looks like a result.
+
+What qmpprobe refuses before any QEMU starts is asked in this process (`in_process`); what
+starts a binary is run as a user runs it (`cli`)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 from pathlib import Path
@@ -10,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import cli, qemu_path
+from conftest import cli, in_process, qemu_path
 
 
 def assert_refused(proc, *words: str) -> str:  # type: ignore[no-untyped-def]
@@ -23,18 +27,21 @@ def assert_refused(proc, *words: str) -> str:  # type: ignore[no-untyped-def]
     return lines[0]
 
 
-def test_missing_qemu(tmp_path: Path) -> None:
+def test_missing_qemu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    assert_refused(cli("run", "--qemu", str(tmp_path / "nope"), "--out", str(out)), "not found")
+    assert_refused(
+        in_process(capsys, "run", "--qemu", str(tmp_path / "nope"), "--out", str(out)), "not found"
+    )
     assert not out.exists()
 
 
-def test_qemu_not_executable(tmp_path: Path) -> None:
+def test_qemu_not_executable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake = tmp_path / "qemu"
     fake.write_text("#!/bin/sh\n")
     fake.chmod(stat.S_IRUSR)
     assert_refused(
-        cli("run", "--qemu", str(fake), "--out", str(tmp_path / "run")), "not executable"
+        in_process(capsys, "run", "--qemu", str(fake), "--out", str(tmp_path / "run")),
+        "not executable",
     )
 
 
@@ -61,8 +68,11 @@ def test_something_that_never_greets(tmp_path: Path) -> None:
     hang = tmp_path / "qemu-hang"
     hang.write_text("#!/bin/sh\nexec sleep 1000\n")
     hang.chmod(0o755)
+    # Discovery's wait for a greeting (15 s by default): nothing here ever greets.
+    env = {**os.environ, "QMPPROBE_GREETING_TIMEOUT": "1"}
     assert_refused(
-        cli("run", "--qemu", str(hang), "--out", str(tmp_path / "run")), "did not answer QMP"
+        cli("run", "--qemu", str(hang), "--out", str(tmp_path / "run"), env=env),
+        "did not answer QMP",
     )
 
 
@@ -101,46 +111,57 @@ def test_models_matching_nothing(tmp_path: Path) -> None:
     assert "Haswell" in line
 
 
-def test_bad_smp_and_jobs(tmp_path: Path) -> None:
-    assert_refused(cli("run", "--qemu", qemu_path(), "--smp", "two"), "--smp")
-    assert_refused(cli("run", "--qemu", qemu_path(), "--jobs", "0"), "--jobs")
-    assert_refused(cli("run", "--accel", "hvf"), "--accel")
+def test_bad_smp_and_jobs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert_refused(in_process(capsys, "run", "--qemu", qemu_path(), "--smp", "two"), "--smp")
+    assert_refused(in_process(capsys, "run", "--qemu", qemu_path(), "--jobs", "0"), "--jobs")
+    assert_refused(in_process(capsys, "run", "--accel", "hvf"), "--accel")
 
 
-def test_export_of_missing_folder(tmp_path: Path) -> None:
-    assert_refused(cli("export", str(tmp_path / "nothing"), "--csv"), "not a run folder")
+def test_export_of_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert_refused(
+        in_process(capsys, "export", str(tmp_path / "nothing"), "--csv"), "not a run folder"
+    )
 
 
-def test_export_of_folder_without_manifest(tmp_path: Path) -> None:
-    assert_refused(cli("export", str(tmp_path), "--csv"), "manifest.json is missing")
+def test_export_of_folder_without_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert_refused(in_process(capsys, "export", str(tmp_path), "--csv"), "manifest.json is missing")
 
 
-def test_export_of_corrupted_manifest(tmp_path: Path) -> None:
+def test_export_of_corrupted_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "manifest.json").write_text('{"schema": 1, "compl')
-    assert_refused(cli("export", str(tmp_path), "--csv"), "corrupted")
+    assert_refused(in_process(capsys, "export", str(tmp_path), "--csv"), "corrupted")
 
 
-def test_export_of_newer_schema(tmp_path: Path) -> None:
+def test_export_of_newer_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": 99}))
-    assert_refused(cli("export", str(tmp_path), "--csv"), "schema 99")
+    assert_refused(in_process(capsys, "export", str(tmp_path), "--csv"), "schema 99")
 
 
-def test_export_with_corrupted_cells(small_run: Path, tmp_path: Path) -> None:
+def test_export_with_corrupted_cells(
+    small_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     copy = tmp_path / "copy"
     copy.mkdir()
     (copy / "manifest.json").write_bytes((small_run / "manifest.json").read_bytes())
     (copy / "cells.parquet").write_bytes(b"PAR1 not really")
-    assert_refused(cli("export", str(copy), "--csv"), "corrupted")
+    assert_refused(in_process(capsys, "export", str(copy), "--csv"), "corrupted")
     assert not (copy / "cells.csv").exists()
 
 
-def test_resume_of_missing_folder(tmp_path: Path) -> None:
-    assert_refused(cli("run", "--resume", str(tmp_path / "gone")), "not a run folder")
-
-
-def test_run_into_existing_run_is_refused(small_run: Path) -> None:
+def test_resume_of_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert_refused(
-        cli(
+        in_process(capsys, "run", "--resume", str(tmp_path / "gone")), "not a run folder"
+    )
+
+
+def test_run_into_existing_run_is_refused(
+    small_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert_refused(
+        in_process(
+            capsys,
             "run",
             "--qemu",
             qemu_path(),
@@ -155,8 +176,8 @@ def test_run_into_existing_run_is_refused(small_run: Path) -> None:
     )
 
 
-def test_unknown_subcommand() -> None:
-    assert_refused(cli("frobnicate"))
+def test_unknown_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    assert_refused(in_process(capsys, "frobnicate"))
 
 
 def test_cpu_flags_starting_with_a_dash_parse_as_typed(tmp_path: Path) -> None:

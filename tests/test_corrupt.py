@@ -27,7 +27,7 @@ import pytest
 from qmpprobe.cli import main
 from qmpprobe.nightly import previous_run
 
-from conftest import REPO, cli, qemu_path
+from conftest import REPO, cli, in_process, learned_cache, qemu_path
 
 #: explain needs a machine type and the newest of its family: q35's newest is in the small plan.
 EXPLAIN = "pc-q35-7.2"
@@ -300,9 +300,11 @@ def test_corrupted_folder_is_refused_by_every_reader(
     "case",
     ["manifest-garbage", "manifest-no-machines", "manifest-counts-as-text", "manifest-no-accel"],
 )
-def test_resume_refuses_a_corrupted_manifest(case: str, clean: Path, tmp_path: Path) -> None:
+def test_resume_refuses_a_corrupted_manifest(
+    case: str, clean: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run, file = damaged(clean, tmp_path, case)
-    proc = cli("run", "--resume", str(run), "--no-cache")
+    proc = in_process(capsys, "run", "--resume", str(run), "--no-cache")
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert str(file) in line and "Traceback" not in proc.stderr
@@ -406,14 +408,19 @@ PLAN = (
 )
 
 
+@pytest.mark.slow
 def test_resume_probes_corrupted_journal_entries_again(tmp_path: Path) -> None:
-    env = {**os.environ, "QMPPROBE_CACHE": "off"}
+    # No shared journal for either run (a cache of its own each, only the learned features):
+    # what the resume does not take from its folder it probes.
+    def env() -> dict[str, str]:
+        return {**os.environ, "QMPPROBE_CACHE": learned_cache(tmp_path)}
+
     clean = tmp_path / "clean"
-    cli("run", "--qemu", qemu_path(), "--out", str(clean), *PLAN, env=env, check=True)
+    cli("run", "--qemu", qemu_path(), "--out", str(clean), *PLAN, env=env(), check=True)
     run = tmp_path / "resumed"
     shutil.copytree(clean, run)
     damage_journal(run / "raw")
-    proc = cli("run", "--resume", str(run), "--no-progress", env=env)
+    proc = cli("run", "--resume", str(run), "--no-progress", "--no-report", env=env())
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     pd.testing.assert_frame_equal(cells_of(run), cells_of(clean))
     pd.testing.assert_frame_equal(combos_of(run), combos_of(clean))
@@ -423,6 +430,7 @@ def test_resume_probes_corrupted_journal_entries_again(tmp_path: Path) -> None:
         assert (rec["machine"], f"{rec['model']}.json.gz") == (path.parent.name, path.name)
 
 
+@pytest.mark.slow
 def test_corrupted_cache_entries_are_probed_again(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     env = {**os.environ, "QMPPROBE_CACHE": str(cache)}
@@ -465,6 +473,7 @@ def nightly(root: Path, date: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_nightly_without_a_verdict_is_not_a_pass(tmp_path: Path) -> None:
     """A nightly whose diff against the previous night is refused exits 2, not 0."""
     root = tmp_path / "nightly"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import REPO, cli, qemu_path, run_folder
+from conftest import REPO, cli, in_process, learned_cache, manifest, qemu_path, run_folder
 
 PATCHED = str(REPO / "tests" / "patches" / "qemu-patched")
 MACHINES = "pc-i440fx-2.2,pc-i440fx-2.3,pc-i440fx-7.2,pc-q35-7.1,pc-q35-7.2,isapc"
@@ -18,32 +19,42 @@ PLAN = ("--machines", MACHINES, "--models", "Haswell,qemu64", "--no-report")
 GLOBAL = "Haswell-x86_64-cpu.stepping=9"
 
 
+def patched_env(machines: str = "") -> dict[str, str]:
+    return {"PATCH_QEMU": qemu_path(), "PATCH_GLOBAL": GLOBAL, "PATCH_MACHINES": machines}
+
+
 def patched_run(tmp: Path, machines: str = "") -> Path:
-    env = {
-        **os.environ,
-        "PATCH_QEMU": qemu_path(),
-        "PATCH_GLOBAL": GLOBAL,
-        "PATCH_MACHINES": machines,
-    }
+    patch = patched_env(machines)
+    # The patch lives in the environment, which the journal key does not see: a cache of the
+    # run's own, with only what discovery learned.
+    env = {**os.environ, **patch, "QMPPROBE_CACHE": learned_cache(tmp, PATCHED, patch)}
     out = tmp / "run"
-    # The patch lives in the environment, which the fingerprint does not see: no cache.
-    cli("run", "--qemu", PATCHED, "--out", str(out), *PLAN, "--no-cache", env=env, check=True)
+    cli("run", "--qemu", PATCHED, "--out", str(out), *PLAN, env=env, check=True)
+    assert manifest(out).get("from_cache", 0) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_folder(tmp_path_factory.mktemp("baseline"), *PLAN)
+def baseline(real_runs: Callable[..., Path]) -> Path:
+    return real_runs(*PLAN)
+
+
+@pytest.fixture(scope="module")
+def forgotten(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A candidate whose patch forgot its compat entry: every machine type changes (the
+    tests only read it)."""
+    return patched_run(tmp_path_factory.mktemp("forgotten"))
 
 
 def diff_csv(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / "diff.csv", keep_default_na=False, dtype=str)
 
 
+@pytest.mark.slow
 def test_forgotten_compat_entry_breaks_every_shipped_machine_type(
-    baseline: Path, tmp_path: Path
+    baseline: Path, forgotten: Path, tmp_path: Path
 ) -> None:
-    candidate = patched_run(tmp_path)
+    candidate = forgotten
     out = tmp_path / "diff"
     done = cli("diff", str(baseline), str(candidate), "--out", str(out))
     assert done.returncode == 1, done.stderr
@@ -60,6 +71,7 @@ def test_forgotten_compat_entry_breaks_every_shipped_machine_type(
         assert "abi-change" in (out / name).read_text()
 
 
+@pytest.mark.slow
 def test_change_on_the_newest_machine_types_only(baseline: Path, tmp_path: Path) -> None:
     candidate = patched_run(tmp_path, "pc-i440fx-7.2,pc-q35-7.2")
     out = tmp_path / "diff"
@@ -83,6 +95,7 @@ def test_change_on_the_newest_machine_types_only(baseline: Path, tmp_path: Path)
     assert set(diff_csv(out)["kind"]) == {"unshipped-change"}
 
 
+@pytest.mark.slow
 def test_identical_binary_has_no_rows(baseline: Path, tmp_path: Path) -> None:
     again = run_folder(tmp_path, *PLAN)
     out = tmp_path / "diff"
@@ -91,8 +104,11 @@ def test_identical_binary_has_no_rows(baseline: Path, tmp_path: Path) -> None:
     assert diff_csv(out).empty
 
 
-def test_accepted_changes_keep_the_check_green(baseline: Path, tmp_path: Path) -> None:
-    candidate = patched_run(tmp_path)
+@pytest.mark.slow
+def test_accepted_changes_keep_the_check_green(
+    baseline: Path, forgotten: Path, tmp_path: Path
+) -> None:
+    candidate = forgotten
     accept = tmp_path / "accepted.csv"
     accept.write_text(
         "kind,accel,machine,model,prop,old,new\n"
@@ -105,9 +121,10 @@ def test_accepted_changes_keep_the_check_green(baseline: Path, tmp_path: Path) -
     assert set(diff_csv(out)["kind"]) == {"accepted"}
 
 
-def test_runs_of_other_topologies_are_refused(baseline: Path, tmp_path: Path) -> None:
-    smp2 = run_folder(tmp_path, *PLAN, "--smp", "2")
-    done = cli("diff", str(baseline), str(smp2), "--out", str(tmp_path / "d"))
+def test_runs_of_other_topologies_are_refused(
+    baseline: Path, smp2_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    done = in_process(capsys, "diff", str(baseline), str(smp2_run), "--out", str(tmp_path / "d"))
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "qmpprobe: cannot compare -smp 1,sockets=1,cores=1,threads=1 "
@@ -116,14 +133,18 @@ def test_runs_of_other_topologies_are_refused(baseline: Path, tmp_path: Path) ->
     assert not (tmp_path / "d").exists()
 
 
-def test_diff_of_a_broken_folder_is_refused(baseline: Path, tmp_path: Path) -> None:
-    assert cli("diff", str(baseline), str(tmp_path / "missing")).returncode == 2
+def test_diff_of_a_broken_folder_is_refused(
+    baseline: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert in_process(capsys, "diff", str(baseline), str(tmp_path / "missing")).returncode == 2
     (tmp_path / "manifest.json").write_text("{")
-    assert cli("diff", str(tmp_path), str(baseline)).returncode == 2
+    assert in_process(capsys, "diff", str(tmp_path), str(baseline)).returncode == 2
 
 
+@pytest.mark.slow
 def test_check_probes_both_and_fails_on_a_break(tmp_path: Path) -> None:
-    env = {**os.environ, "PATCH_QEMU": qemu_path(), "PATCH_GLOBAL": GLOBAL, "PATCH_MACHINES": ""}
+    patch = patched_env()
+    env = {**os.environ, **patch, "QMPPROBE_CACHE": learned_cache(tmp_path, PATCHED, patch)}
     out = tmp_path / "check"
     done = cli(
         "check",
@@ -137,7 +158,6 @@ def test_check_probes_both_and_fails_on_a_break(tmp_path: Path) -> None:
         "Haswell",
         "--out",
         str(out),
-        "--no-cache",
         env=env,
     )
     assert done.returncode == 1, done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -10,13 +11,20 @@ import pytest
 
 from qmpprobe.analysis import drift
 
-from conftest import SMALL_MACHINES, SMALL_MODELS, cli, fetched, manifest, qemu_path, run_folder
+from conftest import (
+    SMALL_MACHINES,
+    SMALL_MODELS,
+    cli,
+    fetched,
+    in_process,
+    manifest,
+    qemu_path,
+)
 
 
 @pytest.fixture(scope="module")
-def expanded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_folder(
-        tmp_path_factory.mktemp("expand"),
+def expanded(real_runs: Callable[..., Path]) -> Path:
+    return real_runs(
         "--mode",
         "expand",
         "--machines",
@@ -140,8 +148,9 @@ def test_expand_equals_exact_with_cpu_flags(tmp_path: Path, version: str) -> Non
     }
 
 
-def test_expand_refuses_several_cpus(tmp_path: Path) -> None:
-    done = cli(
+def test_expand_refuses_several_cpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    done = in_process(
+        capsys,
         "run",
         "--qemu",
         qemu_path(),

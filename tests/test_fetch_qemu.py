@@ -164,6 +164,7 @@ def test_bad_version_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2 and done.stderr.startswith("fetch-qemu: usage:"), done.stderr
 
 
+@pytest.mark.slow
 def test_fetch_in_a_hostile_checkout_runs_qemu_and_nothing_else(tmp_path: Path) -> None:
     try:
         fetch_in_a_hostile_checkout(tmp_path)

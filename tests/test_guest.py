@@ -88,10 +88,11 @@ def test_l3_cache_shows_in_leaves_2_4_and_0x80000006(l3_run: Path) -> None:
     assert "EAX[7:5] cache level 0 → 3" in report
 
 
+@pytest.mark.slow
 def test_topology_shows_in_leaf_1_ebx(tmp_path: Path) -> None:
     plan = ("--machines", "pc-q35-7.2", "--models", "qemu64")
-    one = _cells(_run(tmp_path, "smp1", *plan, "--smp", "1"))
-    two = _cells(_run(tmp_path, "smp2", *plan, "--smp", "2,sockets=1,cores=2"))
+    one = _cells(_run(tmp_path, "smp1", *plan, "--smp", "1", "--no-report"))
+    two = _cells(_run(tmp_path, "smp2", *plan, "--smp", "2,sockets=1,cores=2", "--no-report"))
     prop = cell_name("real", 1, 0, "ebx")
     a = int(_value(one, "pc-q35-7.2", "qemu64", prop))
     b = int(_value(two, "pc-q35-7.2", "qemu64", prop))
@@ -100,6 +101,7 @@ def test_topology_shows_in_leaf_1_ebx(tmp_path: Path) -> None:
     assert manifest(tmp_path / "smp2")["topology"] == "2,sockets=1,cores=2"
 
 
+@pytest.mark.slow
 def test_a_guest_that_hangs_is_a_timeout_naming_the_step(tmp_path: Path) -> None:
     # QEMU 7.2-11.1 under TCG: Opteron_G4 hangs when the firmware sets CR4.OSXSAVE.
     run = _run(tmp_path, "g4", "--machines", "pc-q35-7.2", "--models", "Opteron_G4,qemu64")
@@ -107,8 +109,10 @@ def test_a_guest_that_hangs_is_a_timeout_naming_the_step(tmp_path: Path) -> None
     assert combos.loc["qemu64", "status"] == "ok"
     g4 = combos.loc["Opteron_G4"]
     assert g4["status"] == "timeout" and g4["attempts"] == 1, g4.to_dict()
+    # Ended by the guest's own watchdog (no progress), not by the 30 s QMP timeout: no
+    # wall-clock bound asserted here (the machine may be busy).
     assert "no progress" in g4["error"] and "step 'osxsave'" in g4["error"]
-    assert float(g4["seconds"]) < 15
+    assert "no answer within" not in g4["error"]
     assert "Opteron_G4" in (run / "report.md").read_text().split("## Failures")[1]
     assert not owned_pids(manifest(run)["run_id"]), "a QEMU outlived the run"
 
@@ -135,6 +139,7 @@ def test_decode_names_changed_fields() -> None:
     assert text == "0x800 → 0x20800 (EBX[23:16] logical processors 0 → 2)"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(kvm_usable() is not None, reason=f"no KVM: {kvm_usable()}")
 def test_guest_cpuid_under_kvm(tmp_path: Path) -> None:
     # Under KVM the CPU walks the page tables and sets descriptor accessed bits itself: the
@@ -153,10 +158,11 @@ def test_guest_cpuid_under_kvm(tmp_path: Path) -> None:
     assert ebx >> 16 & 0xFF == 2
 
 
+@pytest.mark.slow
 def test_a_cpu_whose_level_is_below_7_dumps_whole(tmp_path: Path) -> None:
     # qemu64 on pc-i440fx-2.2 has level 4: leaf 7 read there answers as leaf 4 (whose ECX has
     # bit 3, PKU's), so the firmware once set CR4.PKE and hung at step 'pke' every time.
-    run = _run(tmp_path, "old", "--machines", "pc-i440fx-2.2", "--models", "qemu64")
+    run = _run(tmp_path, "old", "--machines", "pc-i440fx-2.2", "--models", "qemu64", "--no-report")
     combos = pd.read_csv(run / "combos.csv", keep_default_na=False)
     assert combos.status.tolist() == ["ok"], combos.error.tolist()
     cells = _cells(run)

@@ -17,7 +17,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import FAULTS, REPO, cli, manifest, qemu_path
+from conftest import FAULTS, REPO, cli, in_process, learned_cache, manifest, qemu_path
+
+#: A run (or two) per hostile QEMU or wrapper: the full run only.
+pytestmark = pytest.mark.slow
 
 MACHINES, MODELS, STRUCK = "pc-i440fx-2.3,pc-q35-7.2", "qemu64,Haswell", "pc-i440fx-2.3"
 
@@ -47,14 +50,17 @@ def wait_gone(token: str, seconds: float = 30) -> list[int]:
     return left
 
 
-def fault_env(tmp: Path, mode: str, match: str, **more: str) -> dict[str, str]:
+def fault_env(tmp: Path, mode: str, match: str, learn: bool = False, **more: str) -> dict[str, str]:
+    """The proxy's fault, and a cache of the test's own: with only what discovery learned of
+    the proxy (its journal empty), or (`learn`) nothing at all."""
     token = f"qmpprobe-test-{uuid.uuid4().hex}"
+    cache = str(tmp / "cache") if learn else learned_cache(tmp, str(FAULTS / "qmp-proxy"))
     return {
         **os.environ,
         "FAULT_QEMU": qemu_path(),
         "FAULT_MODE": mode,
         "FAULT_MATCH": match,
-        "QMPPROBE_CACHE": str(tmp / "cache"),
+        "QMPPROBE_CACHE": cache,
         "TEST_TOKEN": token,
         **more,
     }
@@ -86,7 +92,12 @@ def one_clear_line(stderr: str) -> str:
 def test_malformed_answer_while_learning_ends_cleanly(tmp_path: Path) -> None:
     # Seen: query-cpus-fast without qom-path in a learning QEMU hung qmpprobe for good.
     env = fault_env(
-        tmp_path, "rewrite", "base", FAULT_COMMAND="query-cpus-fast", FAULT_EDIT="drop:qom-path"
+        tmp_path,
+        "rewrite",
+        "base",
+        learn=True,
+        FAULT_COMMAND="query-cpus-fast",
+        FAULT_EDIT="drop:qom-path",
     )
     done = cli(*plan_args(tmp_path / "run", str(FAULTS / "qmp-proxy")), env=env, timeout=300)
     assert done.returncode == 2, done.stderr
@@ -131,7 +142,9 @@ def test_a_flood_of_events_before_each_answer_changes_nothing(tmp_path: Path) ->
     assert done.returncode == 0, done.stderr
     combos = pd.read_csv(tmp_path / "flood" / "combos.csv", keep_default_na=False)
     assert (combos.status == "ok").all(), combos
-    clean = cli(*plan_args(tmp_path / "clean", qemu_path()), env={**env, "QMPPROBE_CACHE": "off"})
+    # Probed afresh as well: a cache of its own (only the learned features).
+    env = {**env, "QMPPROBE_CACHE": learned_cache(tmp_path)}
+    clean = cli(*plan_args(tmp_path / "clean", qemu_path()), env=env)
     assert clean.returncode == 0, clean.stderr
     a = pd.read_parquet(tmp_path / "flood" / "cells.parquet").astype(str)
     b = pd.read_parquet(tmp_path / "clean" / "cells.parquet").astype(str)
@@ -156,7 +169,9 @@ def test_kill_from_outside_is_retried_and_never_reused(tmp_path: Path) -> None:
     assert (combos.status == "ok").all(), combos
 
 
-def start_run(out: Path, qemu: str, env: dict[str, str]) -> subprocess.Popen[str]:
+def start_run(
+    out: Path, qemu: str, env: dict[str, str], machines: str = "pc-i440fx-*"
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -168,7 +183,7 @@ def start_run(out: Path, qemu: str, env: dict[str, str]) -> subprocess.Popen[str
             "--out",
             str(out),
             "--machines",
-            "pc-i440fx-*",
+            machines,
             "--models",
             "qemu64,Haswell,EPYC,max",
             "--no-report",
@@ -231,8 +246,10 @@ def test_a_wrapper_in_its_own_session_leaves_nothing_after_a_run(tmp_path: Path,
 
 
 def test_resume_of_a_running_run_is_refused_and_harms_nothing(tmp_path: Path) -> None:
+    # 52 combos at --jobs 2, all probed by this run: still running long after the 4th record.
     out = tmp_path / "run"
-    proc = start_run(out, qemu_path(), {**os.environ, "QMPPROBE_CACHE": "off"})
+    env = {**os.environ, "QMPPROBE_CACHE": learned_cache(tmp_path)}
+    proc = start_run(out, qemu_path(), env, "pc-i440fx-2.*")
     wait_for_records(out, 4, proc)
     second = cli("run", "--resume", str(out), "--no-cache")
     assert second.returncode == 2, second.stderr
@@ -244,11 +261,13 @@ def test_resume_of_a_running_run_is_refused_and_harms_nothing(tmp_path: Path) ->
     assert manifest(out)["complete"] is True
 
 
-def test_out_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+def test_out_refuses_a_folder_that_is_not_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "combos.csv").write_text("my own data\n")
-    done = cli(*plan_args(mine, qemu_path()))
+    done = in_process(capsys, *plan_args(mine, qemu_path()))
     assert done.returncode == 2
     assert "not a qmpprobe run" in one_clear_line(done.stderr)
     assert (mine / "combos.csv").read_text() == "my own data\n"

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 from collections import Counter
+from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from qmpprobe.nightly import write_index
 from qmpprobe.store import csvfile
 from qmpprobe.store.folder import RunFolder
 
-from conftest import HEADLESS, chromium, cli, run_folder
+from conftest import HEADLESS, chromium, cli, in_process, run_folder
 
 # Each one sets the title or the body's id when it runs; each fits QEMU's 48-byte model-id.
 SCRIPT = "<script>document.title='pwned'</script>"
@@ -71,8 +72,8 @@ FOREIGN = ("svg", "u", "i", "b", "iframe", "object", "embed")
 
 # -- runs ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_folder(tmp_path_factory.mktemp("plain"), "--machines", MACHINES, "--models", MODELS)
+def plain(real_runs: Callable[..., Path]) -> Path:
+    return real_runs("--machines", MACHINES, "--models", MODELS)
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +147,13 @@ def crafted(plain: Path, hostile: Path, tmp_path_factory: pytest.TempPathFactory
     tmp = tmp_path_factory.mktemp("crafted")
     a, _ = craft(plain, tmp / "a")
     b, combos_b = craft(hostile, tmp / "b")
+    # Readers of run folders only: asked in this process.
     for run in (a, b):
-        cli("report", str(run), check=True)
-        cli("export", str(run), "--csv", check=True)
+        for argv in (["report", str(run)], ["export", str(run), "--csv"]):
+            done = in_process(None, *argv)
+            assert done.returncode == 0, (argv, done.stderr)
     diff = tmp / "diff"
-    done = cli("diff", str(a), str(b), "--out", str(diff))
+    done = in_process(None, "diff", str(a), str(b), "--out", str(diff))
     assert done.returncode == 1, done.stderr  # model-id and vendor of shipped types changed
     return {"a": a, "b": b, "combos_b": combos_b, "diff": diff}
 
@@ -158,7 +161,7 @@ def crafted(plain: Path, hostile: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="module")
 def real_diff(plain: Path, hostile: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("real-diff") / "diff"
-    done = cli("diff", str(plain), str(hostile), "--out", str(out))
+    done = in_process(None, "diff", str(plain), str(hostile), "--out", str(out))
     assert done.returncode == 1, done.stderr
     return out
 

@@ -7,16 +7,27 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import FAULTS, REPO, cli, manifest, owned_pids, qemu_path, run_folder
+from conftest import FAULTS, REPO, cli, learned_cache, manifest, owned_pids, qemu_path
 
-#: Big enough to interrupt in the middle, small enough to finish quickly.
+#: Runs stopped and resumed, hung QEMUs: the full run only.
+pytestmark = pytest.mark.slow
+
+#: Big enough to interrupt in the middle (78 combos, and calibration combos outside the
+#: plan), small enough to finish quickly.
 MACHINES = "pc-i440fx-2.*"
-MODELS = "Haswell*,qemu64,EPYC*"
+MODELS = "Haswell,Haswell-v[1-3],qemu64,EPYC"
+
+
+def fresh(tmp: Path, qemu: str | None = None, env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (or this one) with a cache of its own that has only what discovery learned: every
+    combo is probed by the run itself, without learning the features again."""
+    return {**(env or os.environ), "QMPPROBE_CACHE": learned_cache(tmp, qemu)}
 
 
 def start_run(
@@ -32,7 +43,7 @@ def start_run(
         MACHINES,
         "--models",
         MODELS,
-        "--no-cache",
+        "--no-report",
     ]
     return subprocess.Popen(
         [sys.executable, "-m", "qmpprobe", *argv],
@@ -40,8 +51,13 @@ def start_run(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=fresh(out.parent, qemu, env),
     )
+
+
+def resume(out: Path) -> subprocess.CompletedProcess[str]:
+    """Finish `out` with an empty journal cache of its own: what is pending is probed now."""
+    return cli("run", "--resume", str(out), "--no-report", env=fresh(out.parent), check=True)
 
 
 def wait_for_records(out: Path, n: int, proc: subprocess.Popen[str], limit: float = 120) -> None:
@@ -54,7 +70,9 @@ def wait_for_records(out: Path, n: int, proc: subprocess.Popen[str], limit: floa
     raise AssertionError(f"fewer than {n} combos probed in {limit}s")
 
 
-def wait_gone(run_id: str, limit: float = 5.0) -> list[int]:
+def wait_gone(run_id: str, limit: float = 30.0) -> list[int]:
+    """Wait (generously: the machine may be busy; it returns as soon as all are gone) until
+    no process carries the run's marker; those still there."""
     deadline = time.monotonic() + limit
     while (left := owned_pids(run_id)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -67,8 +85,8 @@ def sorted_cells(run: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_folder(tmp_path_factory.mktemp("whole"), "--machines", MACHINES, "--models", MODELS)
+def uninterrupted(real_runs: Callable[..., Path]) -> Path:
+    return real_runs("--machines", MACHINES, "--models", MODELS, "--no-report")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -83,7 +101,7 @@ def test_signal_stops_cleanly_and_resume_finishes(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 3, err
     assert err.strip().splitlines()[-1].startswith("qmpprobe: interrupted")
-    assert not wait_gone(run_id, 1.0), "QEMU left running after the signal"
+    assert not wait_gone(run_id), "QEMU left running after the signal"
     m = manifest(out)
     assert m["complete"] is False
     # Some of the 40 journal entries are calibration combos outside the plan.
@@ -96,7 +114,7 @@ def test_signal_stops_cleanly_and_resume_finishes(
     # Incomplete runs are refused by readers that need a whole run.
     assert cli("export", str(out), "--csv").returncode == 0
 
-    done = cli("run", "--resume", str(out), "--no-cache", check=True)
+    done = resume(out)
     assert "complete" in done.stdout
     m2 = manifest(out)
     assert m2["complete"] is True and m2["counts"]["pending"] == 0
@@ -117,7 +135,7 @@ def test_sigkill_leaves_no_qemu_and_resume_finishes(tmp_path: Path, uninterrupte
     proc.communicate(timeout=30)
     assert not wait_gone(run_id), "QEMU survived SIGKILL of qmpprobe"
     assert manifest(out)["complete"] is False
-    cli("run", "--resume", str(out), "--no-cache", check=True)
+    resume(out)
     assert manifest(out)["complete"] is True
     pd.testing.assert_frame_equal(sorted_cells(out), sorted_cells(uninterrupted))
 
@@ -139,6 +157,11 @@ def test_sigkill_with_a_wrapper_that_forks_qemu(tmp_path: Path) -> None:
 
 
 def test_hung_qemu_times_out_after_a_retry(tmp_path: Path) -> None:
+    # Only combos whose QEMU really hangs get the short timeout: every QEMU of the plan is on
+    # the struck machine type (so is the one asked for its definitions afterwards), and
+    # --read qom-get needs no calibration combo. The preflight QEMU (default combo) is
+    # healthy, but one that does not greet in time only lets the run go on. That one hung
+    # combo leaves the others of its run ok: test_faults (with the default timeout).
     out = tmp_path / "run"
     done = cli(
         "run",
@@ -147,19 +170,21 @@ def test_hung_qemu_times_out_after_a_retry(tmp_path: Path) -> None:
         "--out",
         str(out),
         "--machines",
-        "pc-i440fx-2.3,pc-q35-7.2",
+        "pc-i440fx-2.3",
         "--models",
         "qemu64,Haswell",
+        "--read",
+        "qom-get",
         "--timeout",
         "1.5",
-        env=fault_env("hang", "pc-i440fx-2.3"),
+        "--no-report",
+        env=fresh(tmp_path, str(FAULTS / "qemu-fault"), fault_env("hang", "pc-i440fx-2.3")),
     )
     assert done.returncode == 0, done.stderr
     combos = pd.read_csv(out / "combos.csv", keep_default_na=False)
-    hung = combos[combos.machine == "pc-i440fx-2.3"]
-    assert (hung.status == "timeout").all()
-    assert (hung.attempts == 2).all()
-    assert (hung.seconds >= 3.0).all()
-    assert hung.error.str.contains("no answer within 1.5 s").all()
-    assert (combos[combos.machine == "pc-q35-7.2"].status == "ok").all()
+    assert len(combos) == 2
+    assert (combos.status == "timeout").all()
+    assert (combos.attempts == 2).all()
+    assert (combos.seconds >= 3.0).all()
+    assert combos.error.str.contains("no answer within 1.5 s").all()
     assert not owned_pids(manifest(out)["run_id"])

@@ -13,6 +13,7 @@ from qmpprobe.core.host import kvm_usable
 from conftest import cli, json_text, manifest, qemu_path, qom_read_all
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.kvm,
     pytest.mark.skipif(kvm_usable() is not None, reason=f"no KVM: {kvm_usable()}"),
 ]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import HEADLESS, REPO, chromium, cli, run_folder
+from conftest import HEADLESS, REPO, chromium, in_process
 
 MACHINES = "pc-i440fx-2.2,pc-i440fx-2.3,pc-i440fx-2.4,pc-i440fx-2.7,pc-i440fx-2.8,pc-q35-7.*,isapc"
 MODELS = "Haswell,Haswell-v1,qemu64,EPYC,max,Skylake-Client,Opteron_G3"
@@ -18,8 +19,8 @@ ARTIFACTS = REPO / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
-def reported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = run_folder(tmp_path_factory.mktemp("report"), "--machines", MACHINES, "--models", MODELS)
+def reported(real_runs: Callable[..., Path]) -> Path:
+    out = real_runs("--machines", MACHINES, "--models", MODELS)
     assert (out / "report.html").exists()
     return out
 
@@ -110,14 +111,16 @@ def test_markdown_report(reported: Path) -> None:
     assert re.search(r"\d+ \(0x[0-9a-f]+\)", md), "integers also in hex"
 
 
-def test_report_refuses_incomplete_and_missing_runs(tmp_path: Path, reported: Path) -> None:
+def test_report_refuses_incomplete_and_missing_runs(
+    tmp_path: Path, reported: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     partial = tmp_path / "partial"
     shutil.copytree(reported, partial)
     text = (partial / "manifest.json").read_text().replace('"complete": true', '"complete": false')
     (partial / "manifest.json").write_text(text)
-    done = cli("report", str(partial))
+    done = in_process(capsys, "report", str(partial))
     assert done.returncode == 2 and "incomplete run" in done.stderr
-    assert cli("report", str(tmp_path / "none")).returncode == 2
+    assert in_process(capsys, "report", str(tmp_path / "none")).returncode == 2
 
 
 def test_html_report_in_headless_chromium(reported: Path, tmp_path: Path) -> None:

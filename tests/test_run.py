@@ -251,6 +251,7 @@ def test_cpu_flags_and_globals_pass_through(tmp_path: Path) -> None:
         "+avx,-sse4.2",
         "--global",
         "qemu64-x86_64-cpu.model-id=Patched",
+        "--no-report",
         check=True,
     )
     m = manifest(out)
@@ -264,6 +265,7 @@ def test_cpu_flags_and_globals_pass_through(tmp_path: Path) -> None:
     assert cell(cells, "pc-q35-7.2", "Haswell", "model-id") != "Patched"
 
 
+@pytest.mark.slow  # --no-cache learns again
 def test_cached_rerun_gives_identical_files(small_run: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     cli(
