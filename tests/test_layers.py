@@ -35,8 +35,18 @@ ALLOWED = {
 }
 #: Imports the command line may make at all: it parses and prints.
 CLI_STDLIB = {
-    "argparse", "contextlib", "json", "signal", "sys", "collections", "typing",
-    "datetime", "pathlib", "tempfile", "traceback", "__future__",
+    "argparse",
+    "contextlib",
+    "json",
+    "signal",
+    "sys",
+    "collections",
+    "typing",
+    "datetime",
+    "pathlib",
+    "tempfile",
+    "traceback",
+    "__future__",
 }
 
 
