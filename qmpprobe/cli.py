@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--run", metavar="RUN", help="a run with MACHINE and its family's newest")
     _probe_args(x)
     x.add_argument("--smp", default="1", help="topology when probing (no --run)")
-    x.add_argument("--model", help="models (names or globs; default: all)")
+    x.add_argument(
+        "--models", "--model", dest="model", help="models (names or globs; default: all)"
+    )
     x.add_argument(
         "--as-globals",
         action="store_true",
