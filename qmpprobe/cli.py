@@ -262,12 +262,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from qmpprobe.run import lifecycle
 
     out = Path(args.out or f"results/check-{_stamp()}")
-    sides = [
-        _options(args, qemu=qemu, out=str(out / side), progress=is_terminal())
-        for side, qemu in (("baseline", args.baseline), ("candidate", args.candidate))
-    ]
-    for outcome in lifecycle.check(sides):
-        print(lifecycle.summary(outcome))
+    progress = is_terminal()
+    baseline = _options(args, qemu=args.baseline, out=str(out / "baseline"), progress=progress)
+    candidate = _options(args, qemu=args.candidate, out=str(out / "candidate"), progress=progress)
+    lifecycle.check([baseline, candidate], lambda outcome: print(lifecycle.summary(outcome)))
     return _diff_and_write(str(out / "baseline"), str(out / "candidate"), args, str(out))
 
 

@@ -160,8 +160,8 @@ def test_hung_qemu_times_out_after_a_retry(tmp_path: Path) -> None:
     # Only combos whose QEMU really hangs get the short timeout: every QEMU of the plan is on
     # the struck machine type (so is the one asked for its definitions afterwards), and
     # --read qom-get needs no calibration combo. The preflight QEMU (default combo) is
-    # healthy, but one that does not greet in time only lets the run go on. That one hung
-    # combo leaves the others of its run ok: test_faults (with the default timeout).
+    # healthy, but one that does not greet in time only lets the run go on. That a hung
+    # combo leaves the others of its run ok: the next test.
     out = tmp_path / "run"
     done = cli(
         "run",
@@ -187,4 +187,26 @@ def test_hung_qemu_times_out_after_a_retry(tmp_path: Path) -> None:
     assert (combos.attempts == 2).all()
     assert (combos.seconds >= 3.0).all()
     assert combos.error.str.contains("no answer within 1.5 s").all()
+    assert not owned_pids(manifest(out)["run_id"])
+
+
+@pytest.mark.slow
+def test_a_hung_combo_leaves_the_others_of_its_run_ok(tmp_path: Path) -> None:
+    # Haswell's QEMUs hang; qemu64's, on the same machine types, are healthy and get 20 s
+    # (a healthy combo takes well under 1 s here, so no load can make it miss): each hung
+    # combo times out after a retry, every other one is ok, none is left running.
+    out = tmp_path / "run"
+    done = cli(
+        "run", "--qemu", str(FAULTS / "qemu-fault"), "--out", str(out),
+        "--machines", "pc-i440fx-2.3,pc-q35-7.2", "--models", "qemu64,Haswell",
+        "--read", "qom-get", "--timeout", "20", "--no-report",
+        env=fresh(tmp_path, str(FAULTS / "qemu-fault"), fault_env("hang", "Haswell")),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    combos = pd.read_csv(out / "combos.csv", keep_default_na=False)
+    hung, healthy = combos[combos.model == "Haswell"], combos[combos.model == "qemu64"]
+    assert len(hung) == len(healthy) == 2
+    assert (hung.status == "timeout").all() and (hung.attempts == 2).all()
+    assert hung.error.str.contains("no answer within 20 s").all()
+    assert (healthy.status == "ok").all(), healthy
     assert not owned_pids(manifest(out)["run_id"])

@@ -49,8 +49,14 @@ def launch_options(options: RunOptions, firmware: bool = True) -> LaunchOptions:
 
 async def discover_qemu(launch: LaunchOptions, use_cache: bool = True) -> Discovery:
     """Discovery, with the feature learning of the same QEMU files from the shared cache."""
-    learned = Learned(partial(cache.load, "features"), partial(cache.save, "features"))
-    return await discover(launch, learned if use_cache else None)
+    # Without the cache, nothing learned earlier is read; what is learned now is still kept
+    # for later runs (it depends only on the QEMU files).
+    load = partial(cache.load, "features") if use_cache else _nothing
+    return await discover(launch, Learned(load, partial(cache.save, "features")))
+
+
+def _nothing(key: str) -> None:
+    return None
 
 
 @dataclass
@@ -269,12 +275,14 @@ def discover_only(options: RunOptions) -> Discovery:
     return run_sync(lambda: discover_qemu(launch, options.cache))
 
 
-def check(sides: Sequence[RunOptions]) -> list[Outcome]:
-    """`qmpprobe check`: a run of each side; the later sides' bad input is refused before the
-    first side probes anything (a refusal must not come after a whole baseline run)."""
+def check(sides: Sequence[RunOptions], done: Callable[[Outcome], None]) -> None:
+    """`qmpprobe check`: a run of each side, `done` told as each ends; the later sides' bad
+    input is refused before the first side probes anything (a refusal must not come after a
+    whole baseline run)."""
     for later in sides[1:]:
         run_sync(partial(acceptable, later))
-    return [run_sync(partial(run, options)) for options in sides]
+    for options in sides:
+        done(run_sync(partial(run, options)))
 
 
 def explain_run(options: RunOptions, machine: str) -> Outcome:
