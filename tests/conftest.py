@@ -72,6 +72,15 @@ def cli(
     return proc
 
 
+def signals_at_default() -> None:
+    """`preexec_fn` of a qmpprobe a test will signal: SIGINT, SIGTERM and SIGHUP at their
+    defaults. qmpprobe keeps a stop signal it was started ignoring ignored (`nohup`, a
+    background job of a script), by design; the test's run must not inherit that from
+    however the suite itself was started."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def in_process(
     capsys: pytest.CaptureFixture[str] | None, *args: str
 ) -> subprocess.CompletedProcess[str]:

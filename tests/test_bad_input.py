@@ -26,6 +26,7 @@ from conftest import (
     manifest,
     owned_pids,
     qemu_path,
+    signals_at_default,
 )
 
 
@@ -236,12 +237,10 @@ def test_sighup_stops_cleanly_and_resume_finishes(tmp_path: Path) -> None:
     argv = ["run", "--qemu", qemu_path(), "--out", str(out), "--machines", "pc-i440fx-2.*",
             "--models", "Haswell,Haswell-v[1-3],qemu64,EPYC", "--no-report"]  # fmt: skip
     env = {**os.environ, "QMPPROBE_CACHE": learned_cache(tmp_path)}
-    # qmpprobe keeps a SIGHUP it was started ignoring (`nohup`) ignored, by design: the run
-    # under test starts with the default, however the suite itself was started.
     proc = subprocess.Popen(
         [sys.executable, "-m", "qmpprobe", *argv],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+        preexec_fn=signals_at_default,
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while len(list((out / "raw").glob("*/*.json.gz"))) < 20:

@@ -13,7 +13,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import FAULTS, REPO, cli, learned_cache, manifest, owned_pids, qemu_path
+from conftest import (
+    FAULTS,
+    REPO,
+    cli,
+    learned_cache,
+    manifest,
+    owned_pids,
+    qemu_path,
+    signals_at_default,
+)
 
 #: Runs stopped and resumed, hung QEMUs: the full run only.
 pytestmark = pytest.mark.slow
@@ -52,6 +61,7 @@ def start_run(
         stderr=subprocess.PIPE,
         text=True,
         env=fresh(out.parent, qemu, env),
+        preexec_fn=signals_at_default,
     )
 
 
