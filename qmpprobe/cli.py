@@ -170,6 +170,40 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--timeout", type=seconds_value, help="seconds per QEMU (30)")
     x.add_argument("--no-cache", action="store_true", help="probe and learn everything again")
 
+    pn = sub.add_parser(
+        "pin", help="a definition of MODEL on MACHINE that means the same everywhere, verified"
+    )
+    pn.add_argument("machine", metavar="MACHINE", help="machine type, e.g. pc-i440fx-2.2")
+    pn.add_argument("model", metavar="MODEL", help="CPU model, e.g. Haswell")
+    pn.add_argument("--run", metavar="RUN", help="take QEMU, accelerator, topology, flags from RUN")
+    _probe_args(pn)
+    pn.add_argument("--smp", default="1", help="topology when probing (no --run)")
+    pn.add_argument("--cpu-flags", default="", help="the source's extra -cpu flags (no --run)")
+    pn.add_argument(
+        "--global",
+        dest="globals",
+        action="append",
+        default=[],
+        metavar="TYPE.PROP=VAL",
+        help="the source's -globals (no --run; repeatable)",
+    )
+    pn.add_argument(
+        "--format", default="cmdline", choices=("cmdline", "readconfig", "json", "libvirt")
+    )
+    pn.add_argument("--out", metavar="FILE", help="write the definition here (default: stdout)")
+    pn.add_argument(
+        "--verify",
+        metavar="MACHINES",
+        help="machine types to start the pin on (globs; default: every one of the families)",
+    )
+    pn.add_argument(
+        "--verify-qemu", metavar="PATH", help="also start the pin on this other QEMU build"
+    )
+    _guest_arg(pn)
+    pn.add_argument("--jobs", type=jobs_value, help=JOBS_HELP)
+    pn.add_argument("--timeout", type=seconds_value, help="seconds per QEMU (30)")
+    pn.add_argument("--no-cache", action="store_true", help="learn the feature flags again")
+
     e = sub.add_parser("export", help="write a run's cells in another format")
     e.add_argument("run", metavar="RUN", help="run folder")
     e.add_argument(
@@ -325,6 +359,30 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_CHANGED if failed else EXIT_OK
 
 
+def _cmd_pin(args: argparse.Namespace) -> int:
+    from qmpprobe.analysis.pin import Unpinnable
+    from qmpprobe.report import pin as forms
+    from qmpprobe.run import lifecycle, pin
+    from qmpprobe.store.folder import atomic_write
+
+    options = _options(args, machines=args.machine, models=args.model, progress=False)
+    request = pin.Request(
+        args.machine, args.model, options, args.run, args.verify, args.verify_qemu
+    )
+    try:
+        pinned = lifecycle.run_sync(lambda: pin.make(request))
+    except Unpinnable as e:
+        return _say(error_text(e), EXIT_CHANGED)
+    text = forms.render(pinned, args.format)
+    if args.out:
+        atomic_write(Path(args.out), text.encode())
+    else:
+        sys.stdout.write(text)
+    for line in forms.summary(pinned):
+        print(f"qmpprobe: {line}", file=sys.stderr)
+    return EXIT_OK if pinned.equal else EXIT_CHANGED
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from qmpprobe.store.folder import RunFolder
 
@@ -342,6 +400,7 @@ COMMANDS = {
     "check": _cmd_check,
     "export": _cmd_export,
     "explain": _cmd_explain,
+    "pin": _cmd_pin,
 }
 
 

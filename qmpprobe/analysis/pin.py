@@ -1,0 +1,321 @@
+"""A pinned CPU: a definition of one model on one machine type that means the same on every
+machine type (README, "qmpprobe pin"). Pure: QEMU's answers in, the definition and how its
+verification went out; the QEMU sessions are `probe.pin`'s, the order of work `run.pin`'s.
+
+A pin is a base model plus every property of the model's full expansion on the source machine
+type, at the value the machine type *asks for*: features as requested (realize filters what
+the accelerator cannot give, on the target as on the source), and what realize fills in
+(`phys-bits` 0, `apic-id` and the topology ids unassigned, `hv-vendor-id` "") left for realize
+to fill in from the same properties. Compat props are globals of the CPU types, and the pin's
+own `-cpu` properties are applied after them, so every knob a machine type turns is set back.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from qmpprobe.analysis.drift import machine_order
+from qmpprobe.core.values import json_text
+from qmpprobe.core.vocab import GUEST_PREFIX
+from qmpprobe.errors import InputError
+
+#: Kinds of what is left over when a pin is started on another build (the `diff` kinds).
+NEW_PROP, REMOVED_PROP, ABI, NEW_FEATURE, UNSAFE, UNVERSIONED = (
+    "new-prop",
+    "removed-prop",
+    "abi-change",
+    "new-feature-enabled",
+    "unsafe-model-change",
+    "unversioned-change",
+)
+#: Kinds that only say one build has a property the other lacks: listed, never a failure.
+PROPERTY_SETS = (NEW_PROP, REMOVED_PROP)
+
+
+@dataclass(frozen=True)
+class Unpinned:
+    """A property the pin does not carry, and QEMU's own words for why."""
+
+    prop: str
+    value: Any
+    why: str
+
+
+@dataclass(frozen=True)
+class Definition:
+    """`-cpu BASE,PROPS`: a base model, its QOM type, and every property it is given."""
+
+    base: str
+    typename: str
+    props: Mapping[str, Any]
+    unpinned: tuple[Unpinned, ...] = ()
+
+    def model_info(self) -> dict[str, Any]:
+        """The definition as QMP's `CpuModelInfo` (what `query-cpu-model-expansion` takes)."""
+        return {"name": self.base, "props": dict(self.props)}
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """One difference between the source CPU and the pin started on a target."""
+
+    prop: str
+    source: str
+    pinned: str
+    kind: str = ABI
+
+
+@dataclass
+class Check:
+    """The pin started on one machine type (of the source's build or another)."""
+
+    machine: str
+    status: str
+    error: str = ""
+    left: list[Leftover] = field(default_factory=list)
+    qemu: str = ""
+
+    @property
+    def equal(self) -> bool:
+        """Started, and nothing but property-set differences left over."""
+        return self.status == "ok" and not any(x.kind not in PROPERTY_SETS for x in self.left)
+
+
+def requested(expansion: Mapping[str, Any], not_values: Collection[str]) -> dict[str, Any]:
+    """What the machine type asks for: the full expansion without what is not a value of the
+    CPU (links, what every device has)."""
+    return {p: v for p, v in expansion.items() if p not in not_values}
+
+
+def candidates(model: str, definitions: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Base models to try, in order: the models QEMU declares static (the same on every
+    machine type), the versioned model `model` stands for on this machine type, `model`."""
+    static = [d["name"] for d in definitions if d.get("static")]
+    alias = [d.get("alias-of") for d in definitions if d["name"] == model and d.get("alias-of")]
+    out: list[str] = []
+    for name in [*static, *alias, model]:
+        if isinstance(name, str) and name not in out:
+            out.append(name)
+    return out
+
+
+def typename(definitions: Sequence[Mapping[str, Any]], model: str) -> str:
+    """The QOM type of a model, as `query-cpu-definitions` names it."""
+    for d in definitions:
+        if d["name"] == model:
+            return str(d.get("typename") or f"{model}-cpu")
+    raise InputError(f"QEMU lists no CPU model {model!r}")
+
+
+def refused(answers: Mapping[str, Any]) -> dict[str, str]:
+    """Property → QEMU's message, for each value QEMU refused alone (`probe.pin.expansions`)."""
+    return {p: a["error"]["desc"] for p, a in answers.get("each", {}).items() if "error" in a}
+
+
+def definition(
+    base: str, type_name: str, props: Mapping[str, Any], refusals: Mapping[str, str]
+) -> Definition:
+    """The pin on `base`: every property but those QEMU refuses at their value."""
+    kept = {p: v for p, v in sorted(props.items()) if p not in refusals}
+    dropped = tuple(Unpinned(p, props[p], why) for p, why in sorted(refusals.items()) if p in props)
+    return Definition(base, type_name, kept, dropped)
+
+
+def realized_instead(d: Definition, check: Check) -> dict[str, Any]:
+    """Pinned properties that came back different on the source's own machine type, at the
+    source's realized value (which QEMU then keeps), or {} when one is not a pinned one."""
+    props = {x.prop: x.source for x in check.left}
+    if not props or not props.keys() <= d.props.keys() or "(none)" in props.values():
+        return {}
+    return {p: json.loads(v) for p, v in props.items()}
+
+
+def differences(
+    source: Mapping[str, str], pinned: Mapping[str, str], kinds: Mapping[str, str] | None = None
+) -> list[Leftover]:
+    """Every property (and guest CPUID cell) whose JSON text differs, `(none)` where one side
+    lacks it; `kinds` classifies (default: every difference an `abi-change`)."""
+    out = []
+    for p in sorted(source.keys() | pinned.keys()):
+        a, b = source.get(p, "(none)"), pinned.get(p, "(none)")
+        if a != b:
+            out.append(Leftover(p, a, b, (kinds or {}).get(p, ABI)))
+    return out
+
+
+def texts(values: Mapping[str, Any]) -> dict[str, str]:
+    """Values as cell text (the form a run folder keeps them in)."""
+    return {p: json_text(v) for p, v in values.items()}
+
+
+def guest(values: Mapping[str, str]) -> dict[str, str]:
+    """Only the guest CPUID cells."""
+    return {p: v for p, v in values.items() if p.startswith(GUEST_PREFIX)}
+
+
+def without_guest(values: Mapping[str, str]) -> dict[str, str]:
+    """Every cell but the guest CPUID ones."""
+    return {p: v for p, v in values.items() if not p.startswith(GUEST_PREFIX)}
+
+
+def option_value(value: Any) -> str:
+    """A value as QEMU's option parsers take it: `on`/`off`, a decimal integer, the text."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def cpu_props(d: Definition) -> str:
+    """The properties as `-cpu`'s text after the base: `p=v,...`, commas in values doubled
+    (QEMU's option syntax)."""
+    return ",".join(f"{p}={option_value(v).replace(',', ',,')}" for p, v in d.props.items())
+
+
+def cpu_arg(d: Definition) -> str:
+    """The whole value of `-cpu`."""
+    return f"{d.base},{cpu_props(d)}" if d.props else d.base
+
+
+# --- another build -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Carried:
+    """The pin made for another build: what it lacks is dropped, its new knobs get values."""
+
+    definition: Definition
+    dropped: tuple[str, ...]
+    added: Mapping[str, Any]
+
+
+def newest_shared(
+    source_machine: str, mine: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[str, Any]]
+) -> str:
+    """The newest versioned machine type of the source's family that both builds have (whose
+    compat props on the other build keep what it was on this one); InputError if none."""
+    a, b = machine_order(mine), machine_order(theirs)
+    family = a.loc[a["machine"] == source_machine, "family"]
+    if family.empty or not bool(a.loc[a["machine"] == source_machine, "versioned"].iloc[0]):
+        raise InputError(f"{source_machine} is not a versioned machine type: no family to share")
+    both = set(a.loc[a["versioned"], "machine"]) & set(b.loc[b["versioned"], "machine"])
+    shared = a[a["versioned"] & (a["family"] == family.iloc[0]) & a["machine"].isin(both)]
+    if shared.empty:
+        raise InputError(f"the other QEMU has no machine type of {source_machine}'s family")
+    return str(shared.sort_values("rank")["machine"].iloc[-1])
+
+
+def carry(pin: Definition, expansion: Mapping[str, Any], not_values: Collection[str]) -> Carried:
+    """`pin` for a build whose full expansion of the model (on the newest machine type both
+    builds have) is `expansion`: properties it lacks dropped, its new ones at that value."""
+    theirs = requested(expansion, not_values)
+    dropped = tuple(sorted(p for p in pin.props if p not in theirs))
+    added = {p: v for p, v in sorted(theirs.items()) if p not in pin.props}
+    props = {p: v for p, v in pin.props.items() if p in theirs} | added
+    return Carried(
+        Definition(pin.base, pin.typename, dict(sorted(props.items())), pin.unpinned),
+        dropped,
+        added,
+    )
+
+
+def cross_kinds(
+    source: Mapping[str, str],
+    pinned: Mapping[str, str],
+    versioned: bool,
+    migration_safe: bool,
+    their_features: Collection[str],
+) -> dict[str, str]:
+    """The `diff` kind of each difference on another build: a property only one build has
+    (`new-prop`, `removed-prop`; a flag of the other build's that is on is a
+    `new-feature-enabled`), a change on an unversioned machine type or of a model QEMU does not
+    call migration-safe, else `abi-change` (a guest CPUID cell is always the guest's)."""
+    kinds = {}
+    for p in source.keys() | pinned.keys():
+        a, b = source.get(p), pinned.get(p)
+        if a == b:
+            continue
+        cell = p.startswith(GUEST_PREFIX)
+        if a is None and not cell:
+            kinds[p] = NEW_FEATURE if p in their_features and b == "true" else NEW_PROP
+        elif b is None and not cell:
+            kinds[p] = REMOVED_PROP
+        elif not versioned:
+            kinds[p] = UNVERSIONED
+        elif not migration_safe:
+            kinds[p] = UNSAFE
+        else:
+            kinds[p] = ABI
+    return kinds
+
+
+def machines_matching(patterns: str, names: Iterable[str]) -> list[str]:
+    """Names matching comma-separated globs, in the order given; one that matches nothing is
+    refused."""
+    names = list(names)
+    out: list[str] = []
+    for pat in [p.strip() for p in patterns.split(",") if p.strip()]:
+        hit = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hit:
+            raise InputError(f"--verify {pat!r}: no machine type of this QEMU matches")
+        out += [n for n in hit if n not in out]
+    if not out:
+        raise InputError("--verify: no machine type given")
+    return out
+
+
+@dataclass
+class Source:
+    """Where the pin comes from, and every value of the source CPU as cell text."""
+
+    qemu: str
+    version: str
+    fingerprint: str
+    qemu_sha256: str
+    accel: str
+    topology: str
+    cpu_flags: str
+    globals: tuple[str, ...]
+    machine: str
+    model: str
+    run: str | None
+    values: dict[str, str] = field(repr=False, default_factory=dict)
+
+    def facts(self) -> dict[str, Any]:
+        """The source as the JSON form says it."""
+        d = asdict(self)
+        d.pop("values")
+        d["globals"] = list(self.globals)
+        return d
+
+
+@dataclass
+class Tried:
+    """A base model tried on the source machine type, and how that went."""
+
+    base: str
+    check: Check
+
+
+@dataclass
+class Pinned:
+    """A pin and its verification."""
+
+    source: Source
+    definition: Definition
+    tried: list[Tried]
+    checks: list[Check]
+    other: Carried | None = None
+    other_checks: list[Check] = field(default_factory=list)
+
+    @property
+    def equal(self) -> bool:
+        """Every start of the pin gave the source's CPU back."""
+        return all(c.equal for c in [*self.checks, *self.other_checks]) and bool(self.checks)
+
+
+class Unpinnable(Exception):
+    """No base model takes the pin (exit 1, QEMU's words for each)."""

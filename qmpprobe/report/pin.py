@@ -1,0 +1,190 @@
+"""A pinned CPU in the forms its users take it: `-cpu`'s value, a `-readconfig` file, JSON
+(QMP's `CpuModelInfo`), libvirt domain XML (README, "qmpprobe pin")."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+from qmpprobe import __version__
+from qmpprobe.analysis import pin
+
+FORMATS = ("cmdline", "readconfig", "json", "libvirt")
+#: What QEMU's config-file parser takes as a value: `value = "…"` with no `"` and no line
+#: break inside, at most 1023 characters (util/qemu-config.c, measured on 7.2 and 11.1).
+CONFIG_VALUE_MAX = 1023
+
+
+def cmdline(d: pin.Definition) -> str:
+    """Exactly one line: the value to give `-cpu`."""
+    return pin.cpu_arg(d) + "\n"
+
+
+def _config_value(value: Any) -> str | None:
+    text = pin.option_value(value)
+    if '"' in text or "\n" in text or "\r" in text or len(text) > CONFIG_VALUE_MAX:
+        return None
+    return text
+
+
+def readconfig(d: pin.Definition, header: Sequence[str]) -> str:
+    """A `-readconfig` file: one `[global]` section per property on the base's QOM type; a
+    value the config syntax cannot hold goes on `-cpu` instead (the header says how)."""
+    kept = {p: t for p, v in d.props.items() if (t := _config_value(v)) is not None}
+    rest = pin.Definition(d.base, d.typename, {p: v for p, v in d.props.items() if p not in kept})
+    lines = [f"# {h}" for h in header]
+    lines.append(f"# use: -cpu {pin.cpu_arg(rest)} -readconfig THIS_FILE")
+    for p, text in kept.items():
+        lines += ["", "[global]", f'  driver = "{d.typename}"', f'  property = "{p}"']
+        lines.append(f'  value = "{text}"')
+    return "\n".join(lines) + "\n"
+
+
+def _check_json(c: pin.Check) -> dict[str, Any]:
+    return {
+        "machine": c.machine,
+        "status": c.status,
+        "error": c.error,
+        "equal": c.equal,
+        "left": [
+            {"prop": x.prop, "source": x.source, "pinned": x.pinned, "kind": x.kind} for x in c.left
+        ],
+    }
+
+
+def as_json(
+    source: Mapping[str, Any],
+    d: pin.Definition,
+    checks: Sequence[pin.Check],
+    other: Mapping[str, Any] | None,
+    equal: bool,
+) -> str:
+    """The source, the definition as `CpuModelInfo`, what is not pinned and the verification."""
+    doc = {
+        "qmpprobe": __version__,
+        "source": dict(source),
+        "definition": d.model_info(),
+        "typename": d.typename,
+        "unpinned": [{"prop": u.prop, "value": u.value, "why": u.why} for u in d.unpinned],
+        "verified": {
+            "equal": equal,
+            "machines": [_check_json(c) for c in checks],
+        },
+    }
+    if other is not None:
+        doc["other_qemu"] = dict(other)
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def checks_json(checks: Sequence[pin.Check]) -> list[dict[str, Any]]:
+    """Verification results as the JSON form lists them."""
+    return [_check_json(c) for c in checks]
+
+
+def libvirt(d: pin.Definition, features: Mapping[str, str], header: Sequence[str]) -> str:
+    """`<cpu mode='custom' match='exact' check='full'>`: the base as `<model
+    fallback='forbid'>`, a `<feature>` per flag libvirt knows (`features`: QEMU property →
+    libvirt's name for its CPUID bit), and every other property as a `-global` in
+    `<qemu:commandline>`, marked as what libvirt cannot express."""
+    out = [f"<!-- {_comment(h)} -->" for h in header]
+    out.append("<cpu mode='custom' match='exact' check='full'>")
+    out.append(f"  <model fallback='forbid'>{escape(d.base)}</model>")
+    named: dict[str, bool] = {}
+    for p, v in d.props.items():
+        if p in features and isinstance(v, bool):
+            named.setdefault(features[p], v)
+    for name, on in sorted(named.items()):
+        policy = "require" if on else "disable"
+        out.append(f"  <feature policy={quoteattr(policy)} name={quoteattr(name)}/>")
+    out.append("</cpu>")
+    rest = [(p, v) for p, v in d.props.items() if not (p in features and isinstance(v, bool))]
+    out.append(
+        "<!-- libvirt cannot express these: QEMU -global arguments, in the <domain> whose "
+        "xmlns:qemu is 'http://libvirt.org/schemas/domain/qemu/1.0' -->"
+    )
+    out.append("<qemu:commandline>")
+    for p, v in rest:
+        arg = f"{d.typename}.{p}={pin.option_value(v)}"
+        out.append("  <qemu:arg value='-global'/>")
+        out.append(f"  <qemu:arg value={quoteattr(arg)}/>")
+    out.append("</qemu:commandline>")
+    return "\n".join(out) + "\n"
+
+
+def _comment(text: str) -> str:
+    """Text inside an XML comment: no `--` (XML forbids it there)."""
+    while "--" in text:
+        text = text.replace("--", "- -")
+    return text
+
+
+def header(p: pin.Pinned) -> list[str]:
+    """Where the pin comes from, for the text forms' comments."""
+    s = p.source
+    return [
+        f"qmpprobe {__version__} pin: {s.model} of {s.machine}, QEMU {s.version} "
+        f"({s.qemu}, fingerprint {s.fingerprint}), {s.accel}, -smp {s.topology}",
+        "verified: " + ("equal on every machine type started" if p.equal else "NOT EQUAL"),
+    ]
+
+
+def render(p: pin.Pinned, form: str, features: Mapping[str, str] | None = None) -> str:
+    """The pin in one of `FORMATS`."""
+    d = p.definition
+    if form == "cmdline":
+        return cmdline(d)
+    if form == "readconfig":
+        return readconfig(d, header(p))
+    if form == "libvirt":
+        return libvirt(d, features or {}, header(p))
+    other = None
+    if p.other is not None:
+        other = {
+            "definition": p.other.definition.model_info(),
+            "dropped": list(p.other.dropped),
+            "added": dict(p.other.added),
+            "unpinned": [
+                {"prop": u.prop, "value": u.value, "why": u.why}
+                for u in p.other.definition.unpinned
+            ],
+            "machines": checks_json(p.other_checks),
+        }
+    return as_json(p.source.facts(), d, p.checks, other, p.equal)
+
+
+def summary(p: pin.Pinned) -> list[str]:
+    """What the verification found, a few lines for stderr."""
+    d = p.definition
+    lines = [
+        f"{p.source.model} of {p.source.machine} pinned on {d.base}: {len(d.props)} properties"
+        + (f", not pinned: {', '.join(u.prop for u in d.unpinned)}" if d.unpinned else "")
+    ]
+    for t in p.tried:
+        if t.base != d.base or not t.check.equal:
+            what = t.check.error or f"{len(t.check.left)} differ on {t.check.machine}"
+            lines.append(f"  base {t.base} not taken: {what}")
+    lines += _checks(p.checks, p.source.qemu)
+    if p.other is not None:
+        qemu = p.other_checks[0].qemu if p.other_checks else "the other QEMU"
+        added = ", ".join(f"{k}={pin.option_value(v)}" for k, v in p.other.added.items())
+        lines.append(
+            f"on {qemu}: dropped {len(p.other.dropped)} ({', '.join(p.other.dropped) or 'none'}),"
+            f" added {len(p.other.added)} ({added or 'none'})"
+        )
+        lines += _checks(p.other_checks, qemu)
+    return lines
+
+
+def _checks(checks: Sequence[pin.Check], qemu: str) -> list[str]:
+    equal = sum(c.equal for c in checks)
+    lines = [f"verified on {len(checks)} machine type(s) of {qemu}: {equal} equal"]
+    for c in checks:
+        if c.status != "ok":
+            lines.append(f"  {c.machine}: {c.status}: {c.error}")
+        elif c.left:
+            shown = "; ".join(f"{x.prop} {x.source} -> {x.pinned} ({x.kind})" for x in c.left[:8])
+            more = f"; and {len(c.left) - 8} more" if len(c.left) > 8 else ""
+            lines.append(f"  {c.machine}: {len(c.left)} differ: {shown}{more}")
+    return lines
