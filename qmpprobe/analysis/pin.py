@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qmpprobe.analysis.drift import machine_order
+from qmpprobe.core.cpuid import set_bits
 from qmpprobe.core.values import json_text
 from qmpprobe.core.vocab import GUEST_PREFIX
 from qmpprobe.errors import InputError
@@ -139,6 +140,7 @@ def differences(
 ) -> list[Leftover]:
     """Every property (and guest CPUID cell) whose JSON text differs, `(none)` where one side
     lacks it; `kinds` classifies (default: every difference an `abi-change`)."""
+    source, pinned = comparable(source), comparable(pinned)
     out = []
     for p in sorted(source.keys() | pinned.keys()):
         a, b = source.get(p, "(none)"), pinned.get(p, "(none)")
@@ -150,6 +152,24 @@ def differences(
 def texts(values: Mapping[str, Any]) -> dict[str, str]:
     """Values as cell text (the form a run folder keeps them in)."""
     return {p: json_text(v) for p, v in values.items()}
+
+
+def _comparable(text: str) -> str:
+    """A value as compared: feature words as the CPUID bits they set (a word one build lists
+    and the other does not is zero there), a list of names as a sorted list."""
+    if not text.startswith("["):
+        return text
+    value = json.loads(text)
+    if value and all(isinstance(w, dict) and "cpuid-register" in w for w in value):
+        return json_text(sorted(set_bits(value)))
+    if all(isinstance(x, str) for x in value):
+        return json_text(sorted(value))
+    return text
+
+
+def comparable(values: Mapping[str, str]) -> dict[str, str]:
+    """Cell texts as `differences` compares them (`_comparable`)."""
+    return {p: _comparable(v) for p, v in values.items()}
 
 
 def guest(values: Mapping[str, str]) -> dict[str, str]:
@@ -213,7 +233,8 @@ def carry(pin: Definition, expansion: Mapping[str, Any], not_values: Collection[
     builds have) is `expansion`: properties it lacks dropped, its new ones at that value."""
     theirs = requested(expansion, not_values)
     dropped = tuple(sorted(p for p in pin.props if p not in theirs))
-    added = {p: v for p, v in sorted(theirs.items()) if p not in pin.props}
+    unpinned = {u.prop for u in pin.unpinned}
+    added = {p: v for p, v in sorted(theirs.items()) if p not in pin.props and p not in unpinned}
     props = {p: v for p, v in pin.props.items() if p in theirs} | added
     return Carried(
         Definition(pin.base, pin.typename, dict(sorted(props.items())), pin.unpinned),
@@ -233,6 +254,7 @@ def cross_kinds(
     (`new-prop`, `removed-prop`; a flag of the other build's that is on is a
     `new-feature-enabled`), a change on an unversioned machine type or of a model QEMU does not
     call migration-safe, else `abi-change` (a guest CPUID cell is always the guest's)."""
+    source, pinned = comparable(source), comparable(pinned)
     kinds = {}
     for p in source.keys() | pinned.keys():
         a, b = source.get(p), pinned.get(p)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -184,7 +185,13 @@ def _checks(checks: Sequence[pin.Check], qemu: str) -> list[str]:
         if c.status != "ok":
             lines.append(f"  {c.machine}: {c.status}: {c.error}")
         elif c.left:
-            shown = "; ".join(f"{x.prop} {x.source} -> {x.pinned} ({x.kind})" for x in c.left[:8])
-            more = f"; and {len(c.left) - 8} more" if len(c.left) > 8 else ""
-            lines.append(f"  {c.machine}: {len(c.left)} differ: {shown}{more}")
+            values = [x for x in c.left if x.kind not in pin.PROPERTY_SETS]
+            sets = Counter(x.kind for x in c.left if x.kind in pin.PROPERTY_SETS)
+            shown = "; ".join(f"{x.prop} {x.source} -> {x.pinned} ({x.kind})" for x in values[:8])
+            more = f"; and {len(values) - 8} more" if len(values) > 8 else ""
+            only = ", ".join(f"{n} {k}" for k, n in sorted(sets.items()))
+            lines.append(
+                f"  {c.machine}: {len(values)} value(s) differ{': ' + shown if shown else ''}"
+                f"{more}{f' (and {only}: a property one build lacks)' if only else ''}"
+            )
     return lines

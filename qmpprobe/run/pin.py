@@ -178,18 +178,16 @@ def _families(discovery: Discovery, machines: Sequence[str]) -> list[str]:
 def _verify_machines(
     discovery: Discovery, patterns: str | None, default: Sequence[str], strict: bool = True
 ) -> list[str]:
-    """`--verify`'s machine types (default: every one of the families of `default`); on
-    another build (`strict` False) a pattern may match nothing there, but not all of them."""
+    """`--verify`'s machine types (default: every one of the families of `default`). With
+    `--verify-qemu` (`strict` False) a pattern may match machine types of one build only."""
     if patterns is None:
         return _families(discovery, default)
     aliases = {m.alias: m.name for m in discovery.machines if m.alias}
     names = [m.name for m in discovery.machines]
     if strict:
         return select(names, split_patterns(patterns), "verify", aliases)
-    found = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in split_patterns(patterns))]
-    if not found:
-        raise InputError(f"--verify {patterns!r}: {discovery.qemu} has no such machine type")
-    return found
+    wanted = split_patterns(patterns)
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in wanted)]
 
 
 async def _source(
@@ -276,7 +274,7 @@ async def make(req: Request) -> pin.Pinned:
     source, record = await _source(req, launch, discovery, machine, model)
     if req.run:
         _same_as_run(req.run, source, kept)
-    targets = _verify_machines(discovery, req.verify, run_machines)
+    targets = _verify_machines(discovery, req.verify, run_machines, not req.verify_qemu)
     timeout = options.timeout
     definition, tried = await _choose(launch, discovery, source, record, timeout)
     gate = asyncio.Semaphore(preflight.capped_jobs(options.jobs))
@@ -285,7 +283,9 @@ async def make(req: Request) -> pin.Pinned:
         async with gate:
             return await _check(_bare(launch), discovery, definition, m, source.values, timeout)
 
-    checks = await together(*(one(m) for m in targets))
+    # The source's own machine type was started in choosing the base: always checked.
+    first = next(t.check for t in tried if t.base == definition.base and t.check.status == OK)
+    checks = [first, *await together(*(one(m) for m in targets if m != machine))]
     pinned = pin.Pinned(source, definition, tried, checks)
     if req.verify_qemu:
         await _other(req, pinned, launch, discovery, gate)
@@ -333,6 +333,8 @@ async def _other(
     have = {m.name for m in theirs.machines}
     start = [src.machine] if src.machine in have else [shared]
     targets = _verify_machines(theirs, req.verify, start, strict=False)
+    if not targets:
+        raise InputError(f"--verify {req.verify!r}: {req.verify_qemu} has no such machine type")
     order = machine_order([asdict(m) for m in theirs.machines])
     versioned = set(order.loc[order["versioned"], "machine"])
     safe = {m.name: m.migration_safe for m in theirs.models}
