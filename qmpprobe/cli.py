@@ -173,8 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     pn = sub.add_parser(
         "pin", help="a definition of MODEL on MACHINE that means the same everywhere, verified"
     )
-    pn.add_argument("machine", metavar="MACHINE", help="machine type, e.g. pc-i440fx-2.2")
-    pn.add_argument("model", metavar="MODEL", help="CPU model, e.g. Haswell")
+    pn.add_argument(
+        "machine", metavar="MACHINE", nargs="?", help="machine type, e.g. pc-i440fx-2.2"
+    )
+    pn.add_argument("model", metavar="MODEL", nargs="?", help="CPU model, e.g. Haswell")
+    pn.add_argument(
+        "--all",
+        action="store_true",
+        help="every (model, machine type) of --run into --out DIR, identical ones grouped",
+    )
     pn.add_argument("--run", metavar="RUN", help="take QEMU, accelerator, topology, flags from RUN")
     _probe_args(pn)
     pn.add_argument("--smp", default="1", help="topology when probing (no --run)")
@@ -365,6 +372,10 @@ def _cmd_pin(args: argparse.Namespace) -> int:
     from qmpprobe.run import lifecycle, pin
     from qmpprobe.store.folder import atomic_write
 
+    if args.all:
+        return _pin_all(args)
+    if not (args.machine and args.model):
+        return _say("pin: MACHINE and MODEL are needed (or --all --run RUN --out DIR)", EXIT_INPUT)
     options = _options(args, machines=args.machine, models=args.model, progress=False)
     request = pin.Request(
         args.machine, args.model, options, args.run, args.verify, args.verify_qemu
@@ -381,6 +392,28 @@ def _cmd_pin(args: argparse.Namespace) -> int:
     for line in forms.summary(pinned):
         print(f"qmpprobe: {line}", file=sys.stderr)
     return EXIT_OK if pinned.equal else EXIT_CHANGED
+
+
+def _pin_all(args: argparse.Namespace) -> int:
+    from qmpprobe.report import pin as forms
+    from qmpprobe.run import lifecycle, pin
+
+    if args.machine or args.model or not args.run or not args.out:
+        return _say("pin --all takes --run RUN and --out DIR, and no MACHINE or MODEL", EXIT_INPUT)
+    if args.verify or args.verify_qemu:
+        return _say("pin --all verifies each definition on its own machine types", EXIT_INPUT)
+    out = Path(args.out)
+    taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if taken and not (out / "definitions.csv").is_file():
+        return _say(f"--out {out}: exists and is not an empty folder or a pin --all's", EXIT_INPUT)
+    options = _options(args, progress=False)
+    request = pin.Request("", "", options, args.run)
+    pins = lifecycle.run_sync(lambda: pin.make_all(request))
+    forms.write_all(out, pins, args.format, {})
+    for line in forms.all_summary(pins):
+        print(f"qmpprobe: {line}", file=sys.stderr)
+    print(out / "definitions.csv")
+    return EXIT_OK if all(g.equal for g in pins.groups) else EXIT_CHANGED
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

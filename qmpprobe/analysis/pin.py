@@ -341,3 +341,62 @@ class Pinned:
 
 class Unpinnable(Exception):
     """No base model takes the pin (exit 1, QEMU's words for each)."""
+
+
+@dataclass
+class Group:
+    """`--all`: machine types on which a model asks for the same definition, oldest first."""
+
+    model: str
+    id: str
+    machines: list[str]
+    pinned: Pinned | None = None
+    error: str = ""
+
+    @property
+    def equal(self) -> bool:
+        """Pinned, and equal on every machine type of the group."""
+        return self.pinned is not None and self.pinned.equal
+
+
+@dataclass
+class AllPins:
+    """`--all`: every group of a run, and the versioned machine types it has."""
+
+    run: str
+    groups: list[Group]
+    versioned: list[str]
+
+    def stable(self) -> list[Group]:
+        """Groups of models whose one definition holds on every versioned machine type the
+        model ran on."""
+        by_model: dict[str, list[Group]] = {}
+        for g in self.groups:
+            by_model.setdefault(g.model, []).append(g)
+        shipped = set(self.versioned)
+        out = []
+        for groups in by_model.values():
+            hits = [g for g in groups if shipped & set(g.machines)]
+            if len(hits) == 1:
+                out.append(hits[0])
+        return out
+
+
+def group_definitions(
+    wanted: Mapping[tuple[str, str], Mapping[str, Any]], order: Any
+) -> list[Group]:
+    """Per model, its machine types grouped by identical requested properties; groups and
+    their machine types in version order (then family), numbered `MODEL.1`, `MODEL.2`, …"""
+    ranked = order.sort_values(["versioned", "version", "family"], ascending=[False, True, True])
+    position = {m: i for i, m in enumerate(ranked["machine"])}
+    keyed: dict[str, dict[str, list[str]]] = {}
+    for (machine, model), props in wanted.items():
+        keyed.setdefault(model, {}).setdefault(json_text(dict(props)), []).append(machine)
+    out = []
+    for model in sorted(keyed):
+        lists = [
+            sorted(ms, key=lambda m: position.get(m, len(position))) for ms in keyed[model].values()
+        ]
+        lists.sort(key=lambda ms: position.get(ms[0], len(position)))
+        out += [Group(model, f"{model}.{i}", ms) for i, ms in enumerate(lists, 1)]
+    return out

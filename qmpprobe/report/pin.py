@@ -6,11 +6,16 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+import pandas as pd
+
 from qmpprobe import __version__
 from qmpprobe.analysis import pin
+from qmpprobe.store import csvfile
+from qmpprobe.store.folder import atomic_write, path_part
 
 FORMATS = ("cmdline", "readconfig", "json", "libvirt")
 #: What QEMU's config-file parser takes as a value: `value = "…"` with no `"` and no line
@@ -194,4 +199,68 @@ def _checks(checks: Sequence[pin.Check], qemu: str) -> list[str]:
                 f"  {c.machine}: {len(values)} value(s) differ{': ' + shown if shown else ''}"
                 f"{more}{f' (and {only}: a property one build lacks)' if only else ''}"
             )
+    return lines
+
+
+EXTENSIONS = {"cmdline": "cpu", "readconfig": "cfg", "json": "json", "libvirt": "xml"}
+
+
+def write_all(out: Path, pins: pin.AllPins, form: str, features: Mapping[str, str]) -> None:
+    """`--all`: `<model>/<model>.<n>.<ext>` per definition, `definitions.csv` (one row per
+    definition with its machine types) and `stable.csv` (the models whose one definition
+    holds on every versioned machine type they ran on)."""
+    rows = []
+    for g in pins.groups:
+        p = g.pinned
+        name = f"{path_part(g.model)}/{path_part(g.id)}.{EXTENSIONS[form]}"
+        if p is not None:
+            (out / path_part(g.model)).mkdir(parents=True, exist_ok=True)
+            atomic_write(out / name, render(p, form, features).encode())
+        rows.append(
+            {
+                "model": g.model,
+                "definition": g.id,
+                "base": p.definition.base if p else "",
+                "machines": len(g.machines),
+                "machine_types": " ".join(g.machines),
+                "equal": g.equal,
+                "differ_on": " ".join(c.machine for c in p.checks if not c.equal) if p else "",
+                "error": g.error,
+                "file": name if p else "",
+            }
+        )
+    table = pd.DataFrame(rows, columns=DEFINITION_COLUMNS)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "definitions.csv", csvfile.csv_bytes(table))
+    stable = {g.id for g in pins.stable()}
+    atomic_write(
+        out / "stable.csv",
+        csvfile.csv_bytes(table[table["definition"].isin(stable)][STABLE_COLUMNS]),
+    )
+
+
+DEFINITION_COLUMNS = [
+    "model", "definition", "base", "machines", "machine_types", "equal", "differ_on", "error",
+    "file",
+]  # fmt: skip
+STABLE_COLUMNS = ["model", "definition", "base", "machines", "equal", "file"]
+
+
+def all_summary(pins: pin.AllPins) -> list[str]:
+    """`--all`'s lines for stderr."""
+    models = {g.model for g in pins.groups}
+    equal = sum(g.equal for g in pins.groups)
+    lines = [
+        f"{len(pins.groups)} definition(s) of {len(models)} model(s) from {pins.run}: "
+        f"{equal} equal on every machine type of their group; "
+        f"{len(pins.stable())} model(s) stable on every versioned machine type"
+    ]
+    for g in pins.groups:
+        if not g.equal:
+            why = g.error or "; ".join(
+                f"{c.machine}: {c.error or f'{len(c.left)} differ'}"
+                for c in (g.pinned.checks if g.pinned else [])
+                if not c.equal
+            )
+            lines.append(f"  {g.id}: {why}")
     return lines

@@ -7,27 +7,32 @@ from __future__ import annotations
 import asyncio
 import difflib
 import fnmatch
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from qmpprobe.analysis import pin
 from qmpprobe.analysis.drift import machine_order
-from qmpprobe.core.cpuid import Dump
+from qmpprobe.core import cpuflags
+from qmpprobe.core.cpuid import Dump, spelled_bits
 from qmpprobe.core.discovery import Discovery
 from qmpprobe.core.record import Record
-from qmpprobe.core.vocab import EXACT, OK, READ_QOM_GET, is_edge
+from qmpprobe.core.values import json_text
+from qmpprobe.core.vocab import EXACT, OK, is_edge
 from qmpprobe.errors import InputError
 from qmpprobe.plan.plan import select, split_patterns
+from qmpprobe.probe.expand import MachineRead, probe_machine
 from qmpprobe.probe.pin import expansions
 from qmpprobe.probe.qemu import LaunchOptions, together
 from qmpprobe.probe.read import ReadPlan, probe
 from qmpprobe.probe.session import environment_caused
 from qmpprobe.run import preflight
+from qmpprobe.run.calibrate import reference_plan
 from qmpprobe.run.lifecycle import discover_qemu, launch_options
 from qmpprobe.run.manifest import options_from_manifest
 from qmpprobe.run.options import RunOptions
-from qmpprobe.store.cells import realized_values
+from qmpprobe.store.cells import FlagReader, realized_values
 from qmpprobe.store.folder import RunFolder
 
 
@@ -62,14 +67,22 @@ def _model(discovery: Discovery, name: str) -> str:
     raise InputError(f"{discovery.qemu} has no CPU model {name!r}{hint}")
 
 
+def _flags(discovery: Discovery) -> FlagReader:
+    """The flags whose CPUID bit discovery learned: read from the CPU's own feature words."""
+    return FlagReader(spelled_bits(discovery.feature_bits, discovery.feature_aliases))
+
+
 def _read_plan(discovery: Discovery, definitions: bool = False) -> ReadPlan:
-    """The reference reading: qom-get of every property (flags too), no learned shortcut."""
-    return ReadPlan(READ_QOM_GET, skip=frozenset(discovery.plumbing), definitions=definitions)
+    """The reference reading (README, "How a combo is probed and read"): qom-get of every
+    property but the flags, which come from the same CPU's feature words."""
+    return reference_plan(_flags(discovery), discovery.plumbing, definitions)
 
 
 def _values(record: Record, discovery: Discovery) -> dict[str, str]:
     """Every cell of an `ok` record: its readable properties and its guest CPUID cells."""
-    found = pin.texts(realized_values(record, discovery.feature_aliases, discovery.plumbing))
+    found = pin.texts(
+        realized_values(record, discovery.feature_aliases, discovery.plumbing, _flags(discovery))
+    )
     if "guest-cpuid" in record["answers"]:
         found |= pin.texts(Dump(record["answers"]["guest-cpuid"]).values)
     return found
@@ -122,42 +135,90 @@ async def _check(
     )
 
 
+@dataclass
+class Memo:
+    """What one command learned while choosing bases (`--all` chooses hundreds): the base that
+    last worked per model, the values QEMU refused per base, the properties that had to be
+    given at their realized value. Only an order of trying: every pin is still started."""
+
+    bases: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
+    realized: set[str] = field(default_factory=set)
+
+    def order(self, model: str, bases: Sequence[str]) -> list[str]:
+        """`bases`, the one that last worked for `model` first."""
+        last = self.bases.get(model)
+        return sorted(bases, key=lambda b: b != last)
+
+    def known_refusals(self, base: str, wanted: Mapping[str, Any]) -> dict[str, str]:
+        """The values of `wanted` QEMU already refused on `base`."""
+        known = self.refused.get(base, {})
+        return {
+            p: why for p, (v, why) in known.items() if p in wanted and json_text(wanted[p]) == v
+        }
+
+
+async def _attempt(
+    launch: LaunchOptions,
+    discovery: Discovery,
+    source: pin.Source,
+    base: str,
+    type_name: str,
+    wanted: Mapping[str, Any],
+    memo: Memo,
+    timeout: float,
+) -> tuple[pin.Definition, pin.Check]:
+    """The pin of `wanted` on `base`, started on the source's machine type: what QEMU refuses
+    dropped (found by asking it value by value when the pin does not start), what does not
+    come back given at its realized value."""
+    start = {
+        p: json.loads(source.values[p]) for p in memo.realized & wanted.keys() if p in source.values
+    }
+    props = {**wanted, **start}
+    d = pin.definition(base, type_name, props, memo.known_refusals(base, props))
+    check = await _check(launch, discovery, d, source.machine, source.values, timeout)
+    if check.status != OK:
+        asked = await expansions(launch, source.machine, base, props, timeout)
+        if asked["status"] != OK:
+            return d, pin.Check(source.machine, asked["status"], asked["error"])
+        refusals = pin.refused(asked["answers"])
+        if not refusals:
+            return d, check
+        memo.refused.setdefault(base, {}).update(
+            (p, (json_text(props[p]), why)) for p, why in refusals.items()
+        )
+        d = pin.definition(base, type_name, props, refusals)
+        check = await _check(launch, discovery, d, source.machine, source.values, timeout)
+    if check.status == OK and (realized := pin.realized_instead(d, check)):
+        # What QEMU reports as a value but cannot be given back as one ("" for an unset
+        # string that realize fills in): the realized value instead.
+        memo.realized |= realized.keys()
+        d = replace(d, props=dict(sorted({**d.props, **realized}.items())))
+        check = await _check(launch, discovery, d, source.machine, source.values, timeout)
+    return d, check
+
+
 async def _choose(
     launch: LaunchOptions,
     discovery: Discovery,
     source: pin.Source,
-    record: Record,
+    definitions: Sequence[Mapping[str, Any]],
+    wanted: Mapping[str, Any],
     timeout: float,
+    memo: Memo | None = None,
 ) -> tuple[pin.Definition, list[pin.Tried]]:
     """The first base model whose pin QEMU takes and starts equal to the source on its own
     machine type; if none does, the one with the fewest differences."""
-    answers = record["answers"]
-    definitions = answers["query-cpu-definitions"]["return"]
-    expansion = answers["query-cpu-model-expansion"]["return"]["model"]["props"]
-    wanted = pin.requested(expansion, _not_values(record, discovery))
+    memo = memo if memo is not None else Memo()
     tried: list[pin.Tried] = []
     best: tuple[int, pin.Definition] | None = None
     bare = _bare(launch)
-    for base in pin.candidates(source.model, definitions):
-        asked = await expansions(bare, source.machine, base, wanted, timeout)
-        if asked["status"] != OK:
-            failed = pin.Check(source.machine, asked["status"], asked["error"])
-            tried.append(pin.Tried(base, failed))
-            continue
-        refusals = pin.refused(asked["answers"])
-        if "error" in asked["answers"]["all"] and not refusals:
-            why = asked["answers"]["all"]["error"]["desc"]
-            tried.append(pin.Tried(base, pin.Check(source.machine, "error", why)))
-            continue
-        d = pin.definition(base, pin.typename(definitions, base), wanted, refusals)
-        check = await _check(bare, discovery, d, source.machine, source.values, timeout)
-        if check.status == OK and (realized := pin.realized_instead(d, check)):
-            # What QEMU reports as a value but cannot be given back as one ("" for an unset
-            # string that realize fills in): the realized value instead.
-            d = replace(d, props=dict(sorted({**d.props, **realized}.items())))
-            check = await _check(bare, discovery, d, source.machine, source.values, timeout)
+    for base in memo.order(source.model, pin.candidates(source.model, definitions)):
+        type_name = pin.typename(definitions, base)
+        d, check = await _attempt(bare, discovery, source, base, type_name, wanted, memo, timeout)
         tried.append(pin.Tried(base, check))
         if check.equal:
+            memo.bases[source.model] = base
             return d, tried
         if check.status == OK and (best is None or len(check.left) < best[0]):
             best = (len(check.left), d)
@@ -214,37 +275,68 @@ async def _source(
     return source, record
 
 
-def _from_run(req: Request) -> tuple[RunOptions, dict[str, str], list[str]]:
-    """A run's options, its cells of the combo, and its machine types (for the families)."""
-    assert req.run is not None
-    folder = RunFolder(req.run)
+@dataclass
+class _Run:
+    """A run folder a pin is taken from: its options, combos and cells."""
+
+    path: str
+    raw: dict[str, Any]
+    options: RunOptions
+    combos: Any
+    cells: Any
+
+    def values(self, machine: str, model: str) -> dict[str, str]:
+        """The cells of one combo, as text."""
+        c = self.cells
+        mine = c[(c["machine"] == machine) & (c["model"] == model)]
+        return dict(zip(mine["prop"].astype(str), mine["value"].astype(str), strict=True))
+
+    def status(self, machine: str, model: str) -> None:
+        """Refuse a combo the run does not have `ok`."""
+        c = self.combos
+        row = c[(c["machine"] == machine) & (c["model"] == model)]
+        if row.empty:
+            raise InputError(f"{self.path} has no combo {machine}/{model}")
+        if str(row["status"].iloc[0]) != OK:
+            raise InputError(
+                f"{self.path}: {machine}/{model} is {row['status'].iloc[0]}, not ok: "
+                f"{row['error'].iloc[0]}"
+            )
+
+
+def _open_run(path: str, given: RunOptions) -> _Run:
+    """An exact-mode run and the options it was made with (`given`'s jobs, timeout, cache);
+    its QEMU is run only if it is the very file the run used."""
+    folder = RunFolder(path)
     raw = folder.read_manifest()
     if raw.get("mode", EXACT) != EXACT:
         raise InputError(
-            f"{req.run}: an expand-mode run holds the CPU asked for, not the one realized: "
+            f"{path}: an expand-mode run holds the CPU asked for, not the one realized: "
             "pin from an exact-mode run, or probe (leave --run out)"
         )
-    combos = folder.read_combos()
-    row = combos[(combos["machine"] == req.machine) & (combos["model"] == req.model)]
-    if row.empty:
-        raise InputError(f"{req.run} has no combo {req.machine}/{req.model}")
-    if str(row["status"].iloc[0]) != OK:
-        raise InputError(
-            f"{req.run}: {req.machine}/{req.model} is {row['status'].iloc[0]}, not ok: "
-            f"{row['error'].iloc[0]}"
-        )
-    cells = folder.read_cells()
-    mine = cells[(cells["machine"] == req.machine) & (cells["model"] == req.model)]
-    values = dict(zip(mine["prop"].astype(str), mine["value"].astype(str), strict=True))
+    combos, cells = folder.read_combos(), folder.read_cells()
     options = options_from_manifest(
         raw,
-        jobs=req.options.jobs,
-        timeout=req.options.timeout,
-        cache=req.options.cache,
-        guest_cpuid=req.options.guest_cpuid or None,
+        jobs=given.jobs,
+        timeout=given.timeout,
+        cache=given.cache,
+        guest_cpuid=given.guest_cpuid or None,
     )
-    preflight.recorded_qemu(raw, req.run)
-    return options, values, sorted(set(combos["machine"].astype(str)))
+    preflight.recorded_qemu(raw, path)
+    return _Run(path, raw, options, combos, cells)
+
+
+async def _discover(launch: LaunchOptions, run: _Run | None, cache: bool) -> Discovery:
+    """Discovery of the QEMU a pin is made with; a run's must still be the QEMU it used."""
+    discovery = await discover_qemu(launch, cache)
+    if run is not None:
+        was = run.raw["qemu"]["fingerprint"]["id"]
+        if discovery.fingerprint["id"] != was:
+            raise InputError(
+                f"{run.path}: QEMU changed since the run (fingerprint {was} → "
+                f"{discovery.fingerprint['id']})"
+            )
+    return discovery
 
 
 def _same_as_run(run: str, source: pin.Source, kept: Mapping[str, str]) -> None:
@@ -264,19 +356,24 @@ def _same_as_run(run: str, source: pin.Source, kept: Mapping[str, str]) -> None:
 
 async def make(req: Request) -> pin.Pinned:
     """Probe the source, choose the base, verify on every machine type asked."""
-    options, run_machines = req.options, [req.machine]
-    kept: dict[str, str] = {}
+    options, run_machines, run = req.options, [req.machine], None
     if req.run:
-        options, kept, run_machines = _from_run(req)
+        run = _open_run(req.run, req.options)
+        run.status(req.machine, req.model)
+        options, run_machines = run.options, sorted(set(run.combos["machine"].astype(str)))
     launch = launch_options(options)
-    discovery = await discover_qemu(launch, options.cache)
+    discovery = await _discover(launch, run, options.cache)
     machine, model = _machine(discovery, req.machine), _model(discovery, req.model)
     source, record = await _source(req, launch, discovery, machine, model)
-    if req.run:
-        _same_as_run(req.run, source, kept)
+    if run is not None:
+        _same_as_run(run.path, source, run.values(machine, model))
     targets = _verify_machines(discovery, req.verify, run_machines, not req.verify_qemu)
     timeout = options.timeout
-    definition, tried = await _choose(launch, discovery, source, record, timeout)
+    answers = record["answers"]
+    definitions = answers["query-cpu-definitions"]["return"]
+    expansion = answers["query-cpu-model-expansion"]["return"]["model"]["props"]
+    wanted = pin.requested(expansion, _not_values(record, discovery))
+    definition, tried = await _choose(launch, discovery, source, definitions, wanted, timeout)
     gate = asyncio.Semaphore(preflight.capped_jobs(options.jobs))
 
     async def one(m: str) -> pin.Check:
@@ -351,3 +448,124 @@ async def _other(
             )
 
     pinned.other_checks = await together(*(one(m) for m in targets))
+
+
+async def _expansions_of(
+    launch: LaunchOptions,
+    discovery: Discovery,
+    machine: str,
+    models: Sequence[str],
+    timeout: float,
+) -> tuple[list[Mapping[str, Any]], dict[str, dict[str, Any]]]:
+    """`--all`: one QEMU of `machine`, every model expanded in it as expand mode does (the
+    run's flags reach each model as QEMU applies them); its CPU definitions and each model's
+    requested properties."""
+    types = {m.name: m.typename for m in discovery.models}
+    own = next((m for m in models if m == _own_model(discovery, machine)), models[0])
+    read = MachineRead(
+        own_model=own,
+        globals=tuple(
+            cpuflags.globals_for(
+                cpuflags.split(launch.cpu_flags), [types[m] for m in models if m != own]
+            )
+        ),
+        skip=frozenset(discovery.plumbing),
+    )
+    records = await probe_machine(replace(launch, firmware=""), machine, models, read, timeout)
+    first = records[0]
+    if first["status"] != OK:
+        raise InputError(f"{machine}: QEMU does not start it for --all: {first['error']}")
+    definitions = first["answers"]["query-cpu-definitions"]["return"]
+    wanted = {}
+    for r in records:
+        got = r["answers"].get("query-cpu-model-expansion", {})
+        if "return" in got:
+            wanted[r["model"]] = pin.requested(
+                got["return"]["model"]["props"], set(discovery.plumbing)
+            )
+    return definitions, wanted
+
+
+def _own_model(discovery: Discovery, machine: str) -> str:
+    """A machine type's own default CPU model (its `default-cpu-type`), or ""."""
+    by_type = {m.typename: m.name for m in discovery.models}
+    for m in discovery.machines:
+        if m.name == machine and m.default_cpu_type:
+            return by_type.get(m.default_cpu_type, "")
+    return ""
+
+
+async def make_all(req: Request) -> pin.AllPins:
+    """`--all`: one definition per (model, machine type) of an exact run's `ok` combos,
+    machine types with the same definition grouped; each group's pin chosen on its newest
+    machine type and started on every machine type of the group."""
+    assert req.run is not None
+    run = _open_run(req.run, req.options)
+    launch = launch_options(run.options)
+    discovery = await _discover(launch, run, run.options.cache)
+    ok = run.combos[run.combos["status"].astype(str) == OK]
+    per_machine = ok.groupby(ok["machine"].astype(str), observed=True)["model"]
+    gate = asyncio.Semaphore(preflight.capped_jobs(run.options.jobs))
+    timeout = run.options.timeout
+
+    async def expand(machine: str, models: list[str]) -> tuple[str, Any, Any]:
+        async with gate:
+            return (machine, *await _expansions_of(launch, discovery, machine, models, timeout))
+
+    expanded = await together(*(expand(m, sorted(g.astype(str))) for m, g in per_machine if len(g)))
+    definitions = {m: d for m, d, _ in expanded}
+    wanted = {(m, x): w for m, _, ws in expanded for x, w in ws.items()}
+    order = machine_order([asdict(m) for m in discovery.machines])
+    groups = pin.group_definitions(wanted, order)
+    memo = Memo()
+
+    versioned = set(order.loc[order["versioned"], "machine"])
+
+    async def one(g: pin.Group) -> pin.Group:
+        newest = ([m for m in g.machines if m in versioned] or g.machines)[-1]
+        source = _run_source(run, discovery, launch, newest, g.model)
+        try:
+            d, tried = await _choose(
+                launch,
+                discovery,
+                source,
+                definitions[newest],
+                wanted[(newest, g.model)],
+                timeout,
+                memo,
+            )
+        except pin.Unpinnable as e:
+            return replace(g, error=str(e))
+        first = next(t.check for t in tried if t.base == d.base and t.check.status == OK)
+
+        async def check(m: str) -> pin.Check:
+            async with gate:
+                values = run.values(m, g.model)
+                return await _check(_bare(launch), discovery, d, m, values, timeout)
+
+        others = await together(*(check(m) for m in g.machines if m != newest))
+        checks = [*others, first]
+        return replace(g, pinned=pin.Pinned(source, d, tried, checks))
+
+    done = await together(*(one(g) for g in groups))
+    return pin.AllPins(run.path, done, sorted(versioned & set(ok["machine"].astype(str))))
+
+
+def _run_source(
+    run: _Run, discovery: Discovery, launch: LaunchOptions, machine: str, model: str
+) -> pin.Source:
+    """The source of a pin taken from a run's cells (`--all`)."""
+    return pin.Source(
+        qemu=discovery.qemu,
+        version=discovery.version,
+        fingerprint=discovery.fingerprint["id"],
+        qemu_sha256=discovery.fingerprint.get("qemu_sha256", ""),
+        accel=launch.accel,
+        topology=launch.topology,
+        cpu_flags=launch.cpu_flags,
+        globals=launch.globals,
+        machine=machine,
+        model=model,
+        run=run.path,
+        values=run.values(machine, model),
+    )
