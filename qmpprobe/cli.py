@@ -206,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument(
         "--verify-qemu", metavar="PATH", help="also start the pin on this other QEMU build"
     )
+    pn.add_argument(
+        "--carried",
+        action="store_true",
+        help="write the pin as carried to --verify-qemu's build (what to start there)",
+    )
     _guest_arg(pn)
     pn.add_argument("--jobs", type=jobs_value, help=JOBS_HELP)
     pn.add_argument("--timeout", type=seconds_value, help="seconds per QEMU (30)")
@@ -376,6 +381,8 @@ def _cmd_pin(args: argparse.Namespace) -> int:
         return _pin_all(args)
     if not (args.machine and args.model):
         return _say("pin: MACHINE and MODEL are needed (or --all --run RUN --out DIR)", EXIT_INPUT)
+    if args.carried and not args.verify_qemu:
+        return _say("pin --carried needs --verify-qemu PATH (the build it is carried to)", 2)
     options = _options(args, machines=args.machine, models=args.model, progress=False)
     request = pin.Request(
         args.machine, args.model, options, args.run, args.verify, args.verify_qemu
@@ -384,7 +391,7 @@ def _cmd_pin(args: argparse.Namespace) -> int:
         pinned = lifecycle.run_sync(lambda: pin.make(request))
     except Unpinnable as e:
         return _say(error_text(e), EXIT_CHANGED)
-    text = forms.render(pinned, args.format)
+    text = forms.render(pinned, args.format, carried=args.carried)
     if args.out:
         atomic_write(Path(args.out), text.encode())
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -136,9 +137,13 @@ def header(p: pin.Pinned) -> list[str]:
     ]
 
 
-def render(p: pin.Pinned, form: str, features: Mapping[str, str] | None = None) -> str:
-    """The pin in one of `FORMATS`."""
-    d = p.definition
+def render(
+    p: pin.Pinned, form: str, features: Mapping[str, str] | None = None, carried: bool = False
+) -> str:
+    """The pin in one of `FORMATS` (`carried`: as carried to the other build)."""
+    d = p.other.definition if carried and p.other is not None else p.definition
+    if carried and form != "json":
+        p = replace(p, definition=d)
     if form == "cmdline":
         return cmdline(d)
     if form == "readconfig":
@@ -148,6 +153,7 @@ def render(p: pin.Pinned, form: str, features: Mapping[str, str] | None = None) 
     other = None
     if p.other is not None:
         other = {
+            "qemu": p.other_checks[0].qemu if p.other_checks else "",
             "definition": p.other.definition.model_info(),
             "dropped": list(p.other.dropped),
             "added": dict(p.other.added),
@@ -174,7 +180,8 @@ def summary(p: pin.Pinned) -> list[str]:
     lines += _checks(p.checks, p.source.qemu)
     if p.other is not None:
         qemu = p.other_checks[0].qemu if p.other_checks else "the other QEMU"
-        added = ", ".join(f"{k}={pin.option_value(v)}" for k, v in p.other.added.items())
+        added = ", ".join(f"{k}={pin.option_value(v)}" for k, v in list(p.other.added.items())[:8])
+        added += ", …" if len(p.other.added) > 8 else ""
         lines.append(
             f"on {qemu}: dropped {len(p.other.dropped)} ({', '.join(p.other.dropped) or 'none'}),"
             f" added {len(p.other.added)} ({added or 'none'})"
@@ -183,22 +190,41 @@ def summary(p: pin.Pinned) -> list[str]:
     return lines
 
 
+def change(x: pin.Leftover) -> str:
+    """One difference as a line shows it: lists (feature-word bits, feature names) as what was
+    added and removed."""
+    a, b = x.source, x.pinned
+    if a.startswith("[") and b.startswith("["):
+        old, new = json.loads(a), json.loads(b)
+        if all(isinstance(v, str) for v in [*old, *new]):
+            plus = [v for v in new if v not in old]
+            minus = [v for v in old if v not in new]
+            shown = " ".join([*(f"+{v}" for v in plus), *(f"-{v}" for v in minus)])
+            return f"{x.prop} {shown} ({x.kind})"
+    return f"{x.prop} {a} -> {b} ({x.kind})"
+
+
 def _checks(checks: Sequence[pin.Check], qemu: str) -> list[str]:
+    """Per distinct outcome, the machine types that had it (identical leftovers once)."""
     equal = sum(c.equal for c in checks)
     lines = [f"verified on {len(checks)} machine type(s) of {qemu}: {equal} equal"]
+    outcomes: dict[tuple[str, ...], list[str]] = {}
     for c in checks:
         if c.status != "ok":
-            lines.append(f"  {c.machine}: {c.status}: {c.error}")
-        elif c.left:
-            values = [x for x in c.left if x.kind not in pin.PROPERTY_SETS]
+            key: tuple[str, ...] = (f"{c.status}: {c.error}",)
+        else:
+            values = [change(x) for x in c.left if x.kind not in pin.PROPERTY_SETS]
             sets = Counter(x.kind for x in c.left if x.kind in pin.PROPERTY_SETS)
-            shown = "; ".join(f"{x.prop} {x.source} -> {x.pinned} ({x.kind})" for x in values[:8])
-            more = f"; and {len(values) - 8} more" if len(values) > 8 else ""
+            if not values and not sets:
+                continue
             only = ", ".join(f"{n} {k}" for k, n in sorted(sets.items()))
-            lines.append(
-                f"  {c.machine}: {len(values)} value(s) differ{': ' + shown if shown else ''}"
-                f"{more}{f' (and {only}: a property one build lacks)' if only else ''}"
+            key = (
+                f"{len(values)} value(s) differ" + (f": {'; '.join(values)}" if values else ""),
+                *([f"(and {only}: a property one build lacks)"] if only else []),
             )
+        outcomes.setdefault(key, []).append(c.machine)
+    for key, machines in outcomes.items():
+        lines.append(f"  {', '.join(machines)}: {' '.join(key)}")
     return lines
 
 

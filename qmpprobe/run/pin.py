@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import difflib
 import fnmatch
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -137,18 +136,11 @@ async def _check(
 
 @dataclass
 class Memo:
-    """What one command learned while choosing bases (`--all` chooses hundreds): the base that
-    last worked per model, the values QEMU refused per base, the properties that had to be
-    given at their realized value. Only an order of trying: every pin is still started."""
+    """The values QEMU refused per base model, learned by one command (`--all` chooses
+    hundreds of bases). Leaving them out at once gives the pin a single pin would get: QEMU
+    checks a value when it is set, whatever else the pin holds."""
 
-    bases: dict[str, str] = field(default_factory=dict)
     refused: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
-    realized: set[str] = field(default_factory=set)
-
-    def order(self, model: str, bases: Sequence[str]) -> list[str]:
-        """`bases`, the one that last worked for `model` first."""
-        last = self.bases.get(model)
-        return sorted(bases, key=lambda b: b != last)
 
     def known_refusals(self, base: str, wanted: Mapping[str, Any]) -> dict[str, str]:
         """The values of `wanted` QEMU already refused on `base`."""
@@ -171,10 +163,7 @@ async def _attempt(
     """The pin of `wanted` on `base`, started on the source's machine type: what QEMU refuses
     dropped (found by asking it value by value when the pin does not start), what does not
     come back given at its realized value."""
-    start = {
-        p: json.loads(source.values[p]) for p in memo.realized & wanted.keys() if p in source.values
-    }
-    props = {**wanted, **start}
+    props = dict(wanted)
     d = pin.definition(base, type_name, props, memo.known_refusals(base, props))
     check = await _check(launch, discovery, d, source.machine, source.values, timeout)
     if check.status != OK:
@@ -192,7 +181,6 @@ async def _attempt(
     if check.status == OK and (realized := pin.realized_instead(d, check)):
         # What QEMU reports as a value but cannot be given back as one ("" for an unset
         # string that realize fills in): the realized value instead.
-        memo.realized |= realized.keys()
         d = replace(d, props=dict(sorted({**d.props, **realized}.items())))
         check = await _check(launch, discovery, d, source.machine, source.values, timeout)
     return d, check
@@ -213,12 +201,11 @@ async def _choose(
     tried: list[pin.Tried] = []
     best: tuple[int, pin.Definition] | None = None
     bare = _bare(launch)
-    for base in memo.order(source.model, pin.candidates(source.model, definitions)):
+    for base in pin.candidates(source.model, definitions):
         type_name = pin.typename(definitions, base)
         d, check = await _attempt(bare, discovery, source, base, type_name, wanted, memo, timeout)
         tried.append(pin.Tried(base, check))
         if check.equal:
-            memo.bases[source.model] = base
             return d, tried
         if check.status == OK and (best is None or len(check.left) < best[0]):
             best = (len(check.left), d)
