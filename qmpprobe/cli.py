@@ -385,7 +385,7 @@ def _cmd_pin(args: argparse.Namespace) -> int:
         return _say("pin --carried needs --verify-qemu PATH (the build it is carried to)", 2)
     options = _options(args, machines=args.machine, models=args.model, progress=False)
     request = pin.Request(
-        args.machine, args.model, options, args.run, args.verify, args.verify_qemu
+        args.machine, args.model, options, args.run, args.verify, args.verify_qemu, args.format
     )
     try:
         pinned = lifecycle.run_sync(lambda: pin.make(request))
@@ -414,9 +414,9 @@ def _pin_all(args: argparse.Namespace) -> int:
     if taken and not (out / "definitions.csv").is_file():
         return _say(f"--out {out}: exists and is not an empty folder or a pin --all's", EXIT_INPUT)
     options = _options(args, progress=False)
-    request = pin.Request("", "", options, args.run)
+    request = pin.Request("", "", options, args.run, form=args.format)
     pins = lifecycle.run_sync(lambda: pin.make_all(request))
-    forms.write_all(out, pins, args.format, {})
+    forms.write_all(out, pins, args.format)
     for line in forms.all_summary(pins):
         print(f"qmpprobe: {line}", file=sys.stderr)
     print(out / "definitions.csv")

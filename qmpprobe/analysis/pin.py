@@ -332,11 +332,16 @@ class Pinned:
     checks: list[Check]
     other: Carried | None = None
     other_checks: list[Check] = field(default_factory=list)
+    #: `--format libvirt`: the pin as libvirt's XML says it, and its own starts.
+    libvirt: Libvirt | None = None
+    libvirt_tried: list[Tried] = field(default_factory=list)
+    libvirt_checks: list[Check] = field(default_factory=list)
 
     @property
     def equal(self) -> bool:
         """Every start of the pin gave the source's CPU back."""
-        return all(c.equal for c in [*self.checks, *self.other_checks]) and bool(self.checks)
+        every = [*self.checks, *self.other_checks, *self.libvirt_checks]
+        return all(c.equal for c in every) and bool(self.checks)
 
 
 class Unpinnable(Exception):
@@ -399,4 +404,74 @@ def group_definitions(
         ]
         lists.sort(key=lambda ms: position.get(ms[0], len(position)))
         out += [Group(model, f"{model}.{i}", ms) for i, ms in enumerate(lists, 1)]
+    return out
+
+
+@dataclass(frozen=True)
+class Libvirt:
+    """A pin as libvirt's domain XML says it: a model libvirt knows, its features by libvirt's
+    names, and the rest as `-global`s on the model's QOM type. `features` maps each libvirt
+    feature to (the QEMU property it stands for, on or off)."""
+
+    model: str
+    typename: str
+    features: Mapping[str, tuple[str, bool]]
+    globals: Mapping[str, Any]
+
+    def cpu_props(self) -> str:
+        """`-cpu`'s text after the model, as libvirt writes it (`name=on|off`), in QEMU's
+        property names: what a libvirt domain of this XML starts."""
+        return ",".join(f"{p}={option_value(on)}" for p, on in self.features.values())
+
+    def global_args(self) -> tuple[str, ...]:
+        """The `-global TYPE.PROP=VALUE` values of `<qemu:commandline>`."""
+        return tuple(f"{self.typename}.{p}={option_value(v)}" for p, v in self.globals.items())
+
+
+def libvirt_form(
+    d: Definition,
+    model: str,
+    type_name: str,
+    source: Mapping[str, str],
+    bits: Mapping[str, str],
+    by_bit: Mapping[str, str],
+    by_name: Mapping[str, str],
+) -> Libvirt:
+    """`d` on a model libvirt knows. A flag libvirt names (by its CPUID bit, else by the QEMU
+    name libvirt lists for it) becomes a `<feature>` at the value the source CPU *has*:
+    libvirt's `check='full'` compares the CPU QEMU realized with the XML, so a flag the
+    source's accelerator filtered is disabled, not required (so every flag, named or not, is
+    at its realized value here). Every other property is a `-global`, at the pin's value."""
+    features: dict[str, tuple[str, bool]] = {}
+    rest: dict[str, Any] = {}
+    for p, v in d.props.items():
+        name = by_bit.get(bits.get(p, "")) or by_name.get(p)
+        if isinstance(v, bool):
+            v = source.get(p, json_text(v)) == "true"
+        if isinstance(v, bool) and name:
+            features.setdefault(name, (p, v))
+        else:
+            rest[p] = v
+    named = {p for p, _ in features.values()}
+    spelled = {p: by_bit.get(bits.get(p, "")) or by_name.get(p) for p in d.props}
+    # A flag's other spellings are the same feature: given once, by its first name.
+    globals_ = {
+        p: v for p, v in rest.items() if not (spelled.get(p) in features and p not in named)
+    }
+    return Libvirt(model, type_name, dict(sorted(features.items())), globals_)
+
+
+def libvirt_models(
+    model: str, definitions: Sequence[Mapping[str, Any]], known: Sequence[str]
+) -> list[str]:
+    """Models to try as libvirt's `<model>`, in order: `model` itself, models QEMU makes the
+    same versioned model on this machine type, then every model libvirt knows (its order)."""
+    have = {d["name"] for d in definitions}
+    alias = {d["name"]: d.get("alias-of") or d["name"] for d in definitions}
+    mine = alias.get(model, model)
+    same = [m for m in known if m in have and alias.get(m) == mine]
+    out: list[str] = []
+    for m in [model, *same, *[k for k in known if k in have]]:
+        if m in known and m not in out:
+            out.append(m)
     return out

@@ -90,30 +90,24 @@ def checks_json(checks: Sequence[pin.Check]) -> list[dict[str, Any]]:
     return [_check_json(c) for c in checks]
 
 
-def libvirt(d: pin.Definition, features: Mapping[str, str], header: Sequence[str]) -> str:
-    """`<cpu mode='custom' match='exact' check='full'>`: the base as `<model
-    fallback='forbid'>`, a `<feature>` per flag libvirt knows (`features`: QEMU property →
-    libvirt's name for its CPUID bit), and every other property as a `-global` in
-    `<qemu:commandline>`, marked as what libvirt cannot express."""
+def libvirt(lv: pin.Libvirt, header: Sequence[str]) -> str:
+    """`<cpu mode='custom' match='exact' check='full'>` with `<model fallback='forbid'>` (a
+    model libvirt knows), a `<feature policy='require|disable'>` per flag libvirt names, and
+    every other property as a `-global` in `<qemu:commandline>`, marked as what libvirt cannot
+    express (its namespace must be declared on the `<domain>`)."""
     out = [f"<!-- {_comment(h)} -->" for h in header]
     out.append("<cpu mode='custom' match='exact' check='full'>")
-    out.append(f"  <model fallback='forbid'>{escape(d.base)}</model>")
-    named: dict[str, bool] = {}
-    for p, v in d.props.items():
-        if p in features and isinstance(v, bool):
-            named.setdefault(features[p], v)
-    for name, on in sorted(named.items()):
+    out.append(f"  <model fallback='forbid'>{escape(lv.model)}</model>")
+    for name, (_, on) in lv.features.items():
         policy = "require" if on else "disable"
         out.append(f"  <feature policy={quoteattr(policy)} name={quoteattr(name)}/>")
     out.append("</cpu>")
-    rest = [(p, v) for p, v in d.props.items() if not (p in features and isinstance(v, bool))]
     out.append(
-        "<!-- libvirt cannot express these: QEMU -global arguments, in the <domain> whose "
-        "xmlns:qemu is 'http://libvirt.org/schemas/domain/qemu/1.0' -->"
+        "<!-- libvirt cannot express these: QEMU -global arguments, in a <domain> with "
+        "xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0' -->"
     )
     out.append("<qemu:commandline>")
-    for p, v in rest:
-        arg = f"{d.typename}.{p}={pin.option_value(v)}"
+    for arg in lv.global_args():
         out.append("  <qemu:arg value='-global'/>")
         out.append(f"  <qemu:arg value={quoteattr(arg)}/>")
     out.append("</qemu:commandline>")
@@ -137,9 +131,7 @@ def header(p: pin.Pinned) -> list[str]:
     ]
 
 
-def render(
-    p: pin.Pinned, form: str, features: Mapping[str, str] | None = None, carried: bool = False
-) -> str:
+def render(p: pin.Pinned, form: str, carried: bool = False) -> str:
     """The pin in one of `FORMATS` (`carried`: as carried to the other build)."""
     d = p.other.definition if carried and p.other is not None else p.definition
     if carried and form != "json":
@@ -149,7 +141,9 @@ def render(
     if form == "readconfig":
         return readconfig(d, header(p))
     if form == "libvirt":
-        return libvirt(d, features or {}, header(p))
+        if p.libvirt is None:
+            raise ValueError("the libvirt form was not made (Request.form)")
+        return libvirt(p.libvirt, header(p))
     other = None
     if p.other is not None:
         other = {
@@ -178,6 +172,15 @@ def summary(p: pin.Pinned) -> list[str]:
             what = t.check.error or f"{len(t.check.left)} differ on {t.check.machine}"
             lines.append(f"  base {t.base} not taken: {what}")
     lines += _checks(p.checks, p.source.qemu)
+    if p.libvirt is not None:
+        lv = p.libvirt
+        lines.append(
+            f"libvirt form on {lv.model}: {len(lv.features)} <feature>s, {len(lv.globals)} -globals"
+        )
+        for t in p.libvirt_tried:
+            if t.base != lv.model:
+                lines.append(f"  model {t.base} not taken: {t.check.error or 'differs'}")
+        lines += _checks(p.libvirt_checks, f"{p.source.qemu} as libvirt starts it")
     if p.other is not None:
         qemu = p.other_checks[0].qemu if p.other_checks else "the other QEMU"
         added = ", ".join(f"{k}={pin.option_value(v)}" for k, v in list(p.other.added.items())[:8])
@@ -231,7 +234,7 @@ def _checks(checks: Sequence[pin.Check], qemu: str) -> list[str]:
 EXTENSIONS = {"cmdline": "cpu", "readconfig": "cfg", "json": "json", "libvirt": "xml"}
 
 
-def write_all(out: Path, pins: pin.AllPins, form: str, features: Mapping[str, str]) -> None:
+def write_all(out: Path, pins: pin.AllPins, form: str) -> None:
     """`--all`: `<model>/<model>.<n>.<ext>` per definition, `definitions.csv` (one row per
     definition with its machine types) and `stable.csv` (the models whose one definition
     holds on every versioned machine type they ran on)."""
@@ -241,7 +244,7 @@ def write_all(out: Path, pins: pin.AllPins, form: str, features: Mapping[str, st
         name = f"{path_part(g.model)}/{path_part(g.id)}.{EXTENSIONS[form]}"
         if p is not None:
             (out / path_part(g.model)).mkdir(parents=True, exist_ok=True)
-            atomic_write(out / name, render(p, form, features).encode())
+            atomic_write(out / name, render(p, form).encode())
         rows.append(
             {
                 "model": g.model,

@@ -7,18 +7,20 @@ from __future__ import annotations
 import asyncio
 import difflib
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from qmpprobe.analysis import pin
 from qmpprobe.analysis.drift import machine_order
+from qmpprobe.analysis.explain import NOT_COMPARED
 from qmpprobe.core import cpuflags
 from qmpprobe.core.cpuid import Dump, spelled_bits
 from qmpprobe.core.discovery import Discovery
 from qmpprobe.core.record import Record
 from qmpprobe.core.values import json_text
 from qmpprobe.core.vocab import EXACT, OK, is_edge
+from qmpprobe.discover import libvirt
 from qmpprobe.errors import InputError
 from qmpprobe.plan.plan import select, split_patterns
 from qmpprobe.probe.expand import MachineRead, probe_machine
@@ -45,6 +47,8 @@ class Request:
     run: str | None = None
     verify: str | None = None
     verify_qemu: str | None = None
+    #: The form asked for: `libvirt` has its own model and its own starts.
+    form: str = "cmdline"
 
 
 def _machine(discovery: Discovery, name: str) -> str:
@@ -120,18 +124,97 @@ async def _check(
 ) -> pin.Check:
     """Start `definition` on `machine` and compare every value with the source's."""
     started = replace(launch, cpu_flags=pin.cpu_props(definition))
-    record = await _probe(started, machine, definition.base, _read_plan(discovery), timeout)
+    return await _start(started, discovery, definition.base, machine, source, timeout, kinds)
+
+
+async def _start(
+    launch: LaunchOptions,
+    discovery: Discovery,
+    model: str,
+    machine: str,
+    source: Mapping[str, str],
+    timeout: float,
+    kinds: Any = None,
+    not_compared: Collection[str] = (),
+) -> pin.Check:
+    """Start `-cpu model,<launch's flags>` (and its globals) on `machine`; compare every value
+    (and guest CPUID cell, with the firmware) with the source's, but `not_compared`."""
+    record = await _probe(launch, machine, model, _read_plan(discovery), timeout)
     if record["status"] != OK:
         return pin.Check(machine, record["status"], record.get("error", ""), qemu=launch.qemu)
     got = _values(record, discovery)
     if not launch.firmware:
         source = pin.without_guest(source)
+    if not_compared:
+        source = {p: v for p, v in source.items() if p not in not_compared}
+        got = {p: v for p, v in got.items() if p not in not_compared}
     return pin.Check(
         machine,
         OK,
         left=pin.differences(source, got, kinds(got) if kinds else None),
         qemu=launch.qemu,
     )
+
+
+def _as_libvirt(launch: LaunchOptions, lv: pin.Libvirt) -> LaunchOptions:
+    """What a libvirt domain of this XML starts: `-cpu MODEL,f=on,...` and the -globals."""
+    return replace(launch, cpu_flags=lv.cpu_props(), globals=lv.global_args())
+
+
+async def _libvirt(
+    launch: LaunchOptions,
+    discovery: Discovery,
+    pinned: pin.Pinned,
+    definitions: Sequence[Mapping[str, Any]],
+    machines: Sequence[str],
+    sources: Callable[[str], Mapping[str, str]],
+    gate: asyncio.Semaphore,
+    timeout: float,
+) -> None:
+    """`--format libvirt`: the first model libvirt knows whose form of the pin starts equal to
+    the source on its machine type, then started on every machine type of `machines`."""
+    cmap = libvirt.cpu_map()
+    bits = spelled_bits(discovery.feature_bits, discovery.feature_aliases)
+    src, bare = pinned.source, _bare(launch)
+    best: tuple[pin.Libvirt, pin.Check] | None = None
+    for model in pin.libvirt_models(src.model, definitions, cmap.models):
+        lv = pin.libvirt_form(
+            pinned.definition,
+            model,
+            pin.typename(definitions, model),
+            src.values,
+            bits,
+            cmap.by_bit,
+            cmap.by_name,
+        )
+        check = await _start(
+            _as_libvirt(bare, lv),
+            discovery,
+            model,
+            src.machine,
+            src.values,
+            timeout,
+            not_compared=NOT_COMPARED,
+        )
+        pinned.libvirt_tried.append(pin.Tried(model, check))
+        if best is None or (check.equal and not best[1].equal):
+            best = (lv, check)
+        if check.equal:
+            break
+    if best is None:
+        raise pin.Unpinnable(f"libvirt's CPU map has no model that {src.qemu} has")
+    lv, first = best
+    pinned.libvirt = lv
+    chosen = _as_libvirt(bare, lv)
+
+    async def one(m: str) -> pin.Check:
+        async with gate:
+            return await _start(
+                chosen, discovery, lv.model, m, sources(m), timeout, not_compared=NOT_COMPARED
+            )
+
+    others = await together(*(one(m) for m in machines if m != src.machine))
+    pinned.libvirt_checks = [first, *others]
 
 
 @dataclass
@@ -371,6 +454,11 @@ async def make(req: Request) -> pin.Pinned:
     first = next(t.check for t in tried if t.base == definition.base and t.check.status == OK)
     checks = [first, *await together(*(one(m) for m in targets if m != machine))]
     pinned = pin.Pinned(source, definition, tried, checks)
+    if req.form == "libvirt":
+        values = source.values
+        await _libvirt(
+            launch, discovery, pinned, definitions, targets, lambda m: values, gate, timeout
+        )
     if req.verify_qemu:
         await _other(req, pinned, launch, discovery, gate)
     return pinned
@@ -532,7 +620,19 @@ async def make_all(req: Request) -> pin.AllPins:
 
         others = await together(*(check(m) for m in g.machines if m != newest))
         checks = [*others, first]
-        return replace(g, pinned=pin.Pinned(source, d, tried, checks))
+        pinned = pin.Pinned(source, d, tried, checks)
+        if req.form == "libvirt":
+            await _libvirt(
+                launch,
+                discovery,
+                pinned,
+                definitions[newest],
+                g.machines,
+                lambda m: run.values(m, g.model),
+                gate,
+                timeout,
+            )
+        return replace(g, pinned=pinned)
 
     done = await together(*(one(g) for g in groups))
     return pin.AllPins(run.path, done, sorted(versioned & set(ok["machine"].astype(str))))
