@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +192,7 @@ def manifest(run: Path) -> dict[str, Any]:
 
 
 async def _qom_read_all(
-    machine: str, model: str, smp: str, accel: str, qemu: str
+    machine: str, model: str, smp: str, accel: str, qemu: str, extra: Sequence[str] = ()
 ) -> dict[str, Any]:
     # Deliberately not qmpprobe's launcher: a unix socket, its own process, plain qom-get.
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,6 +214,7 @@ async def _qom_read_all(
                 smp,
                 "-qmp",
                 f"unix:{sock},server=on,wait=off",
+                *extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -254,9 +255,33 @@ def qom_read_all(
     smp: str = "1,sockets=1,cores=1,threads=1",
     accel: str = "tcg",
     qemu: str | None = None,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Every readable property of the realized CPU that is a cell, one qom-get at a time."""
-    return asyncio.run(_qom_read_all(machine, model, smp, accel, qemu or qemu_path()))
+    """Every readable property of the realized CPU that is a cell, one qom-get at a time.
+    `model` is the whole value of `-cpu` (`Haswell`, `base,f16c=off,…`); `extra` more QEMU
+    arguments (`-readconfig FILE`, `-global …`)."""
+    return asyncio.run(_qom_read_all(machine, model, smp, accel, qemu or qemu_path(), extra))
+
+
+def qom_read_many(
+    reads: Sequence[tuple[str, str, Sequence[str]]],
+    smp: str = "1,sockets=1,cores=1,threads=1",
+    accel: str = "tcg",
+    qemu: str | None = None,
+) -> list[dict[str, Any]]:
+    """`qom_read_all` of each (machine, `-cpu` value, extra arguments), each its own QEMU,
+    as many side by side as a run's default --jobs; in the order given."""
+
+    async def read_all() -> list[dict[str, Any]]:
+        room = asyncio.Semaphore((os.cpu_count() or 1) + 1)
+
+        async def one(machine: str, cpu: str, extra: Sequence[str]) -> dict[str, Any]:
+            async with room:
+                return await _qom_read_all(machine, cpu, smp, accel, qemu or qemu_path(), extra)
+
+        return await asyncio.gather(*(one(*r) for r in reads))
+
+    return asyncio.run(read_all())
 
 
 def json_text(value: Any) -> str:
