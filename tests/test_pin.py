@@ -373,13 +373,6 @@ def test_readconfig_pin_loaded_by_plain_qemu_is_the_source(
         assert_same_cpu(truth, machine, values)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a value with a comma cannot be pinned: the pin is only ever started as "
-    "`-cpu BASE,p=v,...` with commas doubled, but QEMU's x86 -cpu parser splits on every "
-    "comma (strtok, no ',,' escape), so `pin` exits 1 'cannot be pinned' even in "
-    "--format readconfig, whose [global] value holds the comma fine",
-)
 def test_a_value_with_a_comma_is_pinned_in_readconfig(tmp_path: Path) -> None:
     model_id = "qemu64-x86_64-cpu.model-id=Foo, Inc"
     path = tmp_path / "pin.cfg"
@@ -548,12 +541,6 @@ def test_pin_from_a_run_verifies_every_machine_type_of_its_families_by_default(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: --run's default --verify starts the pin on the run's unversioned machine "
-    "types too (run.pin._families keeps them), `none` among them, whose every combo the run "
-    "skipped (cpu-max 1 < 2 CPUs): the pin can never be equal there, exit 1",
-)
 def test_pin_from_a_run_with_machine_type_none_is_equal(
     runs: dict[str, Path], pin: Callable[..., subprocess.CompletedProcess[str]]
 ) -> None:

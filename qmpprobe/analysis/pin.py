@@ -189,10 +189,21 @@ def option_value(value: Any) -> str:
     return str(value)
 
 
+def on_cpu(value: Any) -> bool:
+    """Whether `-cpu` can hold the value: QEMU's x86 `-cpu` parser splits its text at every
+    comma, with no escape (`model-id=Foo,, Inc` is refused on 7.2 and 11.1 alike: "Property
+    'qemu64-x86_64-cpu. Inc' not found"), so a value with a comma goes in a `-global`."""
+    return "," not in option_value(value)
+
+
 def cpu_props(d: Definition) -> str:
-    """The properties as `-cpu`'s text after the base: `p=v,...`, commas in values doubled
-    (QEMU's option syntax)."""
-    return ",".join(f"{p}={option_value(v).replace(',', ',,')}" for p, v in d.props.items())
+    """The properties as `-cpu`'s text after the base, `p=v,...`: those `-cpu` can hold."""
+    return ",".join(f"{p}={option_value(v)}" for p, v in d.props.items() if on_cpu(v))
+
+
+def cpu_globals(d: Definition) -> tuple[str, ...]:
+    """The rest, as `-global TYPE.PROP=VALUE` values (a `-global`'s value may hold commas)."""
+    return tuple(f"{d.typename}.{p}={option_value(v)}" for p, v in d.props.items() if not on_cpu(v))
 
 
 def cpu_arg(d: Definition) -> str:

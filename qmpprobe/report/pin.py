@@ -15,6 +15,7 @@ import pandas as pd
 
 from qmpprobe import __version__
 from qmpprobe.analysis import pin
+from qmpprobe.errors import InputError
 from qmpprobe.store import csvfile
 from qmpprobe.store.folder import atomic_write, path_part
 
@@ -25,7 +26,13 @@ CONFIG_VALUE_MAX = 1023
 
 
 def cmdline(d: pin.Definition) -> str:
-    """Exactly one line: the value to give `-cpu`."""
+    """Exactly one line: the value to give `-cpu`; a pin `-cpu` cannot hold is refused."""
+    if rest := pin.cpu_globals(d):
+        names = ", ".join(g.split("=", 1)[0] for g in rest)
+        raise InputError(
+            f"--format cmdline cannot hold {names}: QEMU's -cpu parser splits values at every "
+            "comma (no escape); use --format readconfig, json or libvirt"
+        )
     return pin.cpu_arg(d) + "\n"
 
 
@@ -41,6 +48,11 @@ def readconfig(d: pin.Definition, header: Sequence[str]) -> str:
     value the config syntax cannot hold goes on `-cpu` instead (the header says how)."""
     kept = {p: t for p, v in d.props.items() if (t := _config_value(v)) is not None}
     rest = pin.Definition(d.base, d.typename, {p: v for p, v in d.props.items() if p not in kept})
+    if neither := [p for p, v in rest.props.items() if not pin.on_cpu(v)]:
+        raise InputError(
+            f"--format readconfig cannot hold {', '.join(neither)}: a config file value has no "
+            '" or line break, and -cpu none with a comma; use --format json or libvirt'
+        )
     lines = [f"# {h}" for h in header]
     lines.append(f"# use: -cpu {pin.cpu_arg(rest)} -readconfig THIS_FILE")
     for p, text in kept.items():

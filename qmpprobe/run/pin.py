@@ -123,7 +123,11 @@ async def _check(
     kinds: Any = None,
 ) -> pin.Check:
     """Start `definition` on `machine` and compare every value with the source's."""
-    started = replace(launch, cpu_flags=pin.cpu_props(definition))
+    started = replace(
+        launch,
+        cpu_flags=pin.cpu_props(definition),
+        globals=(*launch.globals, *pin.cpu_globals(definition)),
+    )
     return await _start(started, discovery, definition.base, machine, source, timeout, kinds)
 
 
@@ -298,21 +302,27 @@ async def _choose(
     return best[1], tried
 
 
-def _families(discovery: Discovery, machines: Sequence[str]) -> list[str]:
-    """Every versioned machine type of the families of `machines` (and `machines` themselves)."""
+def _families(discovery: Discovery, machines: Sequence[str], source: str) -> list[str]:
+    """The source's machine type and every versioned machine type of the families of
+    `machines` (a run's unversioned ones, `none` or `isapc`, are no family: only the source's
+    own is started)."""
     order = machine_order([asdict(m) for m in discovery.machines])
     families = set(order.loc[order["machine"].isin(machines) & order["versioned"], "family"])
     chosen = order[order["versioned"] & order["family"].isin(families)]["machine"].tolist()
-    return [*[m for m in machines if m not in chosen], *chosen]
+    return [*([source] if source not in chosen else []), *chosen]
 
 
 def _verify_machines(
-    discovery: Discovery, patterns: str | None, default: Sequence[str], strict: bool = True
+    discovery: Discovery,
+    patterns: str | None,
+    default: Sequence[str],
+    source: str,
+    strict: bool = True,
 ) -> list[str]:
     """`--verify`'s machine types (default: every one of the families of `default`). With
     `--verify-qemu` (`strict` False) a pattern may match machine types of one build only."""
     if patterns is None:
-        return _families(discovery, default)
+        return _families(discovery, default, source)
     aliases = {m.alias: m.name for m in discovery.machines if m.alias}
     names = [m.name for m in discovery.machines]
     if strict:
@@ -437,7 +447,7 @@ async def make(req: Request) -> pin.Pinned:
     source, record = await _source(req, launch, discovery, machine, model)
     if run is not None:
         _same_as_run(run.path, source, run.values(machine, model))
-    targets = _verify_machines(discovery, req.verify, run_machines, not req.verify_qemu)
+    targets = _verify_machines(discovery, req.verify, run_machines, machine, not req.verify_qemu)
     timeout = options.timeout
     answers = record["answers"]
     definitions = answers["query-cpu-definitions"]["return"]
@@ -504,7 +514,7 @@ async def _other(
     pinned.other = carried
     have = {m.name for m in theirs.machines}
     start = [src.machine] if src.machine in have else [shared]
-    targets = _verify_machines(theirs, req.verify, start, strict=False)
+    targets = _verify_machines(theirs, req.verify, start, start[0], strict=False)
     if not targets:
         raise InputError(f"--verify {req.verify!r}: {req.verify_qemu} has no such machine type")
     order = machine_order([asdict(m) for m in theirs.machines])
