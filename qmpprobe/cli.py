@@ -35,6 +35,18 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accel", default="tcg", choices=("tcg", "kvm"), help="accelerator (tcg)")
 
 
+def _flag_args(p: argparse.ArgumentParser, flags_help: str, globals_note: str) -> None:
+    p.add_argument("--cpu-flags", default="", help=flags_help)
+    p.add_argument(
+        "--global",
+        dest="globals",
+        action="append",
+        default=[],
+        metavar="TYPE.PROP=VAL",
+        help=f"passed to QEMU as -global{globals_note} (repeatable)",
+    )
+
+
 def _guest_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guest-cpuid",
@@ -74,17 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="1",
         help="N (-> N,sockets=1,cores=N,threads=1) or a full -smp topology (1)",
     )
-    r.add_argument(
-        "--cpu-flags", default="", help="appended to -cpu MODEL, e.g. '+x,-y,z=on' or -mmx"
-    )
-    r.add_argument(
-        "--global",
-        dest="globals",
-        action="append",
-        default=[],
-        metavar="TYPE.PROP=VAL",
-        help="passed to QEMU as -global (repeatable)",
-    )
+    _flag_args(r, "appended to -cpu MODEL, e.g. '+x,-y,z=on' or -mmx", "")
     r.add_argument("--jobs", type=jobs_value, help=JOBS_HELP)
     r.add_argument(
         "--timeout",
@@ -185,15 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--run", metavar="RUN", help="take QEMU, accelerator, topology, flags from RUN")
     _probe_args(pn)
     pn.add_argument("--smp", default="1", help="topology when probing (no --run)")
-    pn.add_argument("--cpu-flags", default="", help="the source's extra -cpu flags (no --run)")
-    pn.add_argument(
-        "--global",
-        dest="globals",
-        action="append",
-        default=[],
-        metavar="TYPE.PROP=VAL",
-        help="the source's -globals (no --run; repeatable)",
-    )
+    _flag_args(pn, "the source's extra -cpu flags", " (the source's; no --run)")
     pn.add_argument(
         "--format", default="cmdline", choices=("cmdline", "readconfig", "json", "libvirt")
     )

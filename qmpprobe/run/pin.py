@@ -338,21 +338,9 @@ async def _source(
     record = await _probe(launch, machine, model, _read_plan(discovery, True), timeout)
     if record["status"] != OK:
         raise InputError(f"{machine}/{model}: QEMU does not run it: {record['error']}")
-    source = pin.Source(
-        qemu=discovery.qemu,
-        version=discovery.version,
-        fingerprint=discovery.fingerprint["id"],
-        qemu_sha256=discovery.fingerprint.get("qemu_sha256", ""),
-        accel=launch.accel,
-        topology=launch.topology,
-        cpu_flags=launch.cpu_flags,
-        globals=launch.globals,
-        machine=machine,
-        model=model,
-        run=req.run,
-        values=_values(record, discovery),
-    )
-    return source, record
+    return _source_of(
+        discovery, launch, machine, model, req.run, _values(record, discovery)
+    ), record
 
 
 @dataclass
@@ -608,7 +596,9 @@ async def make_all(req: Request) -> pin.AllPins:
 
     async def one(g: pin.Group) -> pin.Group:
         newest = ([m for m in g.machines if m in versioned] or g.machines)[-1]
-        source = _run_source(run, discovery, launch, newest, g.model)
+        source = _source_of(
+            discovery, launch, newest, g.model, run.path, run.values(newest, g.model)
+        )
         try:
             d, tried = await _choose(
                 launch,
@@ -648,10 +638,15 @@ async def make_all(req: Request) -> pin.AllPins:
     return pin.AllPins(run.path, done, sorted(versioned & set(ok["machine"].astype(str))))
 
 
-def _run_source(
-    run: _Run, discovery: Discovery, launch: LaunchOptions, machine: str, model: str
+def _source_of(
+    discovery: Discovery,
+    launch: LaunchOptions,
+    machine: str,
+    model: str,
+    run: str | None,
+    values: dict[str, str],
 ) -> pin.Source:
-    """The source of a pin taken from a run's cells (`--all`)."""
+    """The source of a pin: which QEMU, how started, which combo, and its values."""
     return pin.Source(
         qemu=discovery.qemu,
         version=discovery.version,
@@ -663,6 +658,6 @@ def _run_source(
         globals=launch.globals,
         machine=machine,
         model=model,
-        run=run.path,
-        values=run.values(machine, model),
+        run=run,
+        values=values,
     )
