@@ -317,11 +317,17 @@ class Source:
     run: str | None
     values: dict[str, str] = field(repr=False, default_factory=dict)
 
+    @property
+    def guest_cpuid(self) -> bool:
+        """Whether the guest's CPUID was read (and so compared on every start)."""
+        return any(p.startswith(GUEST_PREFIX) for p in self.values)
+
     def facts(self) -> dict[str, Any]:
         """The source as the JSON form says it."""
         d = asdict(self)
         d.pop("values")
         d["globals"] = list(self.globals)
+        d["guest_cpuid"] = self.guest_cpuid
         return d
 
 
