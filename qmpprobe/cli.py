@@ -185,9 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="every (model, machine type) of --run into --out DIR, identical ones grouped",
     )
     pn.add_argument("--run", metavar="RUN", help="take QEMU, accelerator, topology, flags from RUN")
-    _probe_args(pn)
-    pn.add_argument("--smp", default="1", help="topology when probing (no --run)")
-    _flag_args(pn, "the source's extra -cpu flags", " (the source's; no --run)")
+    # No defaults here: given with --run (which names them all) they are refused, not ignored.
+    pn.add_argument("--qemu", help="QEMU binary or wrapper (default: qemu-system-x86_64)")
+    pn.add_argument("--accel", choices=("tcg", "kvm"), help="accelerator (tcg)")
+    pn.add_argument("--smp", help="topology when probing (1)")
+    pn.add_argument("--cpu-flags", help="the source's extra -cpu flags (no --run)")
+    pn.add_argument(
+        "--global",
+        dest="globals",
+        action="append",
+        metavar="TYPE.PROP=VAL",
+        help="passed to QEMU as -global (the source's; no --run; repeatable)",
+    )
+    pn.add_argument(
+        "--carry",
+        metavar="PIN.json",
+        help="carry a pin's JSON to --qemu's build and verify it there (no MACHINE, MODEL)",
+    )
     pn.add_argument(
         "--format", default="cmdline", choices=("cmdline", "readconfig", "json", "libvirt")
     )
@@ -371,21 +385,27 @@ def _cmd_pin(args: argparse.Namespace) -> int:
     from qmpprobe.run import lifecycle, pin
     from qmpprobe.store.folder import atomic_write
 
+    if refused := _pin_refusal(args):
+        return _say(refused, EXIT_INPUT)
     if args.all:
         return _pin_all(args)
-    if not (args.machine and args.model):
-        return _say("pin: MACHINE and MODEL are needed (or --all --run RUN --out DIR)", EXIT_INPUT)
-    if args.carried and not args.verify_qemu:
-        return _say("pin --carried needs --verify-qemu PATH (the build it is carried to)", 2)
     options = _options(args, machines=args.machine, models=args.model, progress=False)
     request = pin.Request(
-        args.machine, args.model, options, args.run, args.verify, args.verify_qemu, args.format
+        args.machine or "",
+        args.model or "",
+        options,
+        args.run,
+        args.verify,
+        args.verify_qemu,
+        args.format,
+        args.carry,
     )
+    make = pin.carry if args.carry else pin.make
     try:
-        pinned = lifecycle.run_sync(lambda: pin.make(request))
+        pinned = lifecycle.run_sync(lambda: make(request))
     except Unpinnable as e:
         return _say(error_text(e), EXIT_CHANGED)
-    text = forms.render(pinned, args.format, carried=args.carried)
+    text = forms.render(pinned, args.format, carried=args.carried or bool(args.carry))
     if args.out:
         atomic_write(Path(args.out), text.encode())
     else:
@@ -395,14 +415,35 @@ def _cmd_pin(args: argparse.Namespace) -> int:
     return EXIT_OK if pinned.equal else EXIT_CHANGED
 
 
+def _pin_refusal(args: argparse.Namespace) -> str:
+    """What `pin` refuses before anything starts: option sets that cannot go together."""
+    source = [o for o, v in (("--qemu", args.qemu), ("--accel", args.accel), ("--smp", args.smp),
+              ("--cpu-flags", args.cpu_flags), ("--global", args.globals)) if v]  # fmt: skip
+    if args.all:
+        if args.machine or args.model or not args.run or not args.out:
+            return "pin --all takes --run RUN and --out DIR, and no MACHINE or MODEL"
+        if args.verify or args.verify_qemu or args.carried or args.carry:
+            return "pin --all verifies each definition on its own machine types, on its build"
+    elif args.carry:
+        if args.machine or args.model or args.run or args.verify_qemu:
+            return "pin --carry FILE takes the QEMU to carry to as --qemu, no MACHINE or MODEL"
+    elif not (args.machine and args.model):
+        return "pin: MACHINE and MODEL are needed (or --all --run RUN --out DIR, or --carry FILE)"
+    if args.run and source:
+        return (
+            f"pin --run takes QEMU, accelerator, topology and flags from the run: not {source[0]}"
+        )
+    if args.carried and not args.verify_qemu:
+        return "pin --carried needs --verify-qemu PATH (the build it is carried to)"
+    if args.format == "libvirt" and (args.carried or args.carry):
+        return "the libvirt form is made on the source's build: not with --carried or --carry"
+    return ""
+
+
 def _pin_all(args: argparse.Namespace) -> int:
     from qmpprobe.report import pin as forms
     from qmpprobe.run import lifecycle, pin
 
-    if args.machine or args.model or not args.run or not args.out:
-        return _say("pin --all takes --run RUN and --out DIR, and no MACHINE or MODEL", EXIT_INPUT)
-    if args.verify or args.verify_qemu:
-        return _say("pin --all verifies each definition on its own machine types", EXIT_INPUT)
     out = Path(args.out)
     taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if taken and not (out / "definitions.csv").is_file():
@@ -410,11 +451,13 @@ def _pin_all(args: argparse.Namespace) -> int:
     options = _options(args, progress=False)
     request = pin.Request("", "", options, args.run, form=args.format)
     pins = lifecycle.run_sync(lambda: pin.make_all(request))
-    forms.write_all(out, pins, args.format)
+    unwritten = forms.write_all(out, pins, args.format)
     for line in forms.all_summary(pins):
         print(f"qmpprobe: {line}", file=sys.stderr)
+    if unwritten:
+        _say(f"{unwritten} definition(s) --format {args.format} cannot hold (their error)", 0)
     print(out / "definitions.csv")
-    return EXIT_OK if all(g.equal for g in pins.groups) else EXIT_CHANGED
+    return EXIT_OK if all(g.equal for g in pins.groups) and not unwritten else EXIT_CHANGED
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -163,3 +163,53 @@ def test_a_pin_made_on_one_cpu_starts_with_four_and_hotplugs(tmp_path: Path) -> 
     assert got.returncode == 0, got.stderr
     assert '"error"' not in got.stdout, got.stdout
     assert got.stdout.count('"cpu-index"') == 4
+
+
+def test_options_that_cannot_go_together_are_refused(small_run: Path, tmp_path: Path) -> None:
+    for args in (
+        ["pin", "pc-q35-7.2", "EPYC", "--run", str(small_run), "--qemu", qemu_path()],
+        ["pin", "pc-q35-7.2", "EPYC", "--run", str(small_run), "--smp", "2"],
+        ["pin", "pc-q35-7.2", "EPYC", "--carried"],
+        ["pin", "pc-q35-7.2", "EPYC", "--format", "libvirt", "--carried", "--verify-qemu", "x"],
+        ["pin", "--carry", str(tmp_path / "none.json"), "pc-q35-7.2", "EPYC"],
+        ["pin", "--all", "--run", str(small_run), "--out", str(tmp_path / "a"), "--guest-cpuid"],
+    ):
+        done = cli(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("qmpprobe: ")
+
+
+@pytest.mark.parametrize(
+    "text", ["", "{", "[]", '{"source": {}}', '{"source": 1, "definition": 2}']
+)
+def test_carry_refuses_what_is_not_a_pins_json(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "pin.json"
+    path.write_text(text)
+    done = cli("pin", "--carry", str(path))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "not a pin's JSON" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_kept_pin_is_carried_to_a_new_build_without_the_old_one(tmp_path: Path) -> None:
+    """The seed's use case: the JSON kept from 7.2 is all 11.1 needs (no 7.2 QEMU)."""
+    from conftest import fetched
+
+    kept = tmp_path / "haswell.json"
+    done = cli("pin", "pc-q35-7.2", "Haswell", "--verify", "pc-q35-7.2", "--format", "json",
+               "--out", str(kept))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    new = fetched("11.1")
+    carried = cli("pin", "--carry", str(kept), "--qemu", new, "--verify", "pc-q35-11.1")
+    assert carried.returncode == 1, carried.stderr  # 11.1's TCG grants x2apic: told, not hidden
+    assert "x2apic false -> true (abi-change)" in carried.stderr
+    cpu = carried.stdout.strip()
+    assert "\n" not in cpu and "full-cpuid-auto-level" not in cpu  # what 11.1 lacks is dropped
+    assert "x-vendor-cpuid-only-v2=off" in cpu  # 11.1's new knob at pc-q35-7.2's value there
+    got = subprocess.run(
+        [new, "-S", "-nodefaults", "-no-user-config", "-display", "none", "-machine",
+         "pc-q35-11.1", "-accel", "tcg", "-cpu", cpu, "-qmp", "stdio"],
+        input='{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert got.returncode == 0 and '"error"' not in got.stdout, got.stderr

@@ -40,12 +40,15 @@ def libvirt_names() -> tuple[set[str], set[str]]:
     return models, features
 
 
-def domain(cpu_xml: str, machine: str, name: str) -> str:
-    """A domain around the pin's XML: no disk, no devices libvirt would add by default."""
+def domain(pin_xml: str, machine: str, name: str) -> str:
+    """A domain of the pin's XML (a `<domain>` holding what to merge): its `<cpu>` and
+    `<qemu:commandline>`, no disk, no devices libvirt would add by default."""
+    ET.register_namespace("qemu", QEMU_NS)
+    parts = "".join(ET.tostring(e, encoding="unicode") for e in ET.fromstring(pin_xml))
     return (
         f"<domain type='qemu' xmlns:qemu='{QEMU_NS}'><name>{name}</name>"
         "<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
-        f"<os><type arch='x86_64' machine='{machine}'>hvm</type></os>{cpu_xml}"
+        f"<os><type arch='x86_64' machine='{machine}'>hvm</type></os>{parts}"
         f"<devices><emulator>{qemu_path()}</emulator><controller type='usb' model='none'/>"
         "<memballoon model='none'/></devices></domain>"
     )
@@ -74,7 +77,8 @@ def epyc_xml() -> str:
 
 def test_the_xml_names_only_what_libvirt_knows(epyc_xml: str) -> None:
     models, features = libvirt_names()
-    root = ET.fromstring(f"<d xmlns:qemu='{QEMU_NS}'>{epyc_xml}</d>")
+    root = ET.fromstring(epyc_xml)  # one document: a <domain> holding what to merge
+    assert root.tag == "domain" and root.get("type") == "qemu"
     cpu = root.find("cpu")
     assert cpu is not None
     assert (cpu.get("mode"), cpu.get("match"), cpu.get("check")) == ("custom", "exact", "full")

@@ -5,23 +5,23 @@ verification went out; the QEMU sessions are `probe.pin`'s, the order of work `r
 A pin is a base model plus every property of the model's full expansion on the source machine
 type, at the value the machine type *asks for*: features as requested (realize filters what
 the accelerator cannot give, on the target as on the source), and what realize fills in
-(`phys-bits` 0, `apic-id` and the topology ids unassigned, `hv-vendor-id` "") left for realize
-to fill in from the same properties. Compat props are globals of the CPU types, and the pin's
+(`phys-bits` 0, `apic-id` and the topology ids unassigned) left for realize to fill in from
+the same properties; a value that does not come back when given (`hv-vendor-id` "", which
+realize fills in only when never set) is given at its realized value. Compat props are globals of the CPU types, and the pin's
 own `-cpu` properties are applied after them, so every knob a machine type turns is set back.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qmpprobe.analysis.drift import machine_order
 from qmpprobe.core.cpuid import set_bits
 from qmpprobe.core.values import json_text
-from qmpprobe.core.vocab import GUEST_PREFIX
+from qmpprobe.core.vocab import GUEST_PREFIX, OK
 from qmpprobe.errors import InputError
 
 #: Kinds of what is left over when a pin is started on another build (the `diff` kinds).
@@ -54,6 +54,9 @@ class Definition:
     typename: str
     props: Mapping[str, Any]
     unpinned: tuple[Unpinned, ...] = ()
+    #: Properties given at the source's realized value: their expansion value does not come
+    #: back when given (`hv-vendor-id` ""; realize fills it in only when it was never set).
+    realized: tuple[str, ...] = ()
 
     def model_info(self) -> dict[str, Any]:
         """The definition as QMP's `CpuModelInfo` (what `query-cpu-model-expansion` takes)."""
@@ -79,11 +82,13 @@ class Check:
     error: str = ""
     left: list[Leftover] = field(default_factory=list)
     qemu: str = ""
+    #: Why the machine, not QEMU's answer, ended the start (no answer in time, killed).
+    environment: str = ""
 
     @property
     def equal(self) -> bool:
         """Started, and nothing but property-set differences left over."""
-        return self.status == "ok" and not any(x.kind not in PROPERTY_SETS for x in self.left)
+        return self.status == OK and not any(x.kind not in PROPERTY_SETS for x in self.left)
 
 
 def requested(expansion: Mapping[str, Any], not_values: Collection[str]) -> dict[str, Any]:
@@ -107,9 +112,9 @@ def candidates(model: str, definitions: Sequence[Mapping[str, Any]]) -> list[str
 def typename(definitions: Sequence[Mapping[str, Any]], model: str) -> str:
     """The QOM type of a model, as `query-cpu-definitions` names it."""
     for d in definitions:
-        if d["name"] == model:
-            return str(d.get("typename") or f"{model}-cpu")
-    raise InputError(f"QEMU lists no CPU model {model!r}")
+        if d["name"] == model and isinstance(d.get("typename"), str):
+            return str(d["typename"])
+    raise InputError(f"QEMU's query-cpu-definitions gives no QOM type for {model!r}")
 
 
 def refused(answers: Mapping[str, Any]) -> dict[str, str]:
@@ -206,6 +211,31 @@ def cpu_globals(d: Definition) -> tuple[str, ...]:
     return tuple(f"{d.typename}.{p}={option_value(v)}" for p, v in d.props.items() if not on_cpu(v))
 
 
+#: What QEMU's config-file parser takes as a value: `value = "…"` with no `"` and no line
+#: break inside, at most 1023 characters (util/qemu-config.c, 7.2 and 11.1).
+CONFIG_VALUE_MAX = 1023
+
+
+def config_value(value: Any) -> str | None:
+    """A value as a `-readconfig` `[global]` section holds it, or None when it cannot."""
+    text = option_value(value)
+    if '"' in text or "\n" in text or "\r" in text or len(text) > CONFIG_VALUE_MAX:
+        return None
+    return text
+
+
+def started_as(d: Definition, form: str) -> tuple[str, tuple[str, ...]]:
+    """`-cpu`'s text after the base and the `-global`s that start `d` as `form` writes it:
+    `readconfig` puts every value it can hold in a `[global]` section (one `-global` each)
+    and the rest on `-cpu`; the other forms put on `-cpu` what it can hold."""
+    if form != "readconfig":
+        return cpu_props(d), cpu_globals(d)
+    kept = {p: t for p, v in d.props.items() if (t := config_value(v)) is not None}
+    rest = {p: v for p, v in d.props.items() if p not in kept}
+    cpu = ",".join(f"{p}={option_value(v)}" for p, v in rest.items())
+    return cpu, tuple(f"{d.typename}.{p}={t}" for p, t in kept.items())
+
+
 def cpu_arg(d: Definition) -> str:
     """The whole value of `-cpu`."""
     return f"{d.base},{cpu_props(d)}" if d.props else d.base
@@ -285,21 +315,6 @@ def cross_kinds(
     return kinds
 
 
-def machines_matching(patterns: str, names: Iterable[str]) -> list[str]:
-    """Names matching comma-separated globs, in the order given; one that matches nothing is
-    refused."""
-    names = list(names)
-    out: list[str] = []
-    for pat in [p.strip() for p in patterns.split(",") if p.strip()]:
-        hit = [n for n in names if fnmatch.fnmatchcase(n, pat)]
-        if not hit:
-            raise InputError(f"--verify {pat!r}: no machine type of this QEMU matches")
-        out += [n for n in hit if n not in out]
-    if not out:
-        raise InputError("--verify: no machine type given")
-    return out
-
-
 @dataclass
 class Source:
     """Where the pin comes from, and every value of the source CPU as cell text."""
@@ -316,6 +331,9 @@ class Source:
     model: str
     run: str | None
     values: dict[str, str] = field(repr=False, default_factory=dict)
+    #: The source build's machine types (`name`, `alias`): where `--carry` finds the newest
+    #: one both builds have.
+    machines: list[dict[str, Any]] = field(repr=False, default_factory=list)
 
     @property
     def guest_cpuid(self) -> bool:
@@ -326,6 +344,7 @@ class Source:
         """The source as the JSON form says it."""
         d = asdict(self)
         d.pop("values")
+        d.pop("machines")
         d["globals"] = list(self.globals)
         d["guest_cpuid"] = self.guest_cpuid
         return d
@@ -356,9 +375,9 @@ class Pinned:
 
     @property
     def equal(self) -> bool:
-        """Every start of the pin gave the source's CPU back."""
+        """Every start of the pin gave the source's CPU back (and there was one)."""
         every = [*self.checks, *self.other_checks, *self.libvirt_checks]
-        return all(c.equal for c in every) and bool(self.checks)
+        return all(c.equal for c in every) and bool(every)
 
 
 class Unpinnable(Exception):
@@ -391,7 +410,7 @@ class AllPins:
 
     def stable(self) -> list[Group]:
         """Groups of models whose one definition holds on every versioned machine type the
-        model ran on."""
+        model ran on, verified equal on each."""
         by_model: dict[str, list[Group]] = {}
         for g in self.groups:
             by_model.setdefault(g.model, []).append(g)
@@ -399,7 +418,7 @@ class AllPins:
         out = []
         for groups in by_model.values():
             hits = [g for g in groups if shipped & set(g.machines)]
-            if len(hits) == 1:
+            if len(hits) == 1 and hits[0].equal:
                 out.append(hits[0])
         return out
 
@@ -462,20 +481,15 @@ def libvirt_form(
     features: dict[str, tuple[str, bool]] = {}
     rest: dict[str, Any] = {}
     for p, v in d.props.items():
-        name = by_bit.get(bits.get(p, "")) or by_name.get(p)
         if isinstance(v, bool):
             v = source.get(p, json_text(v)) == "true"
+        name = by_bit.get(bits.get(p, "")) or by_name.get(p)
         if isinstance(v, bool) and name:
+            # A flag's other spellings are the same feature: given once, by its first name.
             features.setdefault(name, (p, v))
         else:
             rest[p] = v
-    named = {p for p, _ in features.values()}
-    spelled = {p: by_bit.get(bits.get(p, "")) or by_name.get(p) for p in d.props}
-    # A flag's other spellings are the same feature: given once, by its first name.
-    globals_ = {
-        p: v for p, v in rest.items() if not (spelled.get(p) in features and p not in named)
-    }
-    return Libvirt(model, type_name, dict(sorted(features.items())), globals_)
+    return Libvirt(model, type_name, dict(sorted(features.items())), rest)
 
 
 def libvirt_models(
@@ -492,3 +506,44 @@ def libvirt_models(
         if m in known and m not in out:
             out.append(m)
     return out
+
+
+def _text_map(value: Any, what: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise TypeError(f"{what} is not an object of texts")
+    return dict(value)
+
+
+def from_json(doc: Any, where: str) -> Pinned:
+    """A pin's JSON (`--format json`) read back, checked: its source, the source CPU's
+    values, its build's machine types and the definition; one-line refusal otherwise."""
+    try:
+        s, d = doc["source"], doc["definition"]
+        machines = doc["machines"]
+        if not isinstance(machines, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("name"), str) for m in machines
+        ):
+            raise TypeError("machines is not a list of machine types")
+        props = d["props"]
+        if not isinstance(props, dict) or not isinstance(d["name"], str):
+            raise TypeError("definition is not a CpuModelInfo")
+        source = Source(
+            **{k: str(s[k]) for k in ("qemu", "version", "fingerprint", "qemu_sha256")},
+            **{k: str(s[k]) for k in ("accel", "topology", "cpu_flags", "machine", "model")},
+            globals=tuple(str(g) for g in s["globals"]),
+            run=s.get("run") if isinstance(s.get("run"), str) else None,
+            values=_text_map(doc["values"], "values"),
+            machines=machines,
+        )
+        unpinned = tuple(
+            Unpinned(str(u["prop"]), u["value"], str(u["why"])) for u in doc["unpinned"]
+        )
+        definition = Definition(
+            d["name"], str(doc["typename"]), dict(props), unpinned,
+            tuple(str(p) for p in doc.get("realized", ())),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{where}: not a pin's JSON ({type(e).__name__}: {e})") from None
+    return Pinned(source, definition, [], [])

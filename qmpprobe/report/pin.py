@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -20,9 +21,9 @@ from qmpprobe.store import csvfile
 from qmpprobe.store.folder import atomic_write, path_part
 
 FORMATS = ("cmdline", "readconfig", "json", "libvirt")
-#: What QEMU's config-file parser takes as a value: `value = "…"` with no `"` and no line
-#: break inside, at most 1023 characters (util/qemu-config.c, measured on 7.2 and 11.1).
-CONFIG_VALUE_MAX = 1023
+#: Characters XML 1.0 has no place for, even escaped (C0 controls but tab, LF, CR).
+NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 
 def cmdline(d: pin.Definition) -> str:
@@ -36,27 +37,28 @@ def cmdline(d: pin.Definition) -> str:
     return pin.cpu_arg(d) + "\n"
 
 
-def _config_value(value: Any) -> str | None:
-    text = pin.option_value(value)
-    if '"' in text or "\n" in text or "\r" in text or len(text) > CONFIG_VALUE_MAX:
-        return None
-    return text
-
-
 def readconfig(d: pin.Definition, header: Sequence[str]) -> str:
     """A `-readconfig` file: one `[global]` section per property on the base's QOM type; a
     value the config syntax cannot hold goes on `-cpu` instead (the header says how)."""
-    kept = {p: t for p, v in d.props.items() if (t := _config_value(v)) is not None}
-    rest = pin.Definition(d.base, d.typename, {p: v for p, v in d.props.items() if p not in kept})
-    if neither := [p for p, v in rest.props.items() if not pin.on_cpu(v)]:
+    cpu, globals_ = pin.started_as(d, "readconfig")
+    on_cpu = [g for g in cpu.split(",") if g] if cpu else []
+    neither = [
+        p
+        for p, v in d.props.items()
+        if pin.config_value(v) is None
+        and (not pin.on_cpu(v) or "\n" in pin.option_value(v) or "\r" in pin.option_value(v))
+    ]
+    if neither:
         raise InputError(
             f"--format readconfig cannot hold {', '.join(neither)}: a config file value has no "
-            '" or line break, and -cpu none with a comma; use --format json or libvirt'
+            "quote or line break, and the -cpu its comment names no comma or line break; "
+            "use --format json"
         )
     lines = [f"# {h}" for h in header]
-    lines.append(f"# use: -cpu {pin.cpu_arg(rest)} -readconfig THIS_FILE")
-    for p, text in kept.items():
-        lines += ["", "[global]", f'  driver = "{d.typename}"', f'  property = "{p}"']
+    lines.append(f"# use: -cpu {','.join([d.base, *on_cpu])} -readconfig THIS_FILE")
+    for g in globals_:
+        prop, text = g[len(d.typename) + 1 :].split("=", 1)
+        lines += ["", "[global]", f'  driver = "{d.typename}"', f'  property = "{prop}"']
         lines.append(f'  value = "{text}"')
     return "\n".join(lines) + "\n"
 
@@ -73,20 +75,23 @@ def _check_json(c: pin.Check) -> dict[str, Any]:
     }
 
 
-def as_json(
-    source: Mapping[str, Any],
-    d: pin.Definition,
-    checks: Sequence[pin.Check],
-    other: Mapping[str, Any] | None,
-    equal: bool,
-) -> str:
-    """The source, the definition as `CpuModelInfo`, what is not pinned and the verification."""
-    doc = {
+def unpinned_json(d: pin.Definition) -> list[dict[str, Any]]:
+    """What the pin does not carry, with QEMU's message for each."""
+    return [{"prop": u.prop, "value": u.value, "why": u.why} for u in d.unpinned]
+
+
+def as_json(p: pin.Pinned, d: pin.Definition, other: Mapping[str, Any] | None) -> str:
+    """The source, the definition as `CpuModelInfo`, what is not pinned, the verification,
+    and what `--carry` needs to prove the pin on another build without this one: the source
+    CPU's values and this build's machine types."""
+    source, checks, equal = p.source.facts(), p.checks, p.equal
+    doc: dict[str, Any] = {
         "qmpprobe": __version__,
         "source": dict(source),
         "definition": d.model_info(),
         "typename": d.typename,
-        "unpinned": [{"prop": u.prop, "value": u.value, "why": u.why} for u in d.unpinned],
+        "unpinned": unpinned_json(d),
+        "realized": list(d.realized),
         "verified": {
             "equal": equal,
             "machines": [_check_json(c) for c in checks],
@@ -94,6 +99,8 @@ def as_json(
     }
     if other is not None:
         doc["other_qemu"] = dict(other)
+    doc["values"] = dict(sorted(p.source.values.items()))
+    doc["machines"] = p.source.machines
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
@@ -102,27 +109,33 @@ def checks_json(checks: Sequence[pin.Check]) -> list[dict[str, Any]]:
     return [_check_json(c) for c in checks]
 
 
-def libvirt(lv: pin.Libvirt, header: Sequence[str]) -> str:
-    """`<cpu mode='custom' match='exact' check='full'>` with `<model fallback='forbid'>` (a
-    model libvirt knows), a `<feature policy='require|disable'>` per flag libvirt names, and
-    every other property as a `-global` in `<qemu:commandline>`, marked as what libvirt cannot
-    express (its namespace must be declared on the `<domain>`)."""
+def libvirt(lv: pin.Libvirt, header: Sequence[str], accel: str) -> str:
+    """A `<domain>` holding what to merge into a domain's XML: `<cpu mode='custom'
+    match='exact' check='full'>` with `<model fallback='forbid'>` (a model libvirt knows), a
+    `<feature policy='require|disable'>` per flag libvirt names, and every other property as
+    a `-global` in `<qemu:commandline>`, marked as what libvirt cannot express."""
+    args = lv.global_args()
+    if any(NOT_XML.search(t) for t in [lv.model, *args]):
+        raise InputError(
+            "--format libvirt cannot hold a control character of a value: XML has none"
+        )
+    kind = "kvm" if accel == "kvm" else "qemu"
     out = [f"<!-- {_comment(h)} -->" for h in header]
-    out.append("<cpu mode='custom' match='exact' check='full'>")
-    out.append(f"  <model fallback='forbid'>{escape(lv.model)}</model>")
+    out.append("<!-- merge the <cpu> and <qemu:commandline> below into your domain -->")
+    out.append(f"<domain type={quoteattr(kind)} xmlns:qemu={quoteattr(QEMU_NS)}>")
+    out.append("  <cpu mode='custom' match='exact' check='full'>")
+    out.append(f"    <model fallback='forbid'>{escape(lv.model)}</model>")
     for name, (_, on) in lv.features.items():
         policy = "require" if on else "disable"
-        out.append(f"  <feature policy={quoteattr(policy)} name={quoteattr(name)}/>")
-    out.append("</cpu>")
-    out.append(
-        "<!-- libvirt cannot express these: QEMU -global arguments, in a <domain> with "
-        "xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0' -->"
-    )
-    out.append("<qemu:commandline>")
-    for arg in lv.global_args():
-        out.append("  <qemu:arg value='-global'/>")
-        out.append(f"  <qemu:arg value={quoteattr(arg)}/>")
-    out.append("</qemu:commandline>")
+        out.append(f"    <feature policy={quoteattr(policy)} name={quoteattr(name)}/>")
+    out.append("  </cpu>")
+    out.append("  <!-- libvirt cannot express these: QEMU -global arguments -->")
+    out.append("  <qemu:commandline>")
+    for arg in args:
+        out.append("    <qemu:arg value='-global'/>")
+        out.append(f"    <qemu:arg value={quoteattr(arg)}/>")
+    out.append("  </qemu:commandline>")
+    out.append("</domain>")
     return "\n".join(out) + "\n"
 
 
@@ -155,7 +168,7 @@ def render(p: pin.Pinned, form: str, carried: bool = False) -> str:
     if form == "libvirt":
         if p.libvirt is None:
             raise ValueError("the libvirt form was not made (Request.form)")
-        return libvirt(p.libvirt, header(p))
+        return libvirt(p.libvirt, header(p), p.source.accel)
     other = None
     if p.other is not None:
         other = {
@@ -163,13 +176,10 @@ def render(p: pin.Pinned, form: str, carried: bool = False) -> str:
             "definition": p.other.definition.model_info(),
             "dropped": list(p.other.dropped),
             "added": dict(p.other.added),
-            "unpinned": [
-                {"prop": u.prop, "value": u.value, "why": u.why}
-                for u in p.other.definition.unpinned
-            ],
+            "unpinned": unpinned_json(p.other.definition),
             "machines": checks_json(p.other_checks),
         }
-    return as_json(p.source.facts(), d, p.checks, other, p.equal)
+    return as_json(p, p.definition, other)
 
 
 def summary(p: pin.Pinned) -> list[str]:
@@ -183,7 +193,11 @@ def summary(p: pin.Pinned) -> list[str]:
         if t.base != d.base or not t.check.equal:
             what = t.check.error or f"{len(t.check.left)} differ on {t.check.machine}"
             lines.append(f"  base {t.base} not taken: {what}")
-    lines += _checks(p.checks, p.source.qemu)
+    if d.realized:
+        lines.append(f"  given at the realized value (not given back as asked): "
+                     f"{', '.join(d.realized)}")  # fmt: skip
+    if p.checks:  # none for --carry: the source's build is not at hand
+        lines += _checks(p.checks, p.source.qemu)
     if p.libvirt is not None:
         lv = p.libvirt
         lines.append(
@@ -246,17 +260,23 @@ def _checks(checks: Sequence[pin.Check], qemu: str) -> list[str]:
 EXTENSIONS = {"cmdline": "cpu", "readconfig": "cfg", "json": "json", "libvirt": "xml"}
 
 
-def write_all(out: Path, pins: pin.AllPins, form: str) -> None:
+def write_all(out: Path, pins: pin.AllPins, form: str) -> int:
     """`--all`: `<model>/<model>.<n>.<ext>` per definition, `definitions.csv` (one row per
     definition with its machine types) and `stable.csv` (the models whose one definition
-    holds on every versioned machine type they ran on)."""
+    holds on every versioned machine type they ran on). Every text is made before anything
+    is written; returns how many definitions the form cannot hold (their row says why)."""
+    texts: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for g in pins.groups:
+        if g.pinned is not None:
+            try:
+                texts[g.id] = render(g.pinned, form)
+            except InputError as e:
+                errors[g.id] = str(e)
     rows = []
     for g in pins.groups:
         p = g.pinned
         name = f"{path_part(g.model)}/{path_part(g.id)}.{EXTENSIONS[form]}"
-        if p is not None:
-            (out / path_part(g.model)).mkdir(parents=True, exist_ok=True)
-            atomic_write(out / name, render(p, form).encode())
         rows.append(
             {
                 "model": g.model,
@@ -266,18 +286,24 @@ def write_all(out: Path, pins: pin.AllPins, form: str) -> None:
                 "machine_types": " ".join(g.machines),
                 "equal": g.equal,
                 "differ_on": " ".join(c.machine for c in p.checks if not c.equal) if p else "",
-                "error": g.error,
-                "file": name if p else "",
+                "error": g.error or errors.get(g.id, ""),
+                "file": name if g.id in texts else "",
             }
         )
+    for g in pins.groups:
+        if g.id in texts:
+            (out / path_part(g.model)).mkdir(parents=True, exist_ok=True)
+            name = f"{path_part(g.model)}/{path_part(g.id)}.{EXTENSIONS[form]}"
+            atomic_write(out / name, texts[g.id].encode())
     table = pd.DataFrame(rows, columns=DEFINITION_COLUMNS)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "definitions.csv", csvfile.csv_bytes(table))
-    stable = {g.id for g in pins.stable()}
+    stable = {g.id for g in pins.stable()} - errors.keys()
     atomic_write(
         out / "stable.csv",
         csvfile.csv_bytes(table[table["definition"].isin(stable)][STABLE_COLUMNS]),
     )
+    return len(errors)
 
 
 DEFINITION_COLUMNS = [

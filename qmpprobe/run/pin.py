@@ -1,14 +1,17 @@
 """`qmpprobe pin`: the source combo probed, a base model chosen by starting the pin, the pin
 started on every machine type asked (and on another build), each compared with the source
-property by property (README, "qmpprobe pin"). What to pin is `analysis.pin`'s."""
+property by property (README, "qmpprobe pin"). What to pin is `analysis.pin`'s; every QEMU
+started here goes through one `Pinner`, so at most `--jobs` run at once."""
 
 from __future__ import annotations
 
 import asyncio
 import difflib
 import fnmatch
+import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from qmpprobe.analysis import pin
@@ -26,8 +29,8 @@ from qmpprobe.plan.plan import select, split_patterns
 from qmpprobe.probe.expand import MachineRead, probe_machine
 from qmpprobe.probe.pin import expansions
 from qmpprobe.probe.qemu import LaunchOptions, together
-from qmpprobe.probe.read import ReadPlan, probe
-from qmpprobe.probe.session import environment_caused
+from qmpprobe.probe.read import probe
+from qmpprobe.probe.session import MALFORMED, environment_caused
 from qmpprobe.run import preflight
 from qmpprobe.run.calibrate import reference_plan
 from qmpprobe.run.lifecycle import discover_qemu, launch_options
@@ -35,6 +38,8 @@ from qmpprobe.run.manifest import options_from_manifest
 from qmpprobe.run.options import RunOptions
 from qmpprobe.store.cells import FlagReader, realized_values
 from qmpprobe.store.folder import RunFolder
+
+Kinds = Callable[[Mapping[str, str]], dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,14 @@ class Request:
     verify_qemu: str | None = None
     #: The form asked for: `libvirt` has its own model and its own starts.
     form: str = "cmdline"
+    #: `--carry FILE`: a pin's JSON, carried to `options.qemu`.
+    carry: str | None = None
+
+
+def _close(name: str, names: Sequence[str], what: str, qemu: str) -> InputError:
+    close = difflib.get_close_matches(name, names, n=5)
+    hint = f" (close: {', '.join(close)})" if close else ""
+    return InputError(f"{qemu} has no {what} {name!r}{hint}")
 
 
 def _machine(discovery: Discovery, name: str) -> str:
@@ -56,55 +69,32 @@ def _machine(discovery: Discovery, name: str) -> str:
     for m in discovery.machines:
         if name in (m.name, m.alias):
             return m.name
-    close = difflib.get_close_matches(name, [m.name for m in discovery.machines], n=5)
-    hint = f" (close: {', '.join(close)})" if close else ""
-    raise InputError(f"{discovery.qemu} has no machine type {name!r}{hint}")
+    names = [m.name for m in discovery.machines]
+    raise _close(name, names, "machine type", discovery.qemu)
 
 
 def _model(discovery: Discovery, name: str) -> str:
+    """The CPU model `name`, or a one-line refusal."""
     names = [m.name for m in discovery.models]
     if name in names:
         return name
-    close = difflib.get_close_matches(name, names, n=5)
-    hint = f" (close: {', '.join(close)})" if close else ""
-    raise InputError(f"{discovery.qemu} has no CPU model {name!r}{hint}")
+    raise _close(name, names, "CPU model", discovery.qemu)
+
+
+def _answer(answers: Mapping[str, Any], command: str) -> Any:
+    """QEMU's `return` to `command`, or a one-line refusal when the answer lacks it."""
+    try:
+        return answers[command]["return"]
+    except MALFORMED as e:
+        raise InputError(
+            f"QEMU's answer to {command} lacks what its QMP schema promises "
+            f"({type(e).__name__}: {e})"
+        ) from None
 
 
 def _flags(discovery: Discovery) -> FlagReader:
     """The flags whose CPUID bit discovery learned: read from the CPU's own feature words."""
     return FlagReader(spelled_bits(discovery.feature_bits, discovery.feature_aliases))
-
-
-def _read_plan(discovery: Discovery, definitions: bool = False) -> ReadPlan:
-    """The reference reading (README, "How a combo is probed and read"): qom-get of every
-    property but the flags, which come from the same CPU's feature words."""
-    return reference_plan(_flags(discovery), discovery.plumbing, definitions)
-
-
-def _values(record: Record, discovery: Discovery) -> dict[str, str]:
-    """Every cell of an `ok` record: its readable properties and its guest CPUID cells."""
-    found = pin.texts(
-        realized_values(record, discovery.feature_aliases, discovery.plumbing, _flags(discovery))
-    )
-    if "guest-cpuid" in record["answers"]:
-        found |= pin.texts(Dump(record["answers"]["guest-cpuid"]).values)
-    return found
-
-
-def _not_values(record: Record, discovery: Discovery) -> set[str]:
-    """What the expansion lists that is not a value of the CPU: links, plumbing."""
-    listed = record["answers"]["qom-list"]["return"]
-    return {p["name"] for p in listed if is_edge(p["type"])} | set(discovery.plumbing)
-
-
-async def _probe(
-    launch: LaunchOptions, machine: str, model: str, read: ReadPlan, timeout: float
-) -> Record:
-    """One probe, tried once more when the machine (not QEMU's answer) caused its end."""
-    record = await probe(launch, machine, model, read, timeout)
-    if environment_caused(record):
-        record = await probe(launch, machine, model, read, timeout)
-    return record
 
 
 def _bare(launch: LaunchOptions) -> LaunchOptions:
@@ -113,51 +103,11 @@ def _bare(launch: LaunchOptions) -> LaunchOptions:
     return replace(launch, cpu_flags="", globals=())
 
 
-async def _check(
-    launch: LaunchOptions,
-    discovery: Discovery,
-    definition: pin.Definition,
-    machine: str,
-    source: Mapping[str, str],
-    timeout: float,
-    kinds: Any = None,
-) -> pin.Check:
-    """Start `definition` on `machine` and compare every value with the source's."""
-    started = replace(
-        launch,
-        cpu_flags=pin.cpu_props(definition),
-        globals=(*launch.globals, *pin.cpu_globals(definition)),
-    )
-    return await _start(started, discovery, definition.base, machine, source, timeout, kinds)
-
-
-async def _start(
-    launch: LaunchOptions,
-    discovery: Discovery,
-    model: str,
-    machine: str,
-    source: Mapping[str, str],
-    timeout: float,
-    kinds: Any = None,
-    not_compared: Collection[str] = (),
-) -> pin.Check:
-    """Start `-cpu model,<launch's flags>` (and its globals) on `machine`; compare every value
-    (and guest CPUID cell, with the firmware) with the source's, but `not_compared`."""
-    record = await _probe(launch, machine, model, _read_plan(discovery), timeout)
-    if record["status"] != OK:
-        return pin.Check(machine, record["status"], record.get("error", ""), qemu=launch.qemu)
-    got = _values(record, discovery)
-    if not launch.firmware:
-        source = pin.without_guest(source)
-    if not_compared:
-        source = {p: v for p, v in source.items() if p not in not_compared}
-        got = {p: v for p, v in got.items() if p not in not_compared}
-    return pin.Check(
-        machine,
-        OK,
-        left=pin.differences(source, got, kinds(got) if kinds else None),
-        qemu=launch.qemu,
-    )
+def _as_started(launch: LaunchOptions, d: pin.Definition, form: str) -> LaunchOptions:
+    """`-cpu BASE,…` and `-global`s as the form says them (`readconfig`: each `[global]`
+    section is one `-global`; the others: on `-cpu`, a value with a comma as a `-global`)."""
+    cpu, globals_ = pin.started_as(d, form)
+    return replace(launch, cpu_flags=cpu, globals=(*launch.globals, *globals_))
 
 
 def _as_libvirt(launch: LaunchOptions, lv: pin.Libvirt) -> LaunchOptions:
@@ -165,141 +115,206 @@ def _as_libvirt(launch: LaunchOptions, lv: pin.Libvirt) -> LaunchOptions:
     return replace(launch, cpu_flags=lv.cpu_props(), globals=lv.global_args())
 
 
-async def _libvirt(
-    launch: LaunchOptions,
-    discovery: Discovery,
-    pinned: pin.Pinned,
-    definitions: Sequence[Mapping[str, Any]],
-    machines: Sequence[str],
-    sources: Callable[[str], Mapping[str, str]],
-    gate: asyncio.Semaphore,
-    timeout: float,
-) -> None:
-    """`--format libvirt`: the first model libvirt knows whose form of the pin starts equal to
-    the source on its machine type, then started on every machine type of `machines`."""
-    cmap = libvirt.cpu_map()
-    bits = spelled_bits(discovery.feature_bits, discovery.feature_aliases)
-    src, bare = pinned.source, _bare(launch)
-    best: tuple[pin.Libvirt, pin.Check] | None = None
-    for model in pin.libvirt_models(src.model, definitions, cmap.models):
-        lv = pin.libvirt_form(
-            pinned.definition,
-            model,
-            pin.typename(definitions, model),
-            src.values,
-            bits,
-            cmap.by_bit,
-            cmap.by_name,
-        )
-        check = await _start(
-            _as_libvirt(bare, lv),
-            discovery,
-            model,
-            src.machine,
-            src.values,
-            timeout,
-            not_compared=NOT_COMPARED,
-        )
-        pinned.libvirt_tried.append(pin.Tried(model, check))
-        if best is None or (check.equal and not best[1].equal):
-            best = (lv, check)
-        if check.equal:
-            break
-    if best is None:
-        raise pin.Unpinnable(f"libvirt's CPU map has no model that {src.qemu} has")
-    lv, first = best
-    pinned.libvirt = lv
-    chosen = _as_libvirt(bare, lv)
-
-    async def one(m: str) -> pin.Check:
-        async with gate:
-            return await _start(
-                chosen, discovery, lv.model, m, sources(m), timeout, not_compared=NOT_COMPARED
-            )
-
-    others = await together(*(one(m) for m in machines if m != src.machine))
-    pinned.libvirt_checks = [first, *others]
-
-
 @dataclass
-class Memo:
-    """The values QEMU refused per base model, learned by one command (`--all` chooses
-    hundreds of bases). Leaving them out at once gives the pin a single pin would get: QEMU
-    checks a value when it is set, whatever else the pin holds."""
+class Pinner:
+    """One QEMU build as a pin is made and checked on it: every QEMU of the command starts
+    through `probe` or `refusals`, under one limit of `jobs` at once."""
 
+    launch: LaunchOptions
+    discovery: Discovery
+    timeout: float
+    gate: asyncio.Semaphore
+    form: str = "cmdline"
+    #: The values QEMU refused per base model (`--all` chooses hundreds of bases). Leaving
+    #: them out at once gives what a single pin gets: QEMU checks a value when it is set.
     refused: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
 
-    def known_refusals(self, base: str, wanted: Mapping[str, Any]) -> dict[str, str]:
-        """The values of `wanted` QEMU already refused on `base`."""
+    async def probe(self, launch: LaunchOptions, machine: str, model: str, defs: bool) -> Record:
+        """One reference reading, tried once more when the machine caused its end."""
+        read = reference_plan(_flags(self.discovery), self.discovery.plumbing, defs)
+        for _ in range(2):
+            async with self.gate:
+                record = await probe(launch, machine, model, read, self.timeout)
+            if not environment_caused(record):
+                break
+        return record
+
+    async def refusals(self, machine: str, base: str, props: Mapping[str, Any]) -> Record:
+        """`probe.pin.expansions`: what QEMU refuses of `props` on `base`."""
+        async with self.gate:
+            return await expansions(_bare(self.launch), machine, base, props, self.timeout)
+
+    def values(self, record: Record) -> dict[str, str]:
+        """Every cell of an `ok` record: its readable properties and guest CPUID cells."""
+        d = self.discovery
+        try:
+            found = pin.texts(realized_values(record, d.feature_aliases, d.plumbing, _flags(d)))
+            if "guest-cpuid" in record["answers"]:
+                found |= pin.texts(Dump(record["answers"]["guest-cpuid"]).values)
+        except MALFORMED as e:
+            raise InputError(
+                f"QEMU's answers lack what its QMP schema promises ({type(e).__name__}: {e})"
+            ) from None
+        return found
+
+    def not_values(self, record: Record) -> set[str]:
+        """What the expansion lists that is not a value of the CPU: links, plumbing."""
+        listed = _answer(record["answers"], "qom-list")
+        return {p["name"] for p in listed if is_edge(p["type"])} | set(self.discovery.plumbing)
+
+    async def start(
+        self,
+        launch: LaunchOptions,
+        model: str,
+        machine: str,
+        source: Mapping[str, str],
+        kinds: Kinds | None = None,
+        not_compared: Collection[str] = (),
+    ) -> pin.Check:
+        """Start `-cpu model,<launch's flags>` (and its globals) on `machine`; compare every
+        value (and guest CPUID cell, with the firmware) with the source's, but `not_compared`."""
+        record = await self.probe(launch, machine, model, False)
+        qemu = launch.qemu
+        if record["status"] != OK:
+            why = record.get("environment", "")
+            return pin.Check(machine, record["status"], record["error"], qemu=qemu, environment=why)
+        got = self.values(record)
+        if not launch.firmware:
+            source = pin.without_guest(source)
+        source = {p: v for p, v in source.items() if p not in not_compared}
+        got = {p: v for p, v in got.items() if p not in not_compared}
+        left = pin.differences(source, got, kinds(got) if kinds else None)
+        return pin.Check(machine, OK, left=left, qemu=qemu)
+
+    async def check(
+        self,
+        d: pin.Definition,
+        machine: str,
+        source: Mapping[str, str],
+        kinds: Kinds | None = None,
+    ) -> pin.Check:
+        """Start `d` as its form is written on `machine`; compare with the source."""
+        started = _as_started(_bare(self.launch), d, self.form)
+        return await self.start(started, d.base, machine, source, kinds)
+
+    async def attempt(
+        self, source: pin.Source, base: str, type_name: str, wanted: Mapping[str, Any]
+    ) -> tuple[pin.Definition, pin.Check]:
+        """The pin of `wanted` on `base`, started on the source's machine type: what QEMU
+        refuses dropped (found by asking it value by value when the pin does not start), what
+        does not come back given at its realized value."""
+        props = dict(wanted)
         known = self.refused.get(base, {})
-        return {
-            p: why for p, (v, why) in known.items() if p in wanted and json_text(wanted[p]) == v
-        }
+        ahead = {p: why for p, (v, why) in known.items() if p in props and json_text(props[p]) == v}
+        d = pin.definition(base, type_name, props, ahead)
+        check = await self.check(d, source.machine, source.values)
+        if check.status != OK and not check.environment:
+            asked = await self.refusals(source.machine, base, props)
+            if asked["status"] != OK:
+                failed = pin.Check(source.machine, asked["status"], asked["error"])
+                return d, replace(failed, environment=asked.get("environment", ""))
+            refusals = pin.refused(asked["answers"])
+            if not refusals:
+                return d, check
+            self.refused.setdefault(base, {}).update(
+                (p, (json_text(props[p]), why)) for p, why in refusals.items()
+            )
+            d = pin.definition(base, type_name, props, refusals)
+            check = await self.check(d, source.machine, source.values)
+        if check.status == OK and (realized := pin.realized_instead(d, check)):
+            # What QEMU reports as a value but cannot be given back as one ("" for an unset
+            # string that realize fills in): the realized value instead.
+            d = replace(
+                d,
+                props=dict(sorted({**d.props, **realized}.items())),
+                realized=tuple(sorted(realized)),
+            )
+            check = await self.check(d, source.machine, source.values)
+        return d, check
 
+    async def choose(
+        self,
+        source: pin.Source,
+        definitions: Sequence[Mapping[str, Any]],
+        wanted: Mapping[str, Any],
+    ) -> tuple[pin.Definition, list[pin.Tried]]:
+        """The first base model whose pin QEMU takes and starts equal to the source on its
+        own machine type; if none does, the one with the fewest differences. A start the
+        machine ended (no answer in time, killed from outside) ends the choice there: the
+        next base must not win because the machine was busy."""
+        tried: list[pin.Tried] = []
+        best: tuple[int, pin.Definition] | None = None
+        for base in pin.candidates(source.model, definitions):
+            type_name = pin.typename(definitions, base)
+            d, check = await self.attempt(source, base, type_name, wanted)
+            tried.append(pin.Tried(base, check))
+            if check.equal or check.environment:
+                return d, tried
+            if check.status == OK and (best is None or len(check.left) < best[0]):
+                best = (len(check.left), d)
+        if best is None:
+            reasons = "; ".join(f"{t.base}: {t.check.error}" for t in tried)
+            raise pin.Unpinnable(f"{source.machine}/{source.model} cannot be pinned: {reasons}")
+        return best[1], tried
 
-async def _attempt(
-    launch: LaunchOptions,
-    discovery: Discovery,
-    source: pin.Source,
-    base: str,
-    type_name: str,
-    wanted: Mapping[str, Any],
-    memo: Memo,
-    timeout: float,
-) -> tuple[pin.Definition, pin.Check]:
-    """The pin of `wanted` on `base`, started on the source's machine type: what QEMU refuses
-    dropped (found by asking it value by value when the pin does not start), what does not
-    come back given at its realized value."""
-    props = dict(wanted)
-    d = pin.definition(base, type_name, props, memo.known_refusals(base, props))
-    check = await _check(launch, discovery, d, source.machine, source.values, timeout)
-    if check.status != OK:
-        asked = await expansions(launch, source.machine, base, props, timeout)
-        if asked["status"] != OK:
-            return d, pin.Check(source.machine, asked["status"], asked["error"])
-        refusals = pin.refused(asked["answers"])
-        if not refusals:
-            return d, check
-        memo.refused.setdefault(base, {}).update(
-            (p, (json_text(props[p]), why)) for p, why in refusals.items()
-        )
-        d = pin.definition(base, type_name, props, refusals)
-        check = await _check(launch, discovery, d, source.machine, source.values, timeout)
-    if check.status == OK and (realized := pin.realized_instead(d, check)):
-        # What QEMU reports as a value but cannot be given back as one ("" for an unset
-        # string that realize fills in): the realized value instead.
-        d = replace(d, props=dict(sorted({**d.props, **realized}.items())))
-        check = await _check(launch, discovery, d, source.machine, source.values, timeout)
-    return d, check
+    async def verify(
+        self,
+        d: pin.Definition,
+        first: pin.Check,
+        machines: Sequence[str],
+        sources: Callable[[str], Mapping[str, str]],
+        kinds: Callable[[str], Kinds | None] = lambda m: None,
+    ) -> list[pin.Check]:
+        """`first` (the start on the source's machine type) and `d` started on the others."""
+        others = [m for m in machines if m != first.machine]
+        return [
+            first,
+            *await together(*(self.check(d, m, sources(m), kinds(m)) for m in others)),
+        ]
 
-
-async def _choose(
-    launch: LaunchOptions,
-    discovery: Discovery,
-    source: pin.Source,
-    definitions: Sequence[Mapping[str, Any]],
-    wanted: Mapping[str, Any],
-    timeout: float,
-    memo: Memo | None = None,
-) -> tuple[pin.Definition, list[pin.Tried]]:
-    """The first base model whose pin QEMU takes and starts equal to the source on its own
-    machine type; if none does, the one with the fewest differences."""
-    memo = memo if memo is not None else Memo()
-    tried: list[pin.Tried] = []
-    best: tuple[int, pin.Definition] | None = None
-    bare = _bare(launch)
-    for base in pin.candidates(source.model, definitions):
-        type_name = pin.typename(definitions, base)
-        d, check = await _attempt(bare, discovery, source, base, type_name, wanted, memo, timeout)
-        tried.append(pin.Tried(base, check))
-        if check.equal:
-            return d, tried
-        if check.status == OK and (best is None or len(check.left) < best[0]):
-            best = (len(check.left), d)
-    if best is None:
-        reasons = "; ".join(f"{t.base}: {t.check.error}" for t in tried)
-        raise pin.Unpinnable(f"{source.machine}/{source.model} cannot be pinned: {reasons}")
-    return best[1], tried
+    async def libvirt(
+        self,
+        pinned: pin.Pinned,
+        cmap: libvirt.CpuMap,
+        definitions: Sequence[Mapping[str, Any]],
+        machines: Sequence[str],
+        sources: Callable[[str], Mapping[str, str]],
+    ) -> None:
+        """`--format libvirt`: the first model libvirt knows whose form of the pin starts
+        equal to the source on its machine type, then started on every machine type."""
+        bits = spelled_bits(self.discovery.feature_bits, self.discovery.feature_aliases)
+        src, bare = pinned.source, _bare(self.launch)
+        best: tuple[pin.Libvirt, pin.Check] | None = None
+        for model in pin.libvirt_models(src.model, definitions, cmap.models):
+            lv = pin.libvirt_form(
+                pinned.definition,
+                model,
+                pin.typename(definitions, model),
+                src.values,
+                bits,
+                cmap.by_bit,
+                cmap.by_name,
+            )
+            check = await self.start(
+                _as_libvirt(bare, lv), model, src.machine, src.values, None, NOT_COMPARED
+            )
+            pinned.libvirt_tried.append(pin.Tried(model, check))
+            if best is None or (check.equal and not best[1].equal):
+                best = (lv, check)
+            if check.equal or check.environment:
+                break
+        if best is None:
+            raise InputError(f"libvirt's CPU map names no model that {src.qemu} has")
+        lv, first = best
+        pinned.libvirt = lv
+        started = _as_libvirt(bare, lv)
+        others = [m for m in machines if m != src.machine]
+        pinned.libvirt_checks = [
+            first,
+            *await together(
+                *(self.start(started, lv.model, m, sources(m), None, NOT_COMPARED) for m in others)
+            ),
+        ]
 
 
 def _families(discovery: Discovery, machines: Sequence[str], source: str) -> list[str]:
@@ -328,19 +343,8 @@ def _verify_machines(
     if strict:
         return select(names, split_patterns(patterns), "verify", aliases)
     wanted = split_patterns(patterns)
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in wanted)]
-
-
-async def _source(
-    req: Request, launch: LaunchOptions, discovery: Discovery, machine: str, model: str
-) -> tuple[pin.Source, Record]:
-    timeout = req.options.timeout
-    record = await _probe(launch, machine, model, _read_plan(discovery, True), timeout)
-    if record["status"] != OK:
-        raise InputError(f"{machine}/{model}: QEMU does not run it: {record['error']}")
-    return _source_of(
-        discovery, launch, machine, model, req.run, _values(record, discovery)
-    ), record
+    hits = {aliases[a] for a in aliases if any(fnmatch.fnmatchcase(a, p) for p in wanted)}
+    return [n for n in names if n in hits or any(fnmatch.fnmatchcase(n, p) for p in wanted)]
 
 
 @dataclass
@@ -372,11 +376,11 @@ class _Run:
             )
 
 
-def _open_run(path: str, given: RunOptions) -> _Run:
+def _open_run(path: str, given: RunOptions, complete: bool = False) -> _Run:
     """An exact-mode run and the options it was made with (`given`'s jobs, timeout, cache);
     its QEMU is run only if it is the very file the run used."""
     folder = RunFolder(path)
-    raw = folder.read_manifest()
+    raw = folder.read_manifest(require_complete=complete)
     if raw.get("mode", EXACT) != EXACT:
         raise InputError(
             f"{path}: an expand-mode run holds the CPU asked for, not the one realized: "
@@ -422,222 +426,6 @@ def _same_as_run(run: str, source: pin.Source, kept: Mapping[str, str]) -> None:
         )
 
 
-async def make(req: Request) -> pin.Pinned:
-    """Probe the source, choose the base, verify on every machine type asked."""
-    options, run_machines, run = req.options, [req.machine], None
-    if req.run:
-        run = _open_run(req.run, req.options)
-        run.status(req.machine, req.model)
-        options, run_machines = run.options, sorted(set(run.combos["machine"].astype(str)))
-    launch = launch_options(options)
-    discovery = await _discover(launch, run, options.cache)
-    machine, model = _machine(discovery, req.machine), _model(discovery, req.model)
-    source, record = await _source(req, launch, discovery, machine, model)
-    if run is not None:
-        _same_as_run(run.path, source, run.values(machine, model))
-    targets = _verify_machines(discovery, req.verify, run_machines, machine, not req.verify_qemu)
-    timeout = options.timeout
-    answers = record["answers"]
-    definitions = answers["query-cpu-definitions"]["return"]
-    expansion = answers["query-cpu-model-expansion"]["return"]["model"]["props"]
-    wanted = pin.requested(expansion, _not_values(record, discovery))
-    definition, tried = await _choose(launch, discovery, source, definitions, wanted, timeout)
-    gate = asyncio.Semaphore(preflight.capped_jobs(options.jobs))
-
-    async def one(m: str) -> pin.Check:
-        async with gate:
-            return await _check(_bare(launch), discovery, definition, m, source.values, timeout)
-
-    # The source's own machine type was started in choosing the base: always checked.
-    first = next(t.check for t in tried if t.base == definition.base and t.check.status == OK)
-    checks = [first, *await together(*(one(m) for m in targets if m != machine))]
-    pinned = pin.Pinned(source, definition, tried, checks)
-    if req.form == "libvirt":
-        values = source.values
-        await _libvirt(
-            launch, discovery, pinned, definitions, targets, lambda m: values, gate, timeout
-        )
-    if req.verify_qemu:
-        await _other(req, pinned, launch, discovery, gate)
-    return pinned
-
-
-async def _other(
-    req: Request,
-    pinned: pin.Pinned,
-    launch: LaunchOptions,
-    discovery: Discovery,
-    gate: asyncio.Semaphore,
-) -> None:
-    """The pin on another build: what it lacks dropped, its new knobs at the values of the
-    newest machine type both builds have, started on its machine types of the families."""
-    assert req.verify_qemu is not None
-    theirs_launch = replace(_bare(launch), qemu=req.verify_qemu)
-    theirs = await discover_qemu(theirs_launch, req.options.cache)
-    src = pinned.source
-    shared = pin.newest_shared(
-        src.machine,
-        [asdict(m) for m in discovery.machines],
-        [asdict(m) for m in theirs.machines],
-    )
-    names = [m.name for m in theirs.models]
-    model = src.model if src.model in names else pinned.definition.base
-    if model not in names:
-        raise InputError(f"{req.verify_qemu} has neither {src.model} nor {pinned.definition.base}")
-    timeout = req.options.timeout
-    record = await _probe(theirs_launch, shared, model, _read_plan(theirs, True), timeout)
-    if record["status"] != OK:
-        raise InputError(f"{req.verify_qemu}: {shared}/{model} does not run: {record['error']}")
-    expansion = record["answers"]["query-cpu-model-expansion"]["return"]["model"]["props"]
-    carried = pin.carry(pinned.definition, expansion, _not_values(record, theirs))
-    asked = await expansions(
-        theirs_launch, shared, carried.definition.base, carried.definition.props, timeout
-    )
-    if asked["status"] == OK and (refusals := pin.refused(asked["answers"])):
-        d = carried.definition
-        carried = replace(
-            carried,
-            definition=pin.definition(d.base, d.typename, d.props, refusals),
-        )
-    pinned.other = carried
-    have = {m.name for m in theirs.machines}
-    start = [src.machine] if src.machine in have else [shared]
-    targets = _verify_machines(theirs, req.verify, start, start[0], strict=False)
-    if not targets:
-        raise InputError(f"--verify {req.verify!r}: {req.verify_qemu} has no such machine type")
-    order = machine_order([asdict(m) for m in theirs.machines])
-    versioned = set(order.loc[order["versioned"], "machine"])
-    safe = {m.name: m.migration_safe for m in theirs.models}
-
-    def kinds_for(m: str) -> Any:
-        return lambda got: pin.cross_kinds(
-            src.values, got, m in versioned, safe.get(model, True), theirs.features
-        )
-
-    async def one(m: str) -> pin.Check:
-        async with gate:
-            return await _check(
-                theirs_launch, theirs, carried.definition, m, src.values, timeout, kinds_for(m)
-            )
-
-    pinned.other_checks = await together(*(one(m) for m in targets))
-
-
-async def _expansions_of(
-    launch: LaunchOptions,
-    discovery: Discovery,
-    machine: str,
-    models: Sequence[str],
-    timeout: float,
-) -> tuple[list[Mapping[str, Any]], dict[str, dict[str, Any]]]:
-    """`--all`: one QEMU of `machine`, every model expanded in it as expand mode does (the
-    run's flags reach each model as QEMU applies them); its CPU definitions and each model's
-    requested properties."""
-    types = {m.name: m.typename for m in discovery.models}
-    own = next((m for m in models if m == _own_model(discovery, machine)), models[0])
-    read = MachineRead(
-        own_model=own,
-        globals=tuple(
-            cpuflags.globals_for(
-                cpuflags.split(launch.cpu_flags), [types[m] for m in models if m != own]
-            )
-        ),
-        skip=frozenset(discovery.plumbing),
-    )
-    records = await probe_machine(replace(launch, firmware=""), machine, models, read, timeout)
-    first = records[0]
-    if first["status"] != OK:
-        raise InputError(f"{machine}: QEMU does not start it for --all: {first['error']}")
-    definitions = first["answers"]["query-cpu-definitions"]["return"]
-    wanted = {}
-    for r in records:
-        got = r["answers"].get("query-cpu-model-expansion", {})
-        if "return" in got:
-            wanted[r["model"]] = pin.requested(
-                got["return"]["model"]["props"], set(discovery.plumbing)
-            )
-    return definitions, wanted
-
-
-def _own_model(discovery: Discovery, machine: str) -> str:
-    """A machine type's own default CPU model (its `default-cpu-type`), or ""."""
-    by_type = {m.typename: m.name for m in discovery.models}
-    for m in discovery.machines:
-        if m.name == machine and m.default_cpu_type:
-            return by_type.get(m.default_cpu_type, "")
-    return ""
-
-
-async def make_all(req: Request) -> pin.AllPins:
-    """`--all`: one definition per (model, machine type) of an exact run's `ok` combos,
-    machine types with the same definition grouped; each group's pin chosen on its newest
-    machine type and started on every machine type of the group."""
-    assert req.run is not None
-    run = _open_run(req.run, req.options)
-    launch = launch_options(run.options)
-    discovery = await _discover(launch, run, run.options.cache)
-    ok = run.combos[run.combos["status"].astype(str) == OK]
-    per_machine = ok.groupby(ok["machine"].astype(str), observed=True)["model"]
-    gate = asyncio.Semaphore(preflight.capped_jobs(run.options.jobs))
-    timeout = run.options.timeout
-
-    async def expand(machine: str, models: list[str]) -> tuple[str, Any, Any]:
-        async with gate:
-            return (machine, *await _expansions_of(launch, discovery, machine, models, timeout))
-
-    expanded = await together(*(expand(m, sorted(g.astype(str))) for m, g in per_machine if len(g)))
-    definitions = {m: d for m, d, _ in expanded}
-    wanted = {(m, x): w for m, _, ws in expanded for x, w in ws.items()}
-    order = machine_order([asdict(m) for m in discovery.machines])
-    groups = pin.group_definitions(wanted, order)
-    memo = Memo()
-
-    versioned = set(order.loc[order["versioned"], "machine"])
-
-    async def one(g: pin.Group) -> pin.Group:
-        newest = ([m for m in g.machines if m in versioned] or g.machines)[-1]
-        source = _source_of(
-            discovery, launch, newest, g.model, run.path, run.values(newest, g.model)
-        )
-        try:
-            d, tried = await _choose(
-                launch,
-                discovery,
-                source,
-                definitions[newest],
-                wanted[(newest, g.model)],
-                timeout,
-                memo,
-            )
-        except pin.Unpinnable as e:
-            return replace(g, error=str(e))
-        first = next(t.check for t in tried if t.base == d.base and t.check.status == OK)
-
-        async def check(m: str) -> pin.Check:
-            async with gate:
-                values = run.values(m, g.model)
-                return await _check(_bare(launch), discovery, d, m, values, timeout)
-
-        others = await together(*(check(m) for m in g.machines if m != newest))
-        checks = [*others, first]
-        pinned = pin.Pinned(source, d, tried, checks)
-        if req.form == "libvirt":
-            await _libvirt(
-                launch,
-                discovery,
-                pinned,
-                definitions[newest],
-                g.machines,
-                lambda m: run.values(m, g.model),
-                gate,
-                timeout,
-            )
-        return replace(g, pinned=pinned)
-
-    done = await together(*(one(g) for g in groups))
-    return pin.AllPins(run.path, done, sorted(versioned & set(ok["machine"].astype(str))))
-
-
 def _source_of(
     discovery: Discovery,
     launch: LaunchOptions,
@@ -660,4 +448,215 @@ def _source_of(
         model=model,
         run=run,
         values=values,
+        machines=[{"name": m.name, "alias": m.alias} for m in discovery.machines],
     )
+
+
+def _pinner(launch: LaunchOptions, discovery: Discovery, options: RunOptions, form: str) -> Pinner:
+    gate = asyncio.Semaphore(preflight.capped_jobs(options.jobs))
+    return Pinner(launch, discovery, options.timeout, gate, form)
+
+
+def _first(d: pin.Definition, tried: Sequence[pin.Tried]) -> pin.Check:
+    """The start of the chosen definition on the source's machine type."""
+    return next(t.check for t in reversed(tried) if t.base == d.base)
+
+
+async def make(req: Request) -> pin.Pinned:
+    """Probe the source, choose the base, verify on every machine type asked."""
+    cmap = libvirt.cpu_map() if req.form == "libvirt" else None  # refused before any QEMU
+    options, run_machines, run = req.options, [req.machine], None
+    if req.run:
+        run = _open_run(req.run, req.options)
+        options, run_machines = run.options, sorted(set(run.combos["machine"].astype(str)))
+    launch = launch_options(options)
+    discovery = await _discover(launch, run, options.cache)
+    machine, model = _machine(discovery, req.machine), _model(discovery, req.model)
+    if run is not None:
+        run.status(machine, model)
+    targets = _verify_machines(discovery, req.verify, run_machines, machine, not req.verify_qemu)
+    p = _pinner(launch, discovery, options, req.form)
+    record = await p.probe(launch, machine, model, True)
+    if record["status"] != OK:
+        raise InputError(f"{machine}/{model}: QEMU does not run it: {record['error']}")
+    source = _source_of(discovery, launch, machine, model, req.run, p.values(record))
+    if run is not None:
+        _same_as_run(run.path, source, run.values(machine, model))
+    definitions = _answer(record["answers"], "query-cpu-definitions")
+    expansion = _answer(record["answers"], "query-cpu-model-expansion")["model"]["props"]
+    d, tried = await p.choose(source, definitions, pin.requested(expansion, p.not_values(record)))
+    checks = await p.verify(d, _first(d, tried), targets, lambda m: source.values)
+    pinned = pin.Pinned(source, d, tried, checks)
+    if cmap is not None:
+        await p.libvirt(pinned, cmap, definitions, targets, lambda m: source.values)
+    if req.verify_qemu:
+        await _other(req, pinned, launch, p.gate, req.verify_qemu)
+    return pinned
+
+
+async def _other(
+    req: Request, pinned: pin.Pinned, launch: LaunchOptions, gate: asyncio.Semaphore, qemu: str
+) -> None:
+    """The pin on another build: what it lacks dropped, its new knobs at the values of the
+    newest machine type of the source's family both builds have, started on that build's
+    machine types of the families (or `--verify`'s)."""
+    theirs_launch = replace(_bare(launch), qemu=qemu)
+    theirs = await discover_qemu(theirs_launch, req.options.cache)
+    p = Pinner(theirs_launch, theirs, req.options.timeout, gate, req.form)
+    src = pinned.source
+    have = {m.name for m in theirs.machines}
+    shared = pin.newest_shared(src.machine, src.machines, [asdict(m) for m in theirs.machines])
+    names = [m.name for m in theirs.models]
+    model = src.model if src.model in names else pinned.definition.base
+    if model not in names:
+        raise InputError(f"{qemu} has neither {src.model} nor {pinned.definition.base}")
+    record = await p.probe(theirs_launch, shared, model, True)
+    if record["status"] != OK:
+        raise InputError(f"{qemu}: {shared}/{model} does not run: {record['error']}")
+    expansion = _answer(record["answers"], "query-cpu-model-expansion")["model"]["props"]
+    carried = pin.carry(pinned.definition, expansion, p.not_values(record))
+    d = carried.definition
+    asked = await p.refusals(shared, d.base, d.props)
+    if asked["status"] == OK and (refusals := pin.refused(asked["answers"])):
+        d = pin.definition(d.base, d.typename, d.props, refusals)
+        carried = replace(carried, definition=replace(d, realized=pinned.definition.realized))
+    pinned.other = carried
+    start = [src.machine] if src.machine in have else [shared]
+    targets = _verify_machines(theirs, req.verify, start, start[0], strict=False)
+    if not targets:
+        raise InputError(f"--verify {req.verify!r}: {qemu} has no such machine type")
+    order = machine_order([asdict(m) for m in theirs.machines])
+    versioned = set(order.loc[order["versioned"], "machine"])
+    safe = {m.name: m.migration_safe for m in theirs.models}
+
+    def kinds(m: str) -> Kinds:
+        return lambda got: pin.cross_kinds(
+            src.values, got, m in versioned, safe.get(model, True), theirs.features
+        )
+
+    d = carried.definition
+    pinned.other_checks = await together(*(p.check(d, m, src.values, kinds(m)) for m in targets))
+
+
+async def carry(req: Request) -> pin.Pinned:
+    """`--carry FILE`: a pin's JSON (its source values and build inside) carried to the QEMU
+    of `--qemu` and verified there, with no QEMU of the source's build."""
+    assert req.carry is not None
+    pinned = pin.from_json(_read_json(req.carry), req.carry)
+    src = pinned.source
+    if req.options.accel != src.accel:
+        raise InputError(f"{req.carry} was pinned under {src.accel}, not {req.options.accel}")
+    options = replace(req.options, smp=src.topology, guest_cpuid=src.guest_cpuid)
+    launch = launch_options(options)
+    gate = asyncio.Semaphore(preflight.capped_jobs(req.options.jobs))
+    await _other(req, pinned, launch, gate, launch.qemu)
+    return pinned
+
+
+def _read_json(path: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"--carry {path}: not a pin's JSON: {e}") from None
+
+
+# --- --all ----------------------------------------------------------------------------------
+
+
+async def _expansions_of(
+    p: Pinner, machine: str, models: Sequence[str]
+) -> tuple[list[Mapping[str, Any]], dict[str, dict[str, Any] | str]]:
+    """`--all`: one QEMU of `machine`, every model expanded in it as expand mode does (the
+    run's flags reach each model as QEMU applies them): its CPU definitions, and per model
+    its requested properties or QEMU's message."""
+    d = p.discovery
+    types = {m.name: m.typename for m in d.models}
+    own = next((m for m in models if m == _own_model(d, machine)), models[0])
+    flags = cpuflags.split(p.launch.cpu_flags)
+    read = MachineRead(
+        own_model=own,
+        globals=tuple(cpuflags.globals_for(flags, [types[m] for m in models if m != own])),
+        skip=frozenset(
+            {*d.plumbing, *(n for f in d.features for n in d.feature_aliases.get(f, [f]))}
+        ),
+    )
+    launch = replace(p.launch, firmware="")
+    for _ in range(2):
+        async with p.gate:
+            records = await probe_machine(launch, machine, models, read, p.timeout)
+        if not environment_caused(records[0]):
+            break
+    if records[0]["status"] != OK:
+        return [], {m: f"{machine}: {records[0]['error']}" for m in models}
+    definitions = _answer(records[0]["answers"], "query-cpu-definitions")
+    wanted: dict[str, dict[str, Any] | str] = {}
+    for r in records:
+        got = r["answers"].get("query-cpu-model-expansion", {})
+        wanted[r["model"]] = (
+            pin.requested(got["return"]["model"]["props"], set(d.plumbing))
+            if "return" in got
+            else f"QEMU does not expand it: {got.get('error', {}).get('desc', r['error'])}"
+        )
+    return definitions, wanted
+
+
+def _own_model(discovery: Discovery, machine: str) -> str:
+    """A machine type's own default CPU model (its `default-cpu-type`), or ""."""
+    by_type = {m.typename: m.name for m in discovery.models}
+    for m in discovery.machines:
+        if m.name == machine and m.default_cpu_type:
+            return by_type.get(m.default_cpu_type, "")
+    return ""
+
+
+async def make_all(req: Request) -> pin.AllPins:
+    """`--all`: one definition per (model, machine type) of a complete exact run's `ok`
+    combos, machine types with the same definition grouped; each group's pin chosen on its
+    newest machine type and started on every machine type of the group."""
+    assert req.run is not None
+    cmap = libvirt.cpu_map() if req.form == "libvirt" else None
+    run = _open_run(req.run, req.options, complete=True)
+    if req.options.guest_cpuid and not run.raw.get("guest_cpuid"):
+        raise InputError(
+            f"{req.run} has no guest CPUID cells to compare with: make the run with --guest-cpuid"
+        )
+    ok = run.combos[run.combos["status"].astype(str) == OK]
+    if ok.empty:
+        raise InputError(f"{req.run} has no ok combo to pin")
+    launch = launch_options(run.options)
+    discovery = await _discover(launch, run, run.options.cache)
+    p = _pinner(launch, discovery, run.options, req.form)
+    per_machine = {
+        m: sorted(g.astype(str))
+        for m, g in ok.groupby(ok["machine"].astype(str), observed=True)["model"]
+    }
+    expanded = await together(*(_expansions_of(p, m, xs) for m, xs in per_machine.items()))
+    definitions = {m: e[0] for m, e in zip(per_machine, expanded, strict=True)}
+    found = {(m, x): w for m, e in zip(per_machine, expanded, strict=True) for x, w in e[1].items()}
+    order = machine_order([asdict(m) for m in discovery.machines])
+    wanted = {k: w for k, w in found.items() if not isinstance(w, str)}
+    failed = [
+        pin.Group(x, f"{x}.{m}", [m], error=w) for (m, x), w in found.items() if isinstance(w, str)
+    ]
+    groups = pin.group_definitions(wanted, order)
+    versioned = set(order.loc[order["versioned"], "machine"])
+
+    async def one(g: pin.Group) -> pin.Group:
+        newest = ([m for m in g.machines if m in versioned] or g.machines)[-1]
+        values = run.values(newest, g.model)
+        source = _source_of(discovery, launch, newest, g.model, run.path, values)
+        try:
+            d, tried = await p.choose(source, definitions[newest], wanted[(newest, g.model)])
+        except pin.Unpinnable as e:
+            return replace(g, error=str(e))
+        checks = await p.verify(d, _first(d, tried), g.machines, lambda m: run.values(m, g.model))
+        pinned = pin.Pinned(source, d, tried, checks)
+        if cmap is not None:
+            await p.libvirt(
+                pinned, cmap, definitions[newest], g.machines, lambda m: run.values(m, g.model)
+            )
+        return replace(g, pinned=pinned)
+
+    done = await together(*(one(g) for g in groups))
+    shipped = sorted(versioned & set(ok["machine"].astype(str)))
+    return pin.AllPins(run.path, [*done, *failed], shipped)
