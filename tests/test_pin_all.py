@@ -213,3 +213,46 @@ def test_a_kept_pin_is_carried_to_a_new_build_without_the_old_one(tmp_path: Path
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert got.returncode == 0 and '"error"' not in got.stdout, got.stderr
+
+
+def _guest_dump(tmp: Path, firmware: Path, machine: str, cpu: str) -> list[str]:
+    """What a guest reads with CPUID, booted by a plain QEMU (qmpprobe's firmware source,
+    assembled here with nasm; no qmpprobe code)."""
+    dump = tmp / f"dump-{machine}-{abs(hash(cpu))}.txt"
+    subprocess.run(
+        [qemu_path(), "-nodefaults", "-no-user-config", "-display", "none", "-machine", machine,
+         "-accel", "tcg", "-cpu", cpu, "-bios", str(firmware), "-no-reboot",
+         "-device", "isa-debug-exit", "-debugcon", f"file:{dump}"],
+        capture_output=True, timeout=300,
+    )  # fmt: skip
+    lines = dump.read_text().splitlines()
+    assert lines and lines[-1] == "DONE", (machine, cpu[:40], lines[-3:])
+    return lines
+
+
+GUEST_PINS = [
+    ("pc-i440fx-1.4", "qemu64", "pc-q35-7.2"),
+    ("pc-q35-4.2", "Skylake-Server", "pc-i440fx-2.12"),
+    ("pc-q35-7.2", "n270", "pc-i440fx-2.2"),
+    ("pc-i440fx-2.2", "Haswell", "pc-q35-7.2"),
+    ("pc-q35-7.2", "EPYC", "pc-i440fx-2.12"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("source", "model", "target"), GUEST_PINS)
+def test_the_guest_reads_the_same_cpuid_from_the_pin(
+    tmp_path: Path, source: str, model: str, target: str
+) -> None:
+    """Every CPUID leaf and subleaf, at reset and in long mode, read by a guest of a plain
+    QEMU: the pin on another machine type gives the source's guest exactly."""
+    firmware = tmp_path / "cpuid.bin"
+    asm = Path(__file__).resolve().parent.parent / "qmpprobe" / "firmware" / "cpuid.asm"
+    subprocess.run(["nasm", "-f", "bin", "-o", str(firmware), str(asm)], check=True)
+    done = cli("pin", source, model, "--verify", target, "--guest-cpuid")
+    assert done.returncode == 0, done.stderr
+    pinned = done.stdout.strip()
+    want = _guest_dump(tmp_path, firmware, source, model)
+    assert _guest_dump(tmp_path, firmware, target, pinned) == want
+    # The pin is what makes it equal: this model on that machine type reads otherwise.
+    assert _guest_dump(tmp_path, firmware, target, model) != want
