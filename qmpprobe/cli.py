@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from qmpprobe import __version__
 from qmpprobe.errors import InputError, Interrupted
-from qmpprobe.run.options import RunOptions, jobs_value, seconds_value
+from qmpprobe.run.options import RunOptions, check_patterns, jobs_value, seconds_value
 from qmpprobe.run.progress import is_terminal
 
 EXIT_OK, EXIT_CHANGED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -387,6 +387,7 @@ def _cmd_pin(args: argparse.Namespace) -> int:
 
     if refused := _pin_refusal(args):
         return _say(refused, EXIT_INPUT)
+    check_patterns(args.verify, "--verify")
     if args.all:
         return _pin_all(args)
     options = _options(args, machines=args.machine, models=args.model, progress=False)
@@ -405,6 +406,8 @@ def _cmd_pin(args: argparse.Namespace) -> int:
         pinned = lifecycle.run_sync(lambda: make(request))
     except Unpinnable as e:
         return _say(error_text(e), EXIT_CHANGED)
+    except Interrupted:
+        return _say("interrupted: no pin written, no QEMU left", EXIT_INTERRUPTED)
     text = forms.render(pinned, args.format, carried=args.carried or bool(args.carry))
     if args.out:
         atomic_write(Path(args.out), text.encode())
@@ -437,6 +440,8 @@ def _pin_refusal(args: argparse.Namespace) -> str:
         return "pin --carried needs --verify-qemu PATH (the build it is carried to)"
     if args.format == "libvirt" and (args.carried or args.carry):
         return "the libvirt form is made on the source's build: not with --carried or --carry"
+    if args.out and not args.all and Path(args.out).is_dir():
+        return f"--out {args.out}: is a folder (pin writes one file; --all writes a folder)"
     return ""
 
 

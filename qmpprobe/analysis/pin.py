@@ -7,7 +7,8 @@ type, at the value the machine type *asks for*: features as requested (realize f
 the accelerator cannot give, on the target as on the source), and what realize fills in
 (`phys-bits` 0, `apic-id` and the topology ids unassigned) left for realize to fill in from
 the same properties; a value that does not come back when given (`hv-vendor-id` "", which
-realize fills in only when never set) is given at its realized value. Compat props are globals of the CPU types, and the pin's
+realize fills in only when never set) is given at its realized value. Compat props are
+globals of the CPU types, and the pin's
 own `-cpu` properties are applied after them, so every knob a machine type turns is set back.
 """
 
@@ -57,6 +58,9 @@ class Definition:
     #: Properties given at the source's realized value: their expansion value does not come
     #: back when given (`hv-vendor-id` ""; realize fills it in only when it was never set).
     realized: tuple[str, ...] = ()
+    #: Values with a comma (`-cpu` cannot hold them) that the base gives by itself, as
+    #: starting the pin without them showed: the cmdline form leaves them to it.
+    from_base: tuple[str, ...] = ()
 
     def model_info(self) -> dict[str, Any]:
         """The definition as QMP's `CpuModelInfo` (what `query-cpu-model-expansion` takes)."""
@@ -224,16 +228,51 @@ def config_value(value: Any) -> str | None:
     return text
 
 
+def comma_props(d: Definition) -> list[str]:
+    """Properties whose value `-cpu` cannot hold."""
+    return [p for p, v in d.props.items() if not on_cpu(v)]
+
+
 def started_as(d: Definition, form: str) -> tuple[str, tuple[str, ...]]:
     """`-cpu`'s text after the base and the `-global`s that start `d` as `form` writes it:
     `readconfig` puts every value it can hold in a `[global]` section (one `-global` each)
-    and the rest on `-cpu`; the other forms put on `-cpu` what it can hold."""
+    and the rest on `-cpu`; `cmdline` holds no value with a comma (those the base gives
+    itself are left to it); the others put on `-cpu` what it can hold, the rest in
+    `-global`s."""
+    if form == "cmdline":
+        return cpu_props(d), tuple(
+            g for g in cpu_globals(d) if g[len(d.typename) + 1 :].split("=")[0] not in d.from_base
+        )
     if form != "readconfig":
         return cpu_props(d), cpu_globals(d)
     kept = {p: t for p, v in d.props.items() if (t := config_value(v)) is not None}
     rest = {p: v for p, v in d.props.items() if p not in kept}
     cpu = ",".join(f"{p}={option_value(v)}" for p, v in rest.items())
     return cpu, tuple(f"{d.typename}.{p}={t}" for p, t in kept.items())
+
+
+def expressible(d: Definition, form: str) -> str:
+    """Why `form` cannot write `d` ("" when it can)."""
+    if form == "cmdline" and (rest := [p for p in comma_props(d) if p not in d.from_base]):
+        return (
+            f"--format cmdline cannot hold {', '.join(rest)}: QEMU's -cpu parser splits values "
+            "at every comma (no escape) and no base model gives them; use --format "
+            "readconfig, json or libvirt"
+        )
+    if form == "readconfig":
+        neither = [
+            p
+            for p, v in d.props.items()
+            if config_value(v) is None
+            and (not on_cpu(v) or any(c in option_value(v) for c in "\r\n"))
+        ]
+        if neither:
+            return (
+                f"--format readconfig cannot hold {', '.join(neither)}: a config file value has "
+                "no quote or line break, and the -cpu its comment names no comma or line "
+                "break; use --format json"
+            )
+    return ""
 
 
 def cpu_arg(d: Definition) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -27,35 +28,22 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 
 def cmdline(d: pin.Definition) -> str:
-    """Exactly one line: the value to give `-cpu`; a pin `-cpu` cannot hold is refused."""
-    if rest := pin.cpu_globals(d):
-        names = ", ".join(g.split("=", 1)[0] for g in rest)
-        raise InputError(
-            f"--format cmdline cannot hold {names}: QEMU's -cpu parser splits values at every "
-            "comma (no escape); use --format readconfig, json or libvirt"
-        )
+    """Exactly one line: the value to give `-cpu` (what it cannot hold is refused)."""
+    if why := pin.expressible(d, "cmdline"):
+        raise InputError(why)
     return pin.cpu_arg(d) + "\n"
 
 
 def readconfig(d: pin.Definition, header: Sequence[str]) -> str:
     """A `-readconfig` file: one `[global]` section per property on the base's QOM type; a
     value the config syntax cannot hold goes on `-cpu` instead (the header says how)."""
+    if why := pin.expressible(d, "readconfig"):
+        raise InputError(why)
     cpu, globals_ = pin.started_as(d, "readconfig")
-    on_cpu = [g for g in cpu.split(",") if g] if cpu else []
-    neither = [
-        p
-        for p, v in d.props.items()
-        if pin.config_value(v) is None
-        and (not pin.on_cpu(v) or "\n" in pin.option_value(v) or "\r" in pin.option_value(v))
-    ]
-    if neither:
-        raise InputError(
-            f"--format readconfig cannot hold {', '.join(neither)}: a config file value has no "
-            "quote or line break, and the -cpu its comment names no comma or line break; "
-            "use --format json"
-        )
     lines = [f"# {h}" for h in header]
-    lines.append(f"# use: -cpu {','.join([d.base, *on_cpu])} -readconfig THIS_FILE")
+    lines.append(
+        f"# use: -cpu {shlex.quote(','.join(filter(None, [d.base, cpu])))} -readconfig THIS_FILE"
+    )
     for g in globals_:
         prop, text = g[len(d.typename) + 1 :].split("=", 1)
         lines += ["", "[global]", f'  driver = "{d.typename}"', f'  property = "{prop}"']
@@ -192,7 +180,7 @@ def summary(p: pin.Pinned) -> list[str]:
     for t in p.tried:
         if t.base != d.base or not t.check.equal:
             what = t.check.error or f"{len(t.check.left)} differ on {t.check.machine}"
-            lines.append(f"  base {t.base} not taken: {what}")
+            lines.append(f"  not on {t.base}: {what}")
     if d.realized:
         lines.append(f"  given at the realized value (not given back as asked): "
                      f"{', '.join(d.realized)}")  # fmt: skip

@@ -35,11 +35,13 @@ from qmpprobe.run import preflight
 from qmpprobe.run.calibrate import reference_plan
 from qmpprobe.run.lifecycle import discover_qemu, launch_options
 from qmpprobe.run.manifest import options_from_manifest
-from qmpprobe.run.options import RunOptions
+from qmpprobe.run.options import RunOptions, check_patterns
 from qmpprobe.store.cells import FlagReader, realized_values
 from qmpprobe.store.folder import RunFolder
 
 Kinds = Callable[[Mapping[str, str]], dict[str, str]]
+#: How a base is tried: every value given, those with a comma as `-global`s.
+WHOLE = "json"
 
 
 @dataclass(frozen=True)
@@ -192,9 +194,11 @@ class Pinner:
         machine: str,
         source: Mapping[str, str],
         kinds: Kinds | None = None,
+        form: str | None = None,
     ) -> pin.Check:
-        """Start `d` as its form is written on `machine`; compare with the source."""
-        started = _as_started(_bare(self.launch), d, self.form)
+        """Start `d` as `form` (default: the one asked for) writes it on `machine`; compare
+        with the source."""
+        started = _as_started(_bare(self.launch), d, form or self.form)
         return await self.start(started, d.base, machine, source, kinds)
 
     async def attempt(
@@ -207,7 +211,7 @@ class Pinner:
         known = self.refused.get(base, {})
         ahead = {p: why for p, (v, why) in known.items() if p in props and json_text(props[p]) == v}
         d = pin.definition(base, type_name, props, ahead)
-        check = await self.check(d, source.machine, source.values)
+        check = await self.check(d, source.machine, source.values, form=WHOLE)
         if check.status != OK and not check.environment:
             asked = await self.refusals(source.machine, base, props)
             if asked["status"] != OK:
@@ -220,7 +224,7 @@ class Pinner:
                 (p, (json_text(props[p]), why)) for p, why in refusals.items()
             )
             d = pin.definition(base, type_name, props, refusals)
-            check = await self.check(d, source.machine, source.values)
+            check = await self.check(d, source.machine, source.values, form=WHOLE)
         if check.status == OK and (realized := pin.realized_instead(d, check)):
             # What QEMU reports as a value but cannot be given back as one ("" for an unset
             # string that realize fills in): the realized value instead.
@@ -229,8 +233,15 @@ class Pinner:
                 props=dict(sorted({**d.props, **realized}.items())),
                 realized=tuple(sorted(realized)),
             )
-            check = await self.check(d, source.machine, source.values)
+            check = await self.check(d, source.machine, source.values, form=WHOLE)
         return d, check
+
+    async def from_base(self, d: pin.Definition, source: pin.Source) -> pin.Definition | None:
+        """`d` with its comma values left to the base, when starting it without them still
+        gives the source's CPU (the base has them itself), else None."""
+        lean = replace(d, from_base=tuple(pin.comma_props(d)))
+        check = await self.check(lean, source.machine, source.values, form="cmdline")
+        return lean if check.equal else None
 
     async def choose(
         self,
@@ -244,14 +255,28 @@ class Pinner:
         next base must not win because the machine was busy."""
         tried: list[pin.Tried] = []
         best: tuple[int, pin.Definition] | None = None
+        whole: tuple[pin.Definition, list[pin.Tried]] | None = None
         for base in pin.candidates(source.model, definitions):
             type_name = pin.typename(definitions, base)
             d, check = await self.attempt(source, base, type_name, wanted)
             tried.append(pin.Tried(base, check))
-            if check.equal or check.environment:
+            if check.environment:
                 return d, tried
+            if check.equal and not pin.comma_props(d):
+                return d, tried
+            if check.equal:
+                # A value with a comma (a model-id "…, IBRS") has no place on -cpu: a base
+                # that gives it by itself is taken over one that needs it as a -global.
+                if (lean := await self.from_base(d, source)) is not None:
+                    return lean, tried
+                why = f"{base} does not give {', '.join(pin.comma_props(d))} itself (a comma)"
+                tried[-1] = pin.Tried(base, replace(check, error=why))
+                whole = whole or (d, list(tried))
+                continue
             if check.status == OK and (best is None or len(check.left) < best[0]):
                 best = (len(check.left), d)
+        if whole is not None:
+            return whole
         if best is None:
             reasons = "; ".join(f"{t.base}: {t.check.error}" for t in tried)
             raise pin.Unpinnable(f"{source.machine}/{source.model} cannot be pinned: {reasons}")
@@ -260,17 +285,14 @@ class Pinner:
     async def verify(
         self,
         d: pin.Definition,
-        first: pin.Check,
+        source: str,
         machines: Sequence[str],
         sources: Callable[[str], Mapping[str, str]],
-        kinds: Callable[[str], Kinds | None] = lambda m: None,
     ) -> list[pin.Check]:
-        """`first` (the start on the source's machine type) and `d` started on the others."""
-        others = [m for m in machines if m != first.machine]
-        return [
-            first,
-            *await together(*(self.check(d, m, sources(m), kinds(m)) for m in others)),
-        ]
+        """`d` started as its form writes it on the source's machine type and on the others
+        (choosing the base started it every way but as written)."""
+        order = [source, *(m for m in machines if m != source)]
+        return await together(*(self.check(d, m, sources(m)) for m in order))
 
     async def libvirt(
         self,
@@ -338,6 +360,7 @@ def _verify_machines(
     `--verify-qemu` (`strict` False) a pattern may match machine types of one build only."""
     if patterns is None:
         return _families(discovery, default, source)
+    check_patterns(patterns, "--verify")
     aliases = {m.alias: m.name for m in discovery.machines if m.alias}
     names = [m.name for m in discovery.machines]
     if strict:
@@ -457,11 +480,6 @@ def _pinner(launch: LaunchOptions, discovery: Discovery, options: RunOptions, fo
     return Pinner(launch, discovery, options.timeout, gate, form)
 
 
-def _first(d: pin.Definition, tried: Sequence[pin.Tried]) -> pin.Check:
-    """The start of the chosen definition on the source's machine type."""
-    return next(t.check for t in reversed(tried) if t.base == d.base)
-
-
 async def make(req: Request) -> pin.Pinned:
     """Probe the source, choose the base, verify on every machine type asked."""
     cmap = libvirt.cpu_map() if req.form == "libvirt" else None  # refused before any QEMU
@@ -485,7 +503,9 @@ async def make(req: Request) -> pin.Pinned:
     definitions = _answer(record["answers"], "query-cpu-definitions")
     expansion = _answer(record["answers"], "query-cpu-model-expansion")["model"]["props"]
     d, tried = await p.choose(source, definitions, pin.requested(expansion, p.not_values(record)))
-    checks = await p.verify(d, _first(d, tried), targets, lambda m: source.values)
+    if why := pin.expressible(d, req.form):
+        raise InputError(why)
+    checks = await p.verify(d, machine, targets, lambda m: source.values)
     pinned = pin.Pinned(source, d, tried, checks)
     if cmap is not None:
         await p.libvirt(pinned, cmap, definitions, targets, lambda m: source.values)
@@ -649,7 +669,9 @@ async def make_all(req: Request) -> pin.AllPins:
             d, tried = await p.choose(source, definitions[newest], wanted[(newest, g.model)])
         except pin.Unpinnable as e:
             return replace(g, error=str(e))
-        checks = await p.verify(d, _first(d, tried), g.machines, lambda m: run.values(m, g.model))
+        if why := pin.expressible(d, req.form):
+            return replace(g, error=why)
+        checks = await p.verify(d, newest, g.machines, lambda m: run.values(m, g.model))
         pinned = pin.Pinned(source, d, tried, checks)
         if cmap is not None:
             await p.libvirt(
