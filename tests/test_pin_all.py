@@ -256,3 +256,19 @@ def test_the_guest_reads_the_same_cpuid_from_the_pin(
     assert _guest_dump(tmp_path, firmware, target, pinned) == want
     # The pin is what makes it equal: this model on that machine type reads otherwise.
     assert _guest_dump(tmp_path, firmware, target, model) != want
+
+
+def test_a_built_in_model_id_with_a_comma_is_left_to_a_base_that_has_it() -> None:
+    """Haswell-noTSX-IBRS's model-id holds commas, which -cpu cannot: the pin takes a base
+    that gives it by itself, and a plain QEMU started with the one line is the source."""
+    from conftest import qom_read_all
+
+    done = cli("pin", "pc-q35-7.2", "Haswell-noTSX-IBRS", "--verify", "pc-i440fx-2.2")
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    assert not line.startswith("base,") and "model-id=" not in line
+    source = qom_read_all("pc-q35-7.2", "Haswell-noTSX-IBRS")
+    assert "," in source["model-id"]
+    got = qom_read_all("pc-i440fx-2.2", line)
+    source.pop("__cpus__"), got.pop("__cpus__")
+    assert got == source
