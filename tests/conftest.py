@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 QEMU = os.environ.get("QMPPROBE_TEST_QEMU", "qemu-system-x86_64")
 REPO = Path(__file__).resolve().parent.parent
@@ -191,6 +191,24 @@ def manifest(run: Path) -> dict[str, Any]:
     return json.loads((run / "manifest.json").read_text())
 
 
+async def plain_client(sock: str, proc: subprocess.Popen[Any], name: str) -> QMPClient:
+    """A QMP client on a plain QEMU's `-qmp unix:SOCK,server=on,wait=off`. No deadline of
+    our own (QEMU listens or ends; the machine may be busy), and a refused connection is
+    tried again: the socket's file appears when QEMU binds it, before it listens."""
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"QEMU ended ({proc.returncode}) before it listened on {sock}")
+        if os.path.exists(sock):
+            client = QMPClient(name, readbuflen=1 << 22)
+            try:
+                await client.connect(sock)
+                return client
+            except ConnectError as e:
+                if not isinstance(e.exc, ConnectionRefusedError | FileNotFoundError):
+                    raise
+        await asyncio.sleep(0.02)
+
+
 async def _qom_read_all(
     machine: str, model: str, smp: str, accel: str, qemu: str, extra: Sequence[str] = ()
 ) -> dict[str, Any]:
@@ -220,11 +238,7 @@ async def _qom_read_all(
             stderr=subprocess.DEVNULL,
         )
         try:
-            # No deadline of our own: QEMU makes the socket or ends (the machine may be busy).
-            while not os.path.exists(sock) and proc.poll() is None:
-                await asyncio.sleep(0.02)
-            client = QMPClient("independent", readbuflen=1 << 22)
-            await client.connect(sock)
+            client = await plain_client(sock, proc, "independent")
             cpus = await client.execute("query-cpus-fast")
             path = min(cpus, key=lambda c: c["cpu-index"])["qom-path"]
             values: dict[str, Any] = {"__cpus__": cpus}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
-import os
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -18,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import QMPClient
 
-from conftest import cli, qemu_path
+from conftest import cli, plain_client, qemu_path
 
 MACHINES = "pc-i440fx-2.2,pc-q35-7.0,pc-q35-7.1,pc-q35-7.2"
 MODELS = "Haswell,EPYC,qemu64"
@@ -36,11 +34,7 @@ async def _expansions(machine: str, models: list[str]) -> dict[str, dict[str, An
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            # No deadline of our own: QEMU makes the socket or ends (the machine may be busy).
-            while not os.path.exists(sock) and proc.poll() is None:
-                await asyncio.sleep(0.02)
-            client = QMPClient("plain", readbuflen=1 << 22)
-            await client.connect(sock)
+            client = await plain_client(sock, proc, "plain")
             out = {}
             for m in models:
                 got = await client.execute(
