@@ -35,13 +35,15 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accel", default="tcg", choices=("tcg", "kvm"), help="accelerator (tcg)")
 
 
-def _flag_args(p: argparse.ArgumentParser, flags_help: str, globals_note: str) -> None:
-    p.add_argument("--cpu-flags", default="", help=flags_help)
+def _flag_args(
+    p: argparse.ArgumentParser, flags_help: str, globals_note: str, defaults: bool = True
+) -> None:
+    p.add_argument("--cpu-flags", default="" if defaults else None, help=flags_help)
     p.add_argument(
         "--global",
         dest="globals",
         action="append",
-        default=[],
+        default=[] if defaults else None,
         metavar="TYPE.PROP=VAL",
         help=f"passed to QEMU as -global{globals_note} (repeatable)",
     )
@@ -189,14 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--qemu", help="QEMU binary or wrapper (default: qemu-system-x86_64)")
     pn.add_argument("--accel", choices=("tcg", "kvm"), help="accelerator (tcg)")
     pn.add_argument("--smp", help="topology when probing (1)")
-    pn.add_argument("--cpu-flags", help="the source's extra -cpu flags (no --run)")
-    pn.add_argument(
-        "--global",
-        dest="globals",
-        action="append",
-        metavar="TYPE.PROP=VAL",
-        help="passed to QEMU as -global (the source's; no --run; repeatable)",
-    )
+    _flag_args(pn, "the source's extra -cpu flags (no --run)", " (the source's; no --run)", False)
     pn.add_argument(
         "--carry",
         metavar="PIN.json",

@@ -209,6 +209,13 @@ async def plain_client(sock: str, proc: subprocess.Popen[Any], name: str) -> QMP
         await asyncio.sleep(0.02)
 
 
+async def plain_quit(client: QMPClient) -> None:
+    """Quit a plain QEMU over QMP (it may close the socket first)."""
+    await client.execute("quit")
+    with contextlib.suppress(EOFError):
+        await client.disconnect()
+
+
 async def _qom_read_all(
     machine: str, model: str, smp: str, accel: str, qemu: str, extra: Sequence[str] = ()
 ) -> dict[str, Any]:
@@ -254,9 +261,7 @@ async def _qom_read_all(
                     )
                 except ExecuteError:
                     continue
-            await client.execute("quit")
-            with contextlib.suppress(EOFError):
-                await client.disconnect()
+            await plain_quit(client)
         finally:
             proc.kill()
             proc.wait()

@@ -11,7 +11,6 @@ of the source `-machine SOURCE -cpu MODEL`. The JSON definition goes to a plain
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -24,7 +23,16 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError
 
-from conftest import cli, fetched, manifest, plain_client, qemu_path, qom_read_all, qom_read_many
+from conftest import (
+    cli,
+    fetched,
+    manifest,
+    plain_client,
+    plain_quit,
+    qemu_path,
+    qom_read_all,
+    qom_read_many,
+)
 
 #: The `diff` kinds a leftover on another build may have (README, "qmpprobe diff").
 DIFF_KINDS = {
@@ -101,9 +109,7 @@ async def _answers(
                     out.append({"return": await client.execute(command, args)})
                 except ExecuteError as e:
                     out.append({"error": e.error.desc})
-            await client.execute("quit")
-            with contextlib.suppress(EOFError):
-                await client.disconnect()
+            await plain_quit(client)
         finally:
             proc.kill()
             proc.wait()
