@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from qmpprobe.core.host import kvm_usable
+
 from conftest import cli, plain_client, qemu_path
 
 MACHINES = "pc-i440fx-2.2,pc-q35-7.0,pc-q35-7.1,pc-q35-7.2"
@@ -264,5 +266,18 @@ def test_a_built_in_model_id_with_a_comma_is_left_to_a_base_that_has_it() -> Non
     source = qom_read_all("pc-q35-7.2", "Haswell-noTSX-IBRS")
     assert "," in source["model-id"]
     got = qom_read_all("pc-i440fx-2.2", line)
+    source.pop("__cpus__"), got.pop("__cpus__")
+    assert got == source
+
+
+@pytest.mark.skipif(kvm_usable() is not None, reason=f"no KVM: {kvm_usable()}")
+def test_a_pin_under_kvm_is_the_source_under_kvm() -> None:
+    """Under KVM the host decides what is filtered; on the same host the pin is the source."""
+    from conftest import qom_read_all
+
+    done = cli("pin", "pc-q35-7.2", "Haswell", "--accel", "kvm", "--verify", "pc-i440fx-2.2")
+    assert done.returncode == 0, done.stderr
+    source = qom_read_all("pc-q35-7.2", "Haswell", accel="kvm")
+    got = qom_read_all("pc-i440fx-2.2", done.stdout.strip(), accel="kvm")
     source.pop("__cpus__"), got.pop("__cpus__")
     assert got == source
