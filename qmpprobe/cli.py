@@ -450,7 +450,10 @@ def _pin_all(args: argparse.Namespace) -> int:
         return _say(f"--out {out}: exists and is not an empty folder or a pin --all's", EXIT_INPUT)
     options = _options(args, progress=False)
     request = pin.Request("", "", options, args.run, form=args.format)
-    pins = lifecycle.run_sync(lambda: pin.make_all(request))
+    try:
+        pins = lifecycle.run_sync(lambda: pin.make_all(request))
+    except Interrupted:
+        return _say(f"interrupted: nothing written to {out}, no QEMU left", EXIT_INTERRUPTED)
     unwritten = forms.write_all(out, pins, args.format)
     for line in forms.all_summary(pins):
         print(f"qmpprobe: {line}", file=sys.stderr)
