@@ -19,21 +19,20 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from qmpprobe.analysis.diff import (  # what is left over on another build: diff's kinds
+    ABI,
+    NEW_FEATURE,
+    NEW_PROP,
+    REMOVED_PROP,
+    UNSAFE,
+    UNVERSIONED,
+)
 from qmpprobe.analysis.drift import machine_order
 from qmpprobe.core.cpuid import set_bits
 from qmpprobe.core.values import json_text
 from qmpprobe.core.vocab import GUEST_PREFIX, OK
 from qmpprobe.errors import InputError
 
-#: Kinds of what is left over when a pin is started on another build (the `diff` kinds).
-NEW_PROP, REMOVED_PROP, ABI, NEW_FEATURE, UNSAFE, UNVERSIONED = (
-    "new-prop",
-    "removed-prop",
-    "abi-change",
-    "new-feature-enabled",
-    "unsafe-model-change",
-    "unversioned-change",
-)
 #: Kinds that only say one build has a property the other lacks: listed, never a failure.
 PROPERTY_SETS = (NEW_PROP, REMOVED_PROP)
 

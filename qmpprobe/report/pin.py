@@ -261,10 +261,12 @@ def write_all(out: Path, pins: pin.AllPins, form: str) -> int:
                 texts[g.id] = render(g.pinned, form)
             except InputError as e:
                 errors[g.id] = str(e)
+    names = {
+        g.id: f"{path_part(g.model)}/{path_part(g.id)}.{EXTENSIONS[form]}" for g in pins.groups
+    }
     rows = []
     for g in pins.groups:
         p = g.pinned
-        name = f"{path_part(g.model)}/{path_part(g.id)}.{EXTENSIONS[form]}"
         rows.append(
             {
                 "model": g.model,
@@ -275,14 +277,13 @@ def write_all(out: Path, pins: pin.AllPins, form: str) -> int:
                 "equal": g.equal,
                 "differ_on": " ".join(c.machine for c in p.checks if not c.equal) if p else "",
                 "error": g.error or errors.get(g.id, ""),
-                "file": name if g.id in texts else "",
+                "file": names[g.id] if g.id in texts else "",
             }
         )
     for g in pins.groups:
         if g.id in texts:
             (out / path_part(g.model)).mkdir(parents=True, exist_ok=True)
-            name = f"{path_part(g.model)}/{path_part(g.id)}.{EXTENSIONS[form]}"
-            atomic_write(out / name, texts[g.id].encode())
+            atomic_write(out / names[g.id], texts[g.id].encode())
     table = pd.DataFrame(rows, columns=DEFINITION_COLUMNS)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "definitions.csv", csvfile.csv_bytes(table))
