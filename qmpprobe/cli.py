@@ -219,12 +219,60 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--timeout", type=seconds_value, help="seconds per QEMU (30)")
     pn.add_argument("--no-cache", action="store_true", help="learn the feature flags again")
 
+    _fleet_parser(sub)
+
     e = sub.add_parser("export", help="write a run's cells in another format")
     e.add_argument("run", metavar="RUN", help="run folder")
     e.add_argument(
         "--csv", action="store_true", required=True, help="cells.csv beside cells.parquet"
     )
     return parser
+
+
+def _fleet_parser(sub: Any) -> None:
+    fl = sub.add_parser(
+        "fleet", help="many hosts' runs in one dataset: what runs everywhere, a baseline, migration"
+    )
+    fsub = fl.add_subparsers(dest="fleet_command", required=True, parser_class=_Parser)
+    add = fsub.add_parser("add", help="add run folders (or published references) to DATASET")
+    add.add_argument("dataset", metavar="DATASET", help="fleet dataset folder (made if new)")
+    add.add_argument("runs", metavar="RUN", nargs="+", help="complete run folder")
+    add.add_argument("--host", help="host name (default: the host name in the run's manifest)")
+
+    def query(name: str, help_: str) -> argparse.ArgumentParser:
+        q = fsub.add_parser(name, help=help_)
+        q.add_argument("dataset", metavar="DATASET", help="fleet dataset folder")
+        out = q.add_mutually_exclusive_group()
+        out.add_argument("--json", action="store_true", help="JSON on stdout")
+        out.add_argument("--csv", action="store_true", help="CSV on stdout")
+        return q
+
+    r = query("runnable", "models every host runs unfiltered on MACHINE, and what blocks the rest")
+    r.add_argument("--machine", required=True, metavar="MACHINE", help="machine type")
+    b = query("baseline", "the largest CPU every host runs on MACHINE, as a pin")
+    b.add_argument("--machine", required=True, metavar="MACHINE", help="machine type")
+    b.add_argument("--model", metavar="MODEL", help="this model, with the flags all hosts add")
+    b.add_argument(
+        "--format", default="cmdline", choices=("cmdline", "readconfig", "json", "libvirt")
+    )
+    b.add_argument("--out", metavar="FILE", help="write the pin here (default: stdout)")
+    b.add_argument(
+        "--qemu",
+        default="qemu-system-x86_64",
+        help="QEMU that makes and starts the pin (default: qemu-system-x86_64 on PATH)",
+    )
+    b.add_argument("--accel", choices=("tcg", "kvm"), help="(default: the fleet's accelerator)")
+    b.add_argument("--jobs", type=jobs_value, help=JOBS_HELP)
+    b.add_argument("--timeout", type=seconds_value, help="seconds per QEMU (30)")
+    b.add_argument("--no-cache", action="store_true", help="learn the feature flags again")
+    m = query("can-migrate", "can a VM of MODEL on MACHINE move from host A to host B (exit 0/1)")
+    m.add_argument("--machine", required=True, metavar="MACHINE", help="machine type")
+    m.add_argument("--model", required=True, metavar="MODEL", help="CPU model")
+    m.add_argument("--from", dest="source", required=True, metavar="HOST_A", help="source host")
+    m.add_argument("--to", dest="target", required=True, metavar="HOST_B", help="target host")
+    rp = fsub.add_parser("report", help="one HTML page: hosts x models, baselines, who holds back")
+    rp.add_argument("dataset", metavar="DATASET", help="fleet dataset folder")
+    rp.add_argument("--out", metavar="FILE", help="the page (default: DATASET/report.html)")
 
 
 def _options(args: argparse.Namespace, **given: Any) -> RunOptions:
@@ -463,6 +511,100 @@ def _pin_all(args: argparse.Namespace) -> int:
     return EXIT_OK if all(g.equal for g in pins.groups) and not unwritten else EXIT_CHANGED
 
 
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    if args.fleet_command == "add":
+        from qmpprobe.store import fleet as store
+
+        for line in store.add_all(args.dataset, args.runs, args.host):
+            print(f"qmpprobe: {line}", file=sys.stderr)
+        print(args.dataset)
+        return EXIT_OK
+    from qmpprobe.analysis.fleet import Fleet
+    from qmpprobe.report import fleet as forms
+
+    f = Fleet(args.dataset)
+    if args.fleet_command == "runnable":
+        rows = f.runnable(args.machine)
+        if args.json:
+            sys.stdout.write(forms.runnable_json(rows))
+        elif args.csv:
+            sys.stdout.write(str(csvfile_text(forms.runnable_frame(rows))))
+        else:
+            forms.runnable_table(rows)
+        return EXIT_OK
+    if args.fleet_command == "can-migrate":
+        verdict = f.can_migrate(args.machine, args.model, args.source, args.target)
+        if args.json:
+            sys.stdout.write(json.dumps(forms.migration_doc(verdict), indent=1) + "\n")
+        elif args.csv:
+            sys.stdout.write(forms.migration_csv(verdict))
+        else:
+            sys.stdout.write(forms.migration_text(verdict))
+        return EXIT_OK if verdict.possible else EXIT_CHANGED
+    if args.fleet_command == "report":
+        from qmpprobe.store.folder import atomic_write
+
+        out = Path(args.out) if args.out else f.dataset.path / "report.html"
+        atomic_write(out, forms.report_html(f).encode())
+        print(out)
+        return EXIT_OK
+    return _fleet_baseline(args, f)
+
+
+def csvfile_text(frame: Any) -> str:
+    """A frame as qmpprobe's CSV (formula-guarded)."""
+    from qmpprobe.store import csvfile
+
+    return str(csvfile.write_csv(frame))
+
+
+def _fleet_baseline(args: argparse.Namespace, f: Any) -> int:
+    from qmpprobe.analysis.fleet import NoBaseline
+    from qmpprobe.analysis.pin import Unpinnable
+    from qmpprobe.report import fleet as forms
+    from qmpprobe.report import pin as pin_forms
+    from qmpprobe.run import fleet, lifecycle
+    from qmpprobe.store.folder import atomic_write
+
+    try:
+        choice = f.baseline(args.machine, args.model)
+    except NoBaseline as e:
+        return _say(error_text(e), EXIT_CHANGED)
+    if args.csv:
+        sys.stdout.write(forms.choice_csv(choice))
+        return EXIT_OK
+    accel = args.accel or (choice.accels[0] if len(choice.accels) == 1 else None)
+    if accel is None:
+        return _say(
+            f"the fleet runs {' and '.join(choice.accels)}: say which the pin is for (--accel)",
+            EXIT_INPUT,
+        )
+    options = _options(args, accel=accel, smp=choice.build[2], progress=False)
+    try:
+        pinned = lifecycle.run_sync(lambda: fleet.baseline(choice, options, args.format))
+    except Unpinnable as e:
+        return _say(error_text(e), EXIT_CHANGED)
+    except Interrupted:
+        return _say("interrupted: no pin written, no QEMU left", EXIT_INTERRUPTED)
+    if args.json:
+        doc = {"fleet": forms.choice_doc(choice),
+               "pin": json.loads(pin_forms.render(pinned, "json"))}  # fmt: skip
+        text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+    else:
+        text = pin_forms.render(pinned, args.format)
+    if args.out:
+        atomic_write(Path(args.out), text.encode())
+    else:
+        sys.stdout.write(text)
+    print(f"qmpprobe: baseline of {choice.hosts} host(s) on {choice.machine}: {choice.model}"
+          + (f" + {', '.join(choice.extra)}" if choice.extra else ""), file=sys.stderr)  # fmt: skip
+    for note in choice.notes:
+        print(f"qmpprobe: {note}", file=sys.stderr)
+    for line in pin_forms.summary(pinned):
+        print(f"qmpprobe: {line}", file=sys.stderr)
+    return EXIT_OK if pinned.equal else EXIT_CHANGED
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from qmpprobe.store.folder import RunFolder
 
@@ -481,6 +623,7 @@ COMMANDS = {
     "export": _cmd_export,
     "explain": _cmd_explain,
     "pin": _cmd_pin,
+    "fleet": _cmd_fleet,
 }
 
 

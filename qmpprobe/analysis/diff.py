@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -122,12 +123,18 @@ def check_comparable(a: Run, b: Run, cross_host: bool) -> None:
 
 def shipped_machines(a: Run, unreleased: Iterable[str]) -> set[str]:
     """Versioned machine types of A, less the still-open newest ones of a development build."""
-    order = machine_order(a.manifest.machines)
+    return shipped_of(a.manifest.machines, a.manifest.qemu.development) - set(unreleased)
+
+
+def shipped_of(machines: Sequence[Mapping[str, Any]], development: bool) -> set[str]:
+    """A build's versioned machine types, less the newest of each family if it is a
+    development build (they are still open)."""
+    order = machine_order(machines)
     versioned = order[order["versioned"]]
     shipped = set(versioned["machine"])
-    if a.manifest.qemu.development:
+    if development:
         shipped -= set(versioned.groupby("family")["machine"].last())
-    return shipped - set(unreleased)
+    return shipped
 
 
 def _rows(kind: str | pd.Series, accel: str, df: pd.DataFrame) -> pd.DataFrame:
@@ -157,33 +164,12 @@ def fact_rows(a: Run, b: Run, shipped: set[str]) -> pd.DataFrame:
     changed = merged[merged["value_a"] != merged["value_b"]].copy()
     changed["prop"] = changed["prop_b"].fillna(changed["prop_a"])
     changed = changed.rename(columns={"value_a": "old", "value_b": "new"})
-    a_props = set(a.cells["prop"].astype(str).unique())
-    b_features = set(b.manifest.features)
     safe = dict(
         zip(b.combos["model"].astype(str), b.combos["migration_safe"].astype(bool), strict=False)
     )
-    versioned = changed["machine"].str.match(VERSIONED.pattern)
-    new_flag = (
-        is_bit.loc[changed.index]
-        & ~changed["prop"].isin(a_props)
-        & (changed["prop"].isin(b_features))
-        & (changed["new"] == "true")
+    changed["kind"] = classify(
+        changed, set(a.cells["prop"].astype(str).unique()), set(b.manifest.features), safe, shipped
     )
-    only_b = changed["old"].isna()
-    only_a = changed["new"].isna()
-    kind = np.select(
-        [
-            only_b,
-            only_a,
-            ~versioned,
-            ~changed["machine"].isin(shipped),
-            ~changed["model"].map(safe).fillna(True).astype(bool),
-            new_flag,
-        ],
-        [NEW_PROP, REMOVED_PROP, UNVERSIONED, UNSHIPPED, UNSAFE, NEW_FEATURE],
-        default=ABI,
-    )
-    changed["kind"] = kind
     props = changed[changed["kind"].isin([NEW_PROP, REMOVED_PROP])]
     rest = changed[~changed["kind"].isin([NEW_PROP, REMOVED_PROP])]
     return pd.concat(
@@ -192,6 +178,37 @@ def fact_rows(a: Run, b: Run, shipped: set[str]) -> pd.DataFrame:
             _prop_rows(props, a.manifest.accel),
         ],
         ignore_index=True,
+    )
+
+
+def classify(
+    changed: pd.DataFrame,
+    a_props: set[str],
+    b_features: set[str],
+    safe: dict[str, bool],
+    shipped: set[str],
+) -> np.ndarray:
+    """The kind of each changed fact (`machine, model, fact, prop, old, new`; `old` / `new`
+    missing where a side lacks it): A is the baseline, B the candidate."""
+    is_bit = changed["fact"].str.startswith("bit:")
+    versioned = changed["machine"].str.match(VERSIONED.pattern)
+    new_flag = (
+        is_bit
+        & ~changed["prop"].isin(a_props)
+        & (changed["prop"].isin(b_features))
+        & (changed["new"] == "true")
+    )
+    return np.select(
+        [
+            changed["old"].isna(),
+            changed["new"].isna(),
+            ~versioned,
+            ~changed["machine"].isin(shipped),
+            ~changed["model"].map(safe).fillna(True).astype(bool),
+            new_flag,
+        ],
+        [NEW_PROP, REMOVED_PROP, UNVERSIONED, UNSHIPPED, UNSAFE, NEW_FEATURE],
+        default=ABI,
     )
 
 
