@@ -240,7 +240,7 @@ def _fleet_parser(sub: Any) -> None:
     add.add_argument("--host", help="host name (default: the host name in the run's manifest)")
 
     def query(name: str, help_: str) -> argparse.ArgumentParser:
-        q = fsub.add_parser(name, help=help_)
+        q: argparse.ArgumentParser = fsub.add_parser(name, help=help_)
         q.add_argument("dataset", metavar="DATASET", help="fleet dataset folder")
         out = q.add_mutually_exclusive_group()
         out.add_argument("--json", action="store_true", help="JSON on stdout")
@@ -513,7 +513,7 @@ def _pin_all(args: argparse.Namespace) -> int:
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
     if args.fleet_command == "add":
-        from qmpprobe.store import fleet as store
+        from qmpprobe.analysis import fleet_entry as store
 
         for line in store.add_all(args.dataset, args.runs, args.host):
             print(f"qmpprobe: {line}", file=sys.stderr)

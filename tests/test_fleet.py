@@ -1,0 +1,461 @@
+"""`qmpprobe fleet`: many hosts' runs in one dataset, asked in DuckDB, each verdict checked
+against the run folders themselves (read here with pandas, not with qmpprobe's code) and
+against QEMU (the baseline pin started with `enforce`).
+
+The hosts are real: the fixture holds this project's machine under KVM and under TCG (small
+expand-mode plans) and the published KVM reference of another host (an AMD EPYC of family
+26, runnability only), and each test session adds a fresh run of the machine it runs on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, cli, plain_client, plain_quit, qemu_path
+
+FIXTURE = REPO / "tests" / "data" / "fleet-runs.tar.xz"
+MACHINES = "pc-i440fx-1.4,pc-q35-7.2"
+HOSTS = {"vm-kvm": "vm-kvm", "vm-tcg": "vm-tcg", "epyc-zen5": "reference-epyc"}
+
+
+def kvm_usable() -> bool:
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """host name → its run folder: the fixture's three and a fresh TCG run of this machine."""
+    root = tmp_path_factory.mktemp("fleet-runs")
+    with tarfile.open(FIXTURE) as tar:
+        tar.extractall(root, filter="data")
+    out = {host: root / folder for host, folder in HOSTS.items()}
+    fresh = root / "here-tcg"
+    cli("run", "--qemu", qemu_path(), "--mode", "expand", "--machines", MACHINES,
+        "--no-report", "--out", str(fresh), check=True)  # fmt: skip
+    out["here-tcg"] = fresh
+    return out
+
+
+def add(ds: Path, runs: dict[str, Path], hosts: list[str]) -> None:
+    for h in hosts:
+        cli("fleet", "add", str(ds), str(runs[h]), "--host", h, check=True)
+
+
+@pytest.fixture(scope="module")
+def dataset(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ds = tmp_path_factory.mktemp("fleet") / "ds"
+    add(ds, runs, sorted(runs))
+    return ds
+
+
+# --- an independent reading of the run folders ---------------------------------------------
+
+
+def verdicts(run: Path, machine: str) -> dict[str, tuple[str, list[str]]]:
+    """model → (status, unavailable features) of one host on `machine`, from its files."""
+    if not (run / "combos.csv").exists():  # a published reference: runnability.csv
+        df = pd.read_csv(run / "runnability.csv", dtype=str, keep_default_na=False)
+        df = df[df["machine"] == machine]
+        return {
+            r.model: ("ok" if r.runnable == "True" or r.unavailable else "error",
+                      sorted(r.unavailable.split()))
+            for r in df.itertuples()
+        }  # fmt: skip
+    combos = pd.read_csv(run / "combos.csv", dtype=str, keep_default_na=False)
+    combos = combos[combos["machine"] == machine]
+    cells = pd.read_parquet(run / "cells.parquet")
+    ua = cells[(cells["machine"] == machine) & (cells["prop"] == "unavailable-features")]
+    lists = {str(r.model): sorted(json.loads(str(r.value))) for r in ua.itertuples()}
+    return {r.model: (r.status, lists.get(r.model, [])) for r in combos.itertuples()}
+
+
+def expected(runs: dict[str, Path], machine: str) -> pd.DataFrame:
+    """Per model: everywhere, blocked hosts and the features they block it with."""
+    per_host = {h: verdicts(r, machine) for h, r in runs.items()}
+    models = sorted(set().union(*per_host.values()))
+    rows = []
+    for m in models:
+        blocked, features = [], set()
+        for h in sorted(per_host):
+            status, ua = per_host[h].get(m, ("not probed", []))
+            if status != "ok" or ua:
+                blocked.append(h)
+                features |= set(ua)
+        rows.append((m, not blocked, " ".join(blocked), " ".join(sorted(features))))
+    return pd.DataFrame(rows, columns=["model", "everywhere", "blocked_hosts", "features"])
+
+
+def runnable_csv(ds: Path, machine: str) -> pd.DataFrame:
+    done = cli("fleet", "runnable", str(ds), "--machine", machine, "--csv", check=True)
+    return pd.read_csv(_io(done.stdout), dtype=str, keep_default_na=False)
+
+
+def _io(text: str) -> Any:
+    import io
+
+    return io.StringIO(text)
+
+
+# --- runnable ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("machine", MACHINES.split(","))
+def test_runnable_is_what_every_run_says(
+    dataset: Path, runs: dict[str, Path], machine: str
+) -> None:
+    got = runnable_csv(dataset, machine)
+    assert list(got.columns)[:7] == [
+        "machine", "model", "everywhere", "hosts", "runnable_hosts", "blocked_hosts",
+        "blocking_features",
+    ]  # fmt: skip
+    want = expected(runs, machine)
+    assert set(got["machine"]) == {machine}
+    assert list(got["model"]) == list(want["model"])
+    assert list(got["everywhere"]) == ["true" if e else "false" for e in want["everywhere"]]
+    assert list(got["blocked_hosts"]) == list(want["blocked_hosts"])
+    assert list(got["blocking_features"]) == list(want["features"])
+    assert set(got["hosts"]) == {str(len(runs))}
+    assert want["everywhere"].any() and not want["everywhere"].all()
+
+
+def test_runs_everywhere_means_nothing_unavailable_on_any_host(
+    dataset: Path, runs: dict[str, Path]
+) -> None:
+    """QEMU's own answer: every host's run has `ok` and an empty unavailable-features."""
+    for machine in MACHINES.split(","):
+        everywhere = runnable_csv(dataset, machine).query("everywhere == 'true'")["model"]
+        assert len(everywhere) >= 5, machine
+        for host, run in runs.items():
+            v = verdicts(run, machine)
+            for model in everywhere:
+                assert v[model] == ("ok", []), (host, machine, model)
+
+
+def test_runnability_depends_on_the_machine_type(dataset: Path) -> None:
+    """Under TCG `core2duo` runs on pc-q35-7.2 but not on pc-i440fx-1.4, which turns vmx on."""
+    new = runnable_csv(dataset, "pc-q35-7.2").set_index("model")
+    old = runnable_csv(dataset, "pc-i440fx-1.4").set_index("model")
+    for tcg in ("vm-tcg", "here-tcg"):
+        assert tcg not in new.loc["core2duo", "blocked_hosts"].split()
+        assert tcg in old.loc["core2duo", "blocked_hosts"].split()
+    assert "vmx" in old.loc["core2duo", "blocking_features"].split()
+
+
+def test_runnable_json_names_each_hosts_reason(dataset: Path, runs: dict[str, Path]) -> None:
+    done = cli("fleet", "runnable", str(dataset), "--machine", "pc-q35-7.2", "--json", check=True)
+    rows = {r["model"]: r for r in json.loads(done.stdout)["runnable"]}
+    v = {h: verdicts(r, "pc-q35-7.2") for h, r in runs.items()}
+    for model, r in rows.items():
+        for b in r["blocked"]:
+            status, ua = v[b["host"]].get(model, ("not probed", []))
+            assert b["status"] == status and b["features"] == ua
+    table = cli("fleet", "runnable", str(dataset), "--machine", "pc-q35-7.2", check=True)
+    assert "models run unfiltered on every host" in table.stdout
+
+
+# --- baseline ----------------------------------------------------------------------------
+
+
+async def _starts_filtering_nothing(accel: str, machine: str, cpu: str, tmp: Path) -> None:
+    """A plain QEMU with `-cpu CPU,enforce` starts (enforce refuses any filtered flag) and its
+    CPU says no feature was filtered."""
+    sock = str(tmp / "qmp.sock")
+    proc = subprocess.Popen(
+        [qemu_path(), "-S", "-nodefaults", "-no-user-config", "-display", "none",
+         "-machine", machine, "-accel", accel, "-cpu", f"{cpu},enforce",
+         "-qmp", f"unix:{sock},server=on,wait=off"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        try:
+            client = await plain_client(sock, proc, "baseline")
+        except AssertionError:
+            raise AssertionError(f"the baseline did not start: {proc.stderr.read()}") from None
+        cpus = await client.execute("query-cpus-fast")
+        path = cpus[0]["qom-path"]
+        filtered = await client.execute("qom-get", {"path": path, "property": "filtered-features"})
+        assert all(w["features"] == 0 for w in filtered)
+        await plain_quit(client)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _baseline(ds: Path, accel: str, machine: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return cli("fleet", "baseline", str(ds), "--machine", machine, "--accel", accel,
+               "--qemu", qemu_path(), *extra)  # fmt: skip
+
+
+@pytest.mark.parametrize("machine", MACHINES.split(","))
+def test_baseline_starts_on_this_host_with_enforce(
+    dataset: Path, machine: str, tmp_path: Path
+) -> None:
+    done = _baseline(dataset, "tcg", machine)
+    assert done.returncode == 0, done.stderr
+    cpu = done.stdout.strip()
+    assert "\n" not in cpu
+    assert "baseline of 4 host(s)" in done.stderr
+    asyncio.run(_starts_filtering_nothing("tcg", machine, cpu, tmp_path))
+
+
+def test_baseline_is_the_largest_runnable_model_plus_shared_flags(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Without the published reference (which has no host/max flags), the two TCG hosts
+    share `max`'s flags: the baseline carries them on top, and still starts with enforce."""
+    ds = tmp_path / "ds"
+    add(ds, runs, ["vm-tcg", "here-tcg"])
+    done = _baseline(ds, "tcg", "pc-q35-7.2", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    fleet, pin = doc["fleet"], doc["pin"]
+    everywhere = set(expected({h: runs[h] for h in ("vm-tcg", "here-tcg")}, "pc-q35-7.2")
+                     .query("everywhere")["model"])  # fmt: skip
+    assert fleet["model"] in everywhere
+    assert {c["model"] for c in fleet["candidates"]} <= everywhere
+    assert fleet["extra_features"], "two TCG hosts share more than any one model has"
+    # every flag added is on in `max` of both hosts (what TCG gives there)
+    for h in ("vm-tcg", "here-tcg"):
+        cells = pd.read_parquet(runs[h] / "cells.parquet")
+        mx = cells[(cells.model == "max") & (cells.machine == "pc-q35-7.2")]
+        on = set(mx.loc[mx["value"] == "true", "prop"].astype(str))
+        assert set(fleet["extra_features"]) <= on, h
+    props = pin["definition"]["props"]
+    assert all(props[f] is True for f in fleet["extra_features"])
+    assert pin["verified"]["equal"] is True
+    cmd = _baseline(ds, "tcg", "pc-q35-7.2")
+    asyncio.run(_starts_filtering_nothing("tcg", "pc-q35-7.2", cmd.stdout.strip(), tmp_path))
+
+
+@pytest.mark.kvm
+def test_baseline_under_kvm_starts_on_this_host(runs: dict[str, Path], tmp_path: Path) -> None:
+    if not kvm_usable():
+        pytest.skip("/dev/kvm is not usable here")
+    here = tmp_path / "here-kvm"
+    cli("run", "--qemu", qemu_path(), "--accel", "kvm", "--mode", "expand", "--machines",
+        "pc-q35-7.2", "--no-report", "--out", str(here), check=True)  # fmt: skip
+    ds = tmp_path / "ds"
+    add(ds, {**runs, "here-kvm": here}, ["vm-kvm", "epyc-zen5", "here-kvm"])
+    done = _baseline(ds, "kvm", "pc-q35-7.2")
+    assert done.returncode == 0, done.stderr
+    asyncio.run(_starts_filtering_nothing("kvm", "pc-q35-7.2", done.stdout.strip(), tmp_path))
+
+
+def test_baseline_of_a_model_that_does_not_run_everywhere(dataset: Path) -> None:
+    done = _baseline(dataset, "tcg", "pc-q35-7.2", "--model", "Haswell")
+    assert done.returncode == 1
+    assert "Haswell does not run unfiltered on every host on pc-q35-7.2" in done.stderr
+    assert done.stdout == ""
+
+
+# --- can-migrate -------------------------------------------------------------------------
+
+
+def _migrate(ds: Path, model: str, a: str, b: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return cli("fleet", "can-migrate", str(ds), "--machine", "pc-q35-7.2", "--model", model,
+               "--from", a, "--to", b, *extra)  # fmt: skip
+
+
+def test_can_migrate_between_two_tcg_hosts_of_one_release(
+    dataset: Path, runs: dict[str, Path]
+) -> None:
+    done = _migrate(dataset, "qemu64", "vm-tcg", "here-tcg", "--json")
+    doc = json.loads(done.stdout)
+    same_build = (
+        json.loads((runs["vm-tcg"] / "manifest.json").read_text())["qemu"]["fingerprint"]["id"]
+        == json.loads((runs["here-tcg"] / "manifest.json").read_text())["qemu"]["fingerprint"]["id"]
+    )
+    if same_build:
+        assert done.returncode == 0 and doc["possible"] is True, doc
+    else:  # another machine's build: every reason is a real difference of the two runs
+        assert all(r["kind"] != "accel" for r in doc["reasons"])
+
+
+def test_can_migrate_says_every_reason(dataset: Path, runs: dict[str, Path]) -> None:
+    done = _migrate(dataset, "EPYC", "vm-kvm", "vm-tcg")
+    assert done.returncode == 1
+    assert "no" in done.stdout.splitlines()[0]
+    assert "accel: vm-kvm runs kvm, vm-tcg tcg" in done.stdout
+    tcg_ua = verdicts(runs["vm-tcg"], "pc-q35-7.2")["EPYC"][1]
+    assert tcg_ua, "EPYC is filtered under TCG"
+    assert f"is filtered on target vm-tcg: {' '.join(tcg_ua)}" in done.stdout
+    # the requested CPUs of two builds differ where diff would say so (kvm's own flags)
+    assert "abi-change: kvmclock: true on vm-kvm, false on vm-tcg" in done.stdout
+
+
+def test_can_migrate_to_a_host_without_cells_is_not_shown_safe(dataset: Path) -> None:
+    done = _migrate(dataset, "486", "vm-kvm", "epyc-zen5", "--json")
+    doc = json.loads(done.stdout)
+    assert done.returncode == 1
+    assert [r["kind"] for r in doc["reasons"]] == ["unknown"]
+
+
+def test_can_migrate_unknown_host(dataset: Path) -> None:
+    done = _migrate(dataset, "486", "vm-kvm", "vm-kmv")
+    assert done.returncode == 2
+    assert "no host 'vm-kmv' in the dataset (close: vm-kvm" in done.stderr
+
+
+# --- the dataset -------------------------------------------------------------------------
+
+
+def _digest(ds: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(ds)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(ds.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def test_readding_is_idempotent_and_order_does_not_matter(
+    dataset: Path, runs: dict[str, Path], tmp_path: Path
+) -> None:
+    before = _digest(dataset)
+    again = cli("fleet", "add", str(dataset), str(runs["vm-tcg"]), "--host", "vm-tcg")
+    assert again.returncode == 0 and "already in the dataset" in again.stderr
+    assert _digest(dataset) == before
+    other = tmp_path / "ds"
+    add(other, runs, sorted(runs, reverse=True))
+    for machine in MACHINES.split(","):
+        a = cli("fleet", "runnable", str(dataset), "--machine", machine, "--json").stdout
+        b = cli("fleet", "runnable", str(other), "--machine", machine, "--json").stdout
+        assert a == b
+    for args in (("EPYC", "vm-kvm", "vm-tcg"), ("qemu64", "here-tcg", "vm-tcg")):
+        assert _migrate(dataset, *args).stdout == _migrate(other, *args).stdout
+
+
+def test_requested_cpu_is_stored_once_per_build(runs: dict[str, Path], tmp_path: Path) -> None:
+    ds = tmp_path / "ds"
+    for h in ("a", "b", "c"):
+        cli("fleet", "add", str(ds), str(runs["vm-tcg"]), "--host", h, check=True)
+    assert len(list((ds / "requested").rglob("*.parquet"))) == 1
+    assert len(list((ds / "runnability").rglob("*.parquet"))) == 3
+    assert not (ds / "host_values").exists()
+    assert sorted(p.name for p in (ds / "hosts").iterdir()) == ["host=a", "host=b", "host=c"]
+
+
+def test_a_newer_run_of_a_host_replaces_its_older_one(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    ds = tmp_path / "ds"
+    old, new = runs["vm-tcg"], runs["here-tcg"]  # the fixture's is older than this session's
+    cli("fleet", "add", str(ds), str(new), "--host", "h", check=True)
+    kept = cli("fleet", "add", str(ds), str(old), "--host", "h")
+    assert kept.returncode == 0 and "has a newer run in the dataset" in kept.stderr
+    ds2 = tmp_path / "ds2"
+    cli("fleet", "add", str(ds2), str(old), "--host", "h", check=True)
+    done = cli("fleet", "add", str(ds2), str(new), "--host", "h", check=True)
+    assert "replacing 1 older run" in done.stderr
+    assert len(list((ds2 / "hosts").rglob("*.parquet"))) == 1
+    assert len(list((ds2 / "runnability").rglob("*.parquet"))) == 1
+
+
+def test_published_reference_statuses_come_from_its_counts(dataset: Path) -> None:
+    import duckdb
+
+    ref = json.loads((REPO / "results/reference/qemu-7.2.22-kvm-host-2fc51509c885fffe"
+                      / "manifest.json").read_text())  # fmt: skip
+    got = duckdb.sql(
+        f"select status, count(*) from read_parquet('{dataset}/runnability/host=epyc-zen5/"
+        "*/*/*/*.parquet') group by all order by 1"
+    ).fetchall()
+    assert dict(got) == {k: v for k, v in ref["counts"].items() if v}
+
+
+# --- refused -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def edited(runs: dict[str, Path], tmp_path: Path) -> Iterator[Any]:
+    def edit(host: str, change: Any) -> Path:
+        dest = tmp_path / f"edited-{host}"
+        shutil.copytree(runs[host], dest)
+        m = json.loads((dest / "manifest.json").read_text())
+        change(m)
+        (dest / "manifest.json").write_text(json.dumps(m))
+        return dest
+
+    yield edit
+
+
+def test_incomplete_and_other_schema_runs_are_refused(edited: Any, tmp_path: Path) -> None:
+    ds = tmp_path / "new-ds"
+    incomplete = edited("vm-tcg", lambda m: m.update(complete=False))
+    done = cli("fleet", "add", str(ds), str(incomplete))
+    assert done.returncode == 2 and "incomplete run" in done.stderr
+    assert not ds.exists(), "nothing written"
+    newer = edited("vm-kvm", lambda m: m.update(schema=2))
+    done = cli("fleet", "add", str(ds), str(newer))
+    assert done.returncode == 2 and "schema 2" in done.stderr
+    assert not ds.exists()
+
+
+def test_reference_whose_statuses_cannot_be_told_is_refused(edited: Any, tmp_path: Path) -> None:
+    def two_kinds(m: dict[str, Any]) -> None:
+        m["counts"]["error"] -= 1
+        m["counts"]["timeout"] = 1
+
+    ref = edited("epyc-zen5", two_kinds)
+    done = cli("fleet", "add", str(tmp_path / "ds"), str(ref))
+    assert done.returncode == 2 and "cannot be told" in done.stderr
+
+
+def test_queries_refuse_what_is_not_a_dataset(dataset: Path, tmp_path: Path) -> None:
+    done = cli("fleet", "runnable", str(tmp_path), "--machine", "pc-q35-7.2")
+    assert done.returncode == 2 and "not a fleet dataset" in done.stderr
+    done = cli("fleet", "runnable", str(dataset), "--machine", "pc-q35-72")
+    assert done.returncode == 2 and "no host probed machine type 'pc-q35-72'" in done.stderr
+    (tmp_path / "x").write_text("")
+    done = cli("fleet", "add", str(tmp_path), str(REPO / "tests"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    other = Path(tempfile.mkdtemp(dir=tmp_path))
+    (other / "fleet.json").write_text('{"schema": 9}')
+    done = cli("fleet", "runnable", str(other), "--machine", "pc-q35-7.2")
+    assert done.returncode == 2 and "schema 9" in done.stderr
+
+
+def test_hostile_host_names(runs: dict[str, Path], tmp_path: Path) -> None:
+    ds = tmp_path / "ds"
+    name = "<b>x</b>/../=%2F 'q'"
+    cli("fleet", "add", str(ds), str(runs["vm-tcg"]), "--host", name, check=True)
+    assert [p.name for p in (ds / "hosts").iterdir()] == [
+        "host=%3Cb%3Ex%3C%2Fb%3E%2F..%2F%3D%252F%20%27q%27"
+    ]
+    done = cli("fleet", "runnable", str(ds), "--machine", "pc-q35-7.2", "--json", check=True)
+    blocked = {h for r in json.loads(done.stdout)["runnable"] for h in r["blocked_hosts"]}
+    assert blocked == {name}
+    page = tmp_path / "page.html"
+    cli("fleet", "report", str(ds), "--out", str(page), check=True)
+    html = page.read_text()
+    assert "&lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html
+    bad = cli("fleet", "add", str(ds), str(runs["vm-tcg"]), "--host", "a\nb")
+    assert bad.returncode == 2 and "control character" in bad.stderr
+
+
+def test_report_is_one_page(dataset: Path) -> None:
+    done = cli("fleet", "report", str(dataset), check=True)
+    page = Path(done.stdout.strip())
+    assert page == dataset / "report.html"
+    html = page.read_text()
+    for h in HOSTS:
+        assert h in html
+    assert "Which hosts hold the fleet back" in html
+    assert "pc-q35-7.2" in html and "baseline" in html
+    assert "http://" not in html.replace("http://libvirt", "") and "<script src" not in html
