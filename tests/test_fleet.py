@@ -163,9 +163,12 @@ def test_runnable_json_names_each_hosts_reason(dataset: Path, runs: dict[str, Pa
     rows = {r["model"]: r for r in json.loads(done.stdout)["runnable"]}
     v = {h: verdicts(r, "pc-q35-7.2") for h, r in runs.items()}
     for model, r in rows.items():
+        named = [h for b in r["blocked"] for h in b["hosts"]]
+        assert sorted(named) == r["blocked_hosts"]  # each blocked host once, in one group
         for b in r["blocked"]:
-            status, ua = v[b["host"]].get(model, ("not probed", []))
-            assert b["status"] == status and b["features"] == ua
+            for h in b["hosts"]:
+                status, ua = v[h].get(model, ("not probed", []))
+                assert b["status"] == status and b["features"] == ua
     table = cli("fleet", "runnable", str(dataset), "--machine", "pc-q35-7.2", check=True)
     assert "models run unfiltered on every host" in table.stdout
 
@@ -459,3 +462,23 @@ def test_report_is_one_page(dataset: Path) -> None:
     assert "Which hosts hold the fleet back" in html
     assert "pc-q35-7.2" in html and "baseline" in html
     assert "http://" not in html.replace("http://libvirt", "") and "<script src" not in html
+
+
+def test_an_add_that_did_not_finish_leaves_the_files_trusted(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """`index.parquet` is derived: while `.adding` is there (an add under way, or one that
+    ended before it finished) readers take the hosts files, and the next add remakes it."""
+    ds = tmp_path / "ds"
+    add(ds, runs, ["vm-tcg", "here-tcg"])
+    full = cli("fleet", "runnable", str(ds), "--machine", "pc-q35-7.2", "--json", check=True)
+    import pyarrow.parquet as pq
+
+    idx = pq.read_table(ds / "index.parquet")
+    pq.write_table(idx.slice(0, 1), ds / "index.parquet")  # as if the add died before it
+    (ds / ".adding").write_bytes(b"")
+    again = cli("fleet", "runnable", str(ds), "--machine", "pc-q35-7.2", "--json", check=True)
+    assert again.stdout == full.stdout
+    cli("fleet", "add", str(ds), str(runs["vm-kvm"]), "--host", "vm-kvm", check=True)
+    assert not (ds / ".adding").exists()
+    assert pq.read_table(ds / "index.parquet").num_rows == 3

@@ -8,7 +8,7 @@ the answers. It never starts QEMU. A host's state is its newest run in the datas
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
@@ -35,76 +35,85 @@ def version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) if p.isdigit() else 0 for p in version.replace("-", ".").split("."))
 
 
-#: Every current host: its newest run.
-CURRENT = """
-create view cur as select host, build, accel, topology, mode, run_id, start, source,
-    qemu_version, hostname, cpu_vendor, cpu_model_name, cpu_family, cpu_model, microcode,
-    kernel, host_fingerprint
-  from hosts
-  qualify row_number() over (partition by host order by start desc, run_id desc) = 1;
-create view cur_run as select r.*, c.mode from runnability r
-  join cur c using (host, build, accel, topology, run_id);
-create view cur_values as select v.* from host_values v
-  join cur c using (host, build, accel, topology, run_id);
+#: Hosts that answer alike (one `class`: the same build, runnability, host/max flags and own
+#: values) are asked once, through one of them (`rep`); every answer names all members.
+CLASSES = """
+create view cls as select class, min(host) as rep, count(*)::bigint as n,
+    list(host order by host) as members from cur group by class;
+create view cls_key as select c.class, h.build, h.accel, h.topology, h.mode
+  from cls c join cur h on h.host = c.rep;
+create view cur_run as select c.class, r.machine, r.model, r.status, r.error, r.runnable,
+    r.unavailable from runnability r join cls c on r.host = c.rep;
+create view cur_values as select c.class, v.machine, v.model, v.fact, v.prop, v.value
+  from host_values v join cls c on v.host = c.rep;
+create view cur_cap as select c.class, k.machine, k.model, k.features
+  from capability k join cls c on k.host = c.rep;
 """
 
-#: Per machine type and model: every current host's verdict (a host whose run has no row for
-#: the combo did not probe it: it is blocked, `not probed`).
+#: Per machine type and model: each class's verdict (a class whose run has no row for the
+#: combo did not probe it: it is blocked, `not probed`).
 VERDICTS = """
 with ms as (select distinct machine, model from cur_run
             where $machine is null or machine = $machine)
-select ms.machine, ms.model, c.host, coalesce(r.status, 'not probed') as status,
-       coalesce(r.error, '') as error, coalesce(r.runnable, false) as ok,
-       coalesce(r.unavailable, []::varchar[]) as unavailable
-from ms cross join cur c
-left join cur_run r on r.host = c.host and r.machine = ms.machine and r.model = ms.model
+select ms.machine, ms.model, c.class, c.n,
+       coalesce(r.status, 'not probed') as status, coalesce(r.error, '') as error,
+       coalesce(r.runnable, false) as ok, coalesce(r.unavailable, []::varchar[]) as unavailable
+from ms cross join cls c
+left join cur_run r on r.class = c.class and r.machine = ms.machine and r.model = ms.model
 """
 
-RUNNABLE = f"""
+#: Per (machine type, model): everywhere or not, and the classes that block it (by class: a
+#: fleet of 10,000 hosts of three kinds has three, not 10,000 names per row).
+SUMMARY = f"""
 with v as ({VERDICTS})
-select machine, model, bool_and(ok) as everywhere, count(*) as hosts,
-       count(*) filter (where ok) as runnable_hosts,
-       coalesce(list(host order by host) filter (where not ok), []) as blocked_hosts,
+select machine, model, bool_and(ok) as everywhere, sum(n)::bigint as hosts,
+       coalesce(sum(n) filter (where ok), 0)::bigint as runnable_hosts,
        list_sort(list_distinct(flatten(coalesce(
            list(unavailable) filter (where not ok), [])))) as blocking_features,
-       coalesce(list(struct_pack(host := host, status := status, error := error,
-           features := unavailable) order by host) filter (where not ok), []) as blocked
+       coalesce(list(struct_pack(class := class, status := status, error := error,
+           features := unavailable) order by class) filter (where not ok), []) as groups
 from v group by machine, model order by machine, model
 """
 
-#: Flags each current host is known to give on a machine type: those on in its `host`/`max`
-#: CPUs (`capability`), and those of every model that ran there but its unavailable ones.
+#: Named flags on in each requested CPU (made once per connection, when first asked).
+FLAGS = """
+create temp table flagrows as select q.build, q.accel, q.topology, q.mode, q.machine, q.model,
+    q.prop from requested q join builds b using (build, accel, topology, mode)
+  where q.value = 'true' and list_contains(b.features, q.prop);
+create temp table flagcount as select build, accel, topology, mode, machine, model,
+    count(*)::bigint as n from flagrows group by all;
+"""
+
+#: Flags each class is known to give on a machine type: those on in its `host`/`max` CPUs
+#: (`capability`), and those of every model that ran there but its unavailable ones.
 AVAILABLE = """
-with okm as (select host, build, accel, topology, mode, run_id, machine, model, unavailable
-             from cur_run where status = 'ok' and ($machine is null or machine = $machine)),
-bf as (select q.build, q.accel, q.topology, q.mode, q.machine, q.model, q.fact, q.prop
-       from requested q join builds b using (build, accel, topology, mode)
-       where q.value = 'true' and list_contains(b.features, q.prop)
-         and ($machine is null or q.machine = $machine)),
+with okm as (select r.class, k.build, k.accel, k.topology, k.mode, r.machine, r.model,
+                    r.unavailable
+             from cur_run r join cls_key k using (class)
+             where r.status = 'ok' and ($machine is null or r.machine = $machine)),
 inferred as (
-  select o.host, o.machine, bf.prop from okm o
-    join bf using (build, accel, topology, mode, machine, model)
-    anti join cur_values v on v.host = o.host and v.machine = o.machine
-      and v.model = o.model and v.fact = bf.fact
-    where not list_contains(o.unavailable, bf.prop)
+  select o.class, o.machine, f.prop from okm o
+    join flagrows f using (build, accel, topology, mode, machine, model)
+    anti join cur_values v on v.class = o.class and v.machine = o.machine
+      and v.model = o.model and v.prop = f.prop
+    where not list_contains(o.unavailable, f.prop)
   union all
-  select o.host, o.machine, v.prop from okm o
-    join cur_values v on v.host = o.host and v.machine = o.machine and v.model = o.model
+  select o.class, o.machine, v.prop from okm o
+    join cur_values v on v.class = o.class and v.machine = o.machine and v.model = o.model
     join builds b on b.build = o.build and b.accel = o.accel and b.topology = o.topology
       and b.mode = o.mode
     where v.value = 'true' and list_contains(b.features, v.prop)
       and not list_contains(o.unavailable, v.prop)
 ),
-cap as (select c.host, c.machine, unnest(c.features) as prop from capability c
-        join cur using (host, build, accel, topology, run_id)
-        where $machine is null or c.machine = $machine)
-select distinct host, machine, prop from (select * from inferred union all select * from cap)
+cap as (select class, machine, unnest(features) as prop from cur_cap
+        where $machine is null or machine = $machine)
+select distinct class, machine, prop from (select * from inferred union all select * from cap)
 """
 
 SHARED = f"""
 with a as ({AVAILABLE})
 select machine, prop from a group by machine, prop
-having count(distinct host) = (select count(*) from cur) order by machine, prop
+having count(distinct class) = (select count(*) from cls) order by machine, prop
 """
 
 
@@ -172,33 +181,60 @@ class Fleet:
     def __init__(self, path: str | Path) -> None:
         self.dataset = Dataset(path)
         self.dataset.check()
-        self.con = duckdb.connect(config={"enable_external_access": True})
+        self.con = duckdb.connect()
+        self._flags = False
+        index = self.dataset.index()
         try:
+            self._current(index)
             for table in TYPES:
-                self._view(table)
-            self.con.execute(CURRENT)
+                if table != "hosts":
+                    self._view(table, self._reps if table in HOST_TABLES else None)
+            self.con.execute(CLASSES)
         except duckdb.Error as e:
             raise InputError(f"corrupted fleet dataset: {self.dataset.path}: {e}") from None
 
-    def _view(self, table: str) -> None:
+    def _current(self, index: pd.DataFrame) -> None:
+        """`cur`: each host's newest run (from the dataset's index of host runs)."""
+        cols = ["file", *HOST_KEYS, *TYPES["hosts"]]
+        idx = index.reindex(columns=cols).astype(
+            {c: "string" for c in cols if c != "cpu_flags"}
+        )  # fmt: skip
+        idx = idx.sort_values(["host", "start", "run_id"], ascending=[True, False, False])
+        cur = idx.drop_duplicates("host").drop(columns=["cpu_flags"])
+        self.con.register("cur_frame", cur)
+        self.con.execute("create table cur as select * from cur_frame")
+        self.con.unregister("cur_frame")
+        # The files of one run of each class: what every query reads of the host tables.
+        reps = cur.sort_values("host").drop_duplicates("class")
+        self._reps = [str(f) for f in reps["file"]]
+
+    def _view(self, table: str, reps: Sequence[str] | None) -> None:
         keys = HOST_KEYS if table in HOST_TABLES else BUILD_KEYS
-        files = [str(f) for f in self.dataset.files(table)]
+        if reps is None:
+            files = [str(f) for f in self.dataset.files(table)]
+        else:  # hosts/host=…/RUN.parquet → TABLE/host=…/RUN.parquet, where the run has rows
+            paths = (self.dataset.path / table / Path(r).relative_to("hosts") for r in reps)
+            files = [str(p) for p in paths if p.is_file()]
         if not files:
             cols = {**{k: pa.string() for k in keys}, **TYPES[table]}
             body = ", ".join(f'"{c}" {_sql_type(t)}' for c, t in cols.items())
             self.con.execute(f"create table {table} ({body})")
             return
         types = "{" + ", ".join(f"'{k}': 'VARCHAR'" for k in keys) + "}"
-        # The file list is a parameter of a query, not text of it: paths stay data.
+        # A view, not a copy: each query reads only the columns and rows it needs. Paths are
+        # SQL string literals (quotes doubled); a glob would read `[`, `*`, `?` in them.
+        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         self.con.execute(
-            f"create table {table} as select * from read_parquet($files, "
-            f"hive_partitioning = true, hive_types = {types}, union_by_name = true)",
-            {"files": files},
+            f"create view {table} as select * from read_parquet([{listed}], "
+            f"hive_partitioning = true, hive_types = {types}, union_by_name = true)"
         )
 
     def query(self, sql: str, **params: Any) -> pd.DataFrame:
         """A query's rows (a corrupted file is the dataset's error, one line)."""
         try:
+            if not self._flags and ("flagrows" in sql or "flagcount" in sql):
+                self.con.execute(FLAGS)
+                self._flags = True
             return self.con.execute(sql, params).df()
         except duckdb.Error as e:
             raise InputError(f"fleet dataset {self.dataset.path}: {e}") from None
@@ -207,7 +243,7 @@ class Fleet:
 
     def hosts(self) -> pd.DataFrame:
         """Every current host and its run."""
-        return self.query("select * from cur order by host")
+        return self.query("select * exclude (file) from cur order by host")
 
     def check_machine(self, machine: str) -> None:
         """Refuse a machine type no host probed, naming the close ones."""
@@ -221,45 +257,66 @@ class Fleet:
 
     def runnable(self, machine: str | None) -> pd.DataFrame:
         """Per (machine type, model): whether every host runs it unfiltered, and for the rest
-        which hosts block it, with which features (or status)."""
+        which hosts block it, with which features (or status): `blocked` groups the hosts
+        that block alike, `blocked_hosts` names them all."""
         if machine is not None:
             self.check_machine(machine)
-        return self.query(RUNNABLE, machine=machine)
+        rows = self.query(SUMMARY, machine=machine)
+        members = self.members()
+        rows["blocked"] = [
+            sorted(({**g, "hosts": members[g["class"]]} for g in groups),
+                   key=lambda g: g["hosts"][0])
+            for groups in rows["groups"]
+        ]  # fmt: skip
+        rows["blocked_hosts"] = [
+            sorted(h for g in groups for h in members[g["class"]]) for groups in rows["groups"]
+        ]
+        return rows
+
+    def summary(self, machine: str | None) -> pd.DataFrame:
+        """`runnable` by class only (`groups`: the classes that block), for every machine
+        type at once."""
+        return self.query(SUMMARY, machine=machine)
+
+    def members(self) -> dict[str, list[str]]:
+        """class → its hosts, sorted."""
+        rows = self.query("select class, members from cls")
+        return {str(c): [str(h) for h in m] for c, m in zip(rows["class"], rows["members"],
+                                                           strict=True)}  # fmt: skip
 
     def verdicts(self, machine: str | None) -> pd.DataFrame:
-        """`machine, model, host, status, error, ok, unavailable`: every host's answer."""
+        """`machine, model, class, n, status, error, ok, unavailable`: each class's answer."""
         return self.query(VERDICTS, machine=machine)
 
     def shared(self, machine: str | None) -> pd.DataFrame:
         """`machine, prop`: the flags every current host is known to give."""
         return self.query(SHARED, machine=machine)
 
-    def candidates(self, machine: str, runnable: pd.DataFrame) -> list[Candidate]:
-        """Models every host runs on `machine` that QEMU calls migration-safe in every build
-        that has them, each with the expand-mode build its definition comes from (the oldest
-        QEMU release of the fleet that has it) and its number of flags on."""
-        everywhere = runnable.loc[runnable["everywhere"], "model"].tolist()
-        if not everywhere:
-            return []
-        rows = self.query(
-            """
-            with cb as (select distinct build, accel, topology, mode, cur.qemu_version from cur
-                        join builds using (build, accel, topology, mode))
-            select m.model, m.build, m.accel, m.topology, m.mode, cb.qemu_version,
-                   m.migration_safe,
-                   (select count(*) from requested q join builds b
-                      using (build, accel, topology, mode)
-                    where q.build = m.build and q.accel = m.accel and q.topology = m.topology
-                      and q.mode = m.mode and q.machine = m.machine and q.model = m.model
-                      and q.value = 'true' and list_contains(b.features, q.prop)) as n_flags
-            from models m join cb using (build, accel, topology, mode)
-            where m.machine = $machine and list_contains($models, m.model)
-            """,
-            machine=machine,
-            models=everywhere,
-        )
-        out = []
-        for model, g in rows.groupby("model", sort=True):
+    def candidates(self, runnable: pd.DataFrame) -> dict[str, list[Candidate]]:
+        """Per machine type: the models every host runs there that QEMU calls migration-safe
+        in every build that has them, each with the expand-mode build its definition comes
+        from (the oldest QEMU release of the fleet that has it) and its number of flags on."""
+        everywhere = runnable.loc[runnable["everywhere"], ["machine", "model"]]
+        if everywhere.empty:
+            return {}
+        self.con.register("everywhere_frame", everywhere.astype(str))
+        try:
+            rows = self.query(
+                """
+                with cb as (select distinct build, accel, topology, mode, qemu_version from cur)
+                select m.machine, m.model, m.build, m.accel, m.topology, m.mode,
+                       cb.qemu_version, m.migration_safe, coalesce(f.n, 0) as n_flags
+                from models m join cb using (build, accel, topology, mode)
+                join everywhere_frame e on e.machine = m.machine and e.model = m.model
+                left join flagcount f on f.build = m.build and f.accel = m.accel
+                  and f.topology = m.topology and f.mode = m.mode and f.machine = m.machine
+                  and f.model = m.model
+                """
+            )
+        finally:
+            self.con.unregister("everywhere_frame")
+        out: dict[str, list[Candidate]] = {}
+        for (machine, model), g in rows.groupby(["machine", "model"], sort=True):
             if not g["migration_safe"].all():
                 continue
             g = g[g["mode"] == EXPAND]
@@ -268,14 +325,13 @@ class Fleet:
             g = g.assign(key=g["qemu_version"].map(version_key)).sort_values(["key", "build"])
             r = g.iloc[0]
             key = (str(r["build"]), str(r["accel"]), str(r["topology"]), str(r["mode"]))
-            out.append(Candidate(str(model), key, int(r["n_flags"])))
+            out.setdefault(str(machine), []).append(Candidate(str(model), key, int(r["n_flags"])))
         return out
 
     def baseline(self, machine: str, model: str | None = None) -> Choice:
         """The largest CPU every current host runs on `machine` (or `model`), with the flags
         all hosts give on top; `NoBaseline` when there is none."""
         run = self.runnable(machine)
-        cands = self.candidates(machine, run)
         if model is not None:
             row = run[run["model"] == model]
             if row.empty:
@@ -283,46 +339,41 @@ class Fleet:
             if not bool(row["everywhere"].iloc[0]):
                 raise NoBaseline(f"{model} does not run unfiltered on every host on {machine}: "
                                  + blocked_text(row.iloc[0]))  # fmt: skip
-            chosen = [c for c in cands if c.model == model]
-            if not chosen:
-                raise NoBaseline(
+        choice = self.baselines(run, model).get(machine)
+        if isinstance(choice, Choice):
+            return choice
+        raise NoBaseline(choice or f"no baseline on {machine}")
+
+    def baselines(self, run: pd.DataFrame, model: str | None = None) -> dict[str, Choice | str]:
+        """The baseline of every machine type of `run` (`runnable`'s rows), or why there is
+        none: all at once, so that a report asks each question once, not once per machine."""
+        cands = self.candidates(run)
+        machines = sorted(set(run["machine"]))
+        out: dict[str, Choice | str] = {}
+        picks: dict[str, Candidate] = {}
+        for machine in machines:
+            mine = [c for c in cands.get(machine, []) if model is None or c.model == model]
+            if not mine:
+                out[machine] = (
                     f"{model} on {machine}: QEMU does not call it migration-safe, or no "
                     "expand-mode run of the fleet defines it (run the hosts with --mode expand)"
-                )
-            pick = chosen[0]
-        else:
-            if not cands:
-                raise NoBaseline(
-                    f"no model runs unfiltered on every host on {machine} that QEMU calls "
+                    if model is not None
+                    else f"no model runs unfiltered on every host on {machine} that QEMU calls "
                     "migration-safe and an expand-mode run of the fleet defines"
                 )
-            pick = sorted(cands, key=lambda c: (-c.flags, c.model))[0]
-        return self._choice(machine, pick, cands)
-
-    def _choice(self, machine: str, pick: Candidate, cands: list[Candidate]) -> Choice:
-        b, a, t, m = pick.build
-        key = {"build": b, "accel": a, "topology": t, "mode": m}
-        facts = self.query(
-            "select prop, value from requested where build = $build and accel = $accel "
-            "and topology = $topology and mode = $mode and machine = $machine and model = $model",
-            **key, machine=machine, model=pick.model,
-        )  # fmt: skip
-        build = self.query(
-            "select * from builds where build = $build and accel = $accel and "
-            "topology = $topology and mode = $mode",
-            **key,
-        ).iloc[0]
-        values = {p: json.loads(v) for p, v in zip(facts["prop"], facts["value"], strict=True)}
-        shared = set(self.shared(machine)["prop"])
-        # A flag every build of the fleet knows: `-cpu` takes it on each of them.
+                continue
+            picks[machine] = sorted(mine, key=lambda c: (-c.flags, c.model))[0]
+        if not picks:
+            return out
+        shared = self.shared(machines[0] if len(machines) == 1 else None)
+        shared_by = shared.groupby("machine")["prop"].agg(set).to_dict()
         known = self.query(
             "select distinct b.features from cur join builds b using (build, accel, topology, mode)"
         )["features"]
+        # A flag every build of the fleet knows: `-cpu` takes it on each of them.
         every_build = set.intersection(*(set(f) for f in known)) if len(known) else set()
-        on = {p for p, v in values.items() if v is True and p in set(build["features"])}
-        extra = sorted((shared & every_build) - on)
-        bits = json.loads(str(build["feature_bits"]))
-        levels = raised_levels(values, [f for f in extra if f in bits], bits)
+        values = self._values(picks)
+        builds = self.query("select * from builds").set_index(list(BUILD_KEYS))
         hosts = self.hosts()
         notes = []
         unknown = sorted(set(hosts.loc[hosts["source"] != "run", "host"]))
@@ -331,10 +382,37 @@ class Fleet:
                 f"host(s) {', '.join(unknown[:5])}{' …' if len(unknown) > 5 else ''} came from a "
                 "published reference: no host/max flags, so no flag on top is known there"
             )
-        return Choice(
-            machine, pick.model, pick.build, str(build["qemu_version"]), extra, levels,
-            len(hosts), cands, sorted(set(hosts["accel"])), notes,
-        )  # fmt: skip
+        for machine, pick in picks.items():
+            build = builds.loc[pick.build]
+            given = values.get(machine, {})
+            on = {p for p, v in given.items() if v is True and p in set(build["features"])}
+            extra = sorted((shared_by.get(machine, set()) & every_build) - on)
+            bits = json.loads(str(build["feature_bits"]))
+            out[machine] = Choice(
+                machine, pick.model, pick.build, str(build["qemu_version"]), extra,
+                raised_levels(given, [f for f in extra if f in bits], bits), len(hosts),
+                cands.get(machine, []), sorted(set(hosts["accel"])), notes,
+            )  # fmt: skip
+        return out
+
+    def _values(self, picks: dict[str, Candidate]) -> dict[str, dict[str, Any]]:
+        """machine → the chosen model's requested values there (of its source build)."""
+        frame = pd.DataFrame(
+            [(m, c.model, *c.build) for m, c in picks.items()],
+            columns=["machine", "model", *BUILD_KEYS],
+        )
+        self.con.register("picks_frame", frame)
+        try:
+            rows = self.query(
+                "select q.machine, q.prop, q.value from requested q join picks_frame p "
+                "using (build, accel, topology, mode, machine, model)"
+            )
+        finally:
+            self.con.unregister("picks_frame")
+        out: dict[str, dict[str, Any]] = {}
+        for r in rows.itertuples():
+            out.setdefault(str(r.machine), {})[str(r.prop)] = json.loads(str(r.value))
+        return out
 
     def can_migrate(self, machine: str, model: str, source: str, target: str) -> Migration:
         """Whether a VM of `model` on `machine` can move from host `source` to `target`."""
@@ -355,14 +433,14 @@ class Fleet:
             )
         v = self.query(
             f"with v as ({VERDICTS}) select * from v where model = $model and "
-            "(host = $a or host = $b)",
-            machine=machine, model=model, a=source, b=target,
-        ).set_index("host")  # fmt: skip
-        for h, role in ((source, "source"), (target, "target")):
-            if h not in v.index:
+            "(class = $a or class = $b)",
+            machine=machine, model=model, a=a["class"], b=b["class"],
+        ).set_index("class")  # fmt: skip
+        for h, row, role in ((source, a, "source"), (target, b, "target")):
+            if row["class"] not in v.index:
                 out.reasons.append(Reason("not-probed", f"no host probed {model} on {machine}"))
                 return out
-            r = v.loc[h]
+            r = v.loc[row["class"]]
             if r["status"] != "ok":
                 what = f"{r['status']}" + (f": {r['error']}" if r["error"] else "")
                 out.reasons.append(Reason("status", f"{model} on {machine} on {role} {h}: {what}"))
@@ -371,32 +449,33 @@ class Fleet:
                     f"{model} on {machine} is filtered on {role} {h}: {' '.join(r['unavailable'])}"
                 )
                 out.reasons.append(Reason("unavailable", what))
-        if v.loc[source, "status"] == "ok" and v.loc[target, "status"] == "ok":
+        if v.loc[a["class"], "status"] == "ok" and v.loc[b["class"], "status"] == "ok":
             out.reasons += self._cpu_reasons(machine, model, a, b)
         return out
 
-    def _facts(self, machine: str, model: str, host: str) -> pd.DataFrame:
+    def _facts(self, machine: str, model: str, host: pd.Series) -> pd.DataFrame:
+        """The requested CPU of (machine, model) on a host: its build's, its own values over."""
         return self.query(
             """
-            with c as (select * from cur where host = $host)
-            select q.fact, q.prop, q.value from requested q join c
-              using (build, accel, topology, mode)
-            where q.machine = $machine and q.model = $model
-              and not exists (select 1 from cur_values v where v.host = $host
+            select q.fact, q.prop, q.value from requested q
+            where q.build = $build and q.accel = $accel and q.topology = $topology
+              and q.mode = $mode and q.machine = $machine and q.model = $model
+              and not exists (select 1 from cur_values v where v.class = $class
                   and v.machine = q.machine and v.model = q.model and v.fact = q.fact)
             union all
             select v.fact, v.prop, v.value from cur_values v
-            where v.host = $host and v.machine = $machine and v.model = $model
+            where v.class = $class and v.machine = $machine and v.model = $model
               and v.value is not null
             """,
-            machine=machine, model=model, host=host,
+            machine=machine, model=model,
+            **{k: host[k] for k in ("build", "accel", "topology", "mode", "class")},
         )  # fmt: skip
 
     def _cpu_reasons(self, machine: str, model: str, a: pd.Series, b: pd.Series) -> list[Reason]:
         """The requested CPU of (machine, model) on the target's build against the source's,
         by diff's rules (a property only one build has is not a difference of the CPU)."""
-        fa = self._facts(machine, model, str(a.name))
-        fb = self._facts(machine, model, str(b.name))
+        fa = self._facts(machine, model, a)
+        fb = self._facts(machine, model, b)
         if fa.empty or fb.empty:
             if (a["build"], a["mode"]) == (b["build"], b["mode"]):
                 return []  # one build, one requested CPU: nothing to compare
@@ -489,11 +568,19 @@ def _shown(value: Any) -> str:
     return "(none)" if missing else str(value)
 
 
-def blocked_text(row: pd.Series, limit: int = 10) -> str:
-    """Which hosts block a model, and with what, in one line."""
+def hosts_text(hosts: Sequence[str], limit: int) -> str:
+    """Host names, the first `limit` of them and how many more."""
+    names = [str(h) for h in hosts]
+    more = len(names) - limit
+    return " ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+def blocked_text(row: Mapping[str, Any], limit: int = 10) -> str:
+    """Which hosts block a model, and with what, in one line (hosts that answer alike
+    together)."""
     parts = []
     for b in list(row["blocked"])[:limit]:
         why = " ".join(b["features"]) if b["status"] == "ok" else b["status"]
-        parts.append(f"{b['host']} ({why})")
+        parts.append(f"{hosts_text(b['hosts'], limit)} ({why})")
     more = len(row["blocked"]) - limit
-    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
+    return ", ".join(parts) + (f" and {more} more groups" if more > 0 else "")

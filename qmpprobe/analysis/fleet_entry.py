@@ -258,5 +258,6 @@ def add_all(path: str | Path, sources: Sequence[str | Path], host: str | None) -
             e = kept if kept is not None else read_entry(s, host)
             yield from e.notes
             yield ds.add(e)
+        ds.finish()
     finally:
         ds.release()

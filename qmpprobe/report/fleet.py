@@ -14,7 +14,7 @@ from rich.text import Text
 
 from qmpprobe import __version__
 from qmpprobe.analysis.drift import machine_order
-from qmpprobe.analysis.fleet import Choice, Fleet, Migration, NoBaseline, blocked_text
+from qmpprobe.analysis.fleet import Choice, Fleet, Migration, blocked_text, hosts_text
 from qmpprobe.report.escape import render
 from qmpprobe.store import csvfile
 
@@ -31,9 +31,10 @@ NAMED = 8
 def _not_running(blocked: Sequence[dict[str, Any]]) -> str:
     """Hosts where the model did not run at all, with their status: `h (error: …)`."""
     return "; ".join(
-        f"{b['host']} ({b['status']}" + (f": {b['error']}" if b["error"] else "") + ")"
+        f"{h} ({b['status']}" + (f": {b['error']}" if b["error"] else "") + ")"
         for b in blocked
         if b["status"] != "ok"
+        for h in b["hosts"]
     )
 
 
@@ -67,7 +68,7 @@ def runnable_json(df: pd.DataFrame) -> str:
             "blocking_features": [str(f) for f in r["blocking_features"]],
             "blocked": [
                 {
-                    "host": str(b["host"]),
+                    "hosts": [str(h) for h in b["hosts"]],
                     "status": str(b["status"]),
                     "error": str(b["error"]),
                     "features": [str(f) for f in b["features"]],
@@ -165,20 +166,17 @@ def migration_text(m: Migration) -> str:
 # --- fleet report --------------------------------------------------------------------------
 
 
-def _held_back(run: pd.DataFrame) -> pd.DataFrame:
-    """Per host: the combos it alone keeps from running everywhere, and all it blocks."""
-    blocked = run[~run["everywhere"]]
-    alone = blocked[blocked["blocked_hosts"].map(len) == 1]
-    alone_hosts = alone["blocked_hosts"].map(lambda v: str(v[0]))
-    every = blocked.explode("blocked_hosts")
-    counts = pd.DataFrame(
-        {
-            "alone": alone_hosts.value_counts(),
-            "blocked": every["blocked_hosts"].astype(str).value_counts(),
-        }
-    ).fillna(0)
-    counts = counts.astype(int).sort_values(["alone", "blocked"], ascending=False)
-    return counts.rename_axis("host").reset_index()
+def _held_back(summary: pd.DataFrame, members: dict[str, list[str]]) -> pd.DataFrame:
+    """Per host: the combos it alone keeps from running everywhere, and all it blocks
+    (counted by class: every host of a class blocks the same combos)."""
+    groups = summary.loc[~summary["everywhere"], "groups"]
+    classes = groups.map(lambda gs: [g["class"] for g in gs])
+    blocked = classes.explode().value_counts()
+    alone = classes[classes.map(len) == 1].map(lambda cs: cs[0])
+    alone = alone[alone.map(lambda c: len(members[c]) == 1)].value_counts()
+    rows = [(h, int(alone.get(c, 0)), int(n)) for c, n in blocked.items() for h in members[str(c)]]
+    df = pd.DataFrame(rows, columns=["host", "alone", "blocked"])
+    return df.sort_values(["alone", "blocked", "host"], ascending=[False, False, True])
 
 
 def _machines(f: Fleet, run: pd.DataFrame) -> list[str]:
@@ -198,39 +196,45 @@ def report_html(f: Fleet) -> str:
     """`fleet report`: hosts × models per machine type, the baseline per machine type, and
     which hosts hold the fleet back: one self-contained page."""
     hosts = f.hosts()
-    run = f.runnable(None)
+    run = f.summary(None)
+    members = f.members()
     names = [str(h) for h in hosts["host"]]
     per_host = len(names) <= HOST_COLUMNS
     verdicts = f.verdicts(None) if per_host else pd.DataFrame()
+    cells: dict[tuple[str, str, str], Any] = {}
+    if per_host:
+        of = dict(zip(hosts["host"].astype(str), hosts["class"].astype(str), strict=True))
+        keys = zip(verdicts["machine"], verdicts["model"], verdicts["class"], strict=True)
+        cells = dict(zip(keys, verdicts.itertuples(), strict=True))
+    choices = f.baselines(run)
     sections = []
     for machine in _machines(f, run):
         rows = run[run["machine"] == machine]
-        try:
-            c = f.baseline(machine)
-            baseline = f"{c.model}" + (f" + {len(c.extra)} flags ({', '.join(c.extra)})"
-                                       if c.extra else "")  # fmt: skip
-        except NoBaseline as e:
-            baseline = f"none: {e}"
+        c = choices.get(machine)
+        if isinstance(c, Choice):
+            baseline = c.model + (f" + {len(c.extra)} flags ({', '.join(c.extra)})"
+                                  if c.extra else "")  # fmt: skip
+        else:
+            baseline = f"none: {c}"
         grid = []
-        v = verdicts[verdicts["machine"] == machine] if per_host else verdicts
-        cells = {(r.model, r.host): r for r in v.itertuples()} if per_host else {}
         for r in rows.itertuples():
             line: dict[str, Any] = {
                 "model": r.model,
                 "everywhere": bool(r.everywhere),
                 "runs": f"{r.runnable_hosts}/{r.hosts}",
-                "blocked": blocked_text(pd.Series(r._asdict()), NAMED),
+                "blocked": blocked_text(
+                    {"blocked": [{**g, "hosts": members[g["class"]]} for g in r.groups]}, NAMED
+                ),
                 "hosts": [],
             }
-            if per_host:
-                for h in names:
-                    cell = cells.get((r.model, h))
-                    ok = bool(cell.ok) if cell is not None else False
-                    if cell is None or cell.status != "ok":
-                        why = "not probed" if cell is None else f"{cell.status}: {cell.error}"
-                    else:
-                        why = " ".join(cell.unavailable)
-                    line["hosts"].append({"ok": ok, "why": why})
+            for h in names if per_host else []:
+                cell = cells.get((machine, r.model, of[h]))
+                ok = bool(cell.ok) if cell is not None else False
+                if cell is None or cell.status != "ok":
+                    why = "not probed" if cell is None else f"{cell.status}: {cell.error}"
+                else:
+                    why = " ".join(cell.unavailable)
+                line["hosts"].append({"ok": ok, "why": why})
             grid.append(line)
         sections.append(
             {
@@ -241,12 +245,21 @@ def report_html(f: Fleet) -> str:
                 "rows": grid,
             }
         )
+    if per_host:
+        listed = hosts.to_dict("records")
+    else:  # one row per class: its hosts, and the facts of the first
+        first = hosts.drop_duplicates("class")
+        listed = [
+            {**r, "host": hosts_text(members[str(r["class"])], NAMED)}
+            for r in first.to_dict("records")
+        ]
     doc = {
         "title": f"qmpprobe fleet report: {f.dataset.path.name}",
         "version": __version__,
-        "hosts": hosts.to_dict("records"),
+        "hosts": listed,
+        "host_count": len(names),
         "host_names": names if per_host else [],
-        "held_back": _held_back(run).head(30).to_dict("records"),
+        "held_back": _held_back(run, members).head(30).to_dict("records"),
         "sections": sections,
     }
     return render("fleet.html.j2", doc)

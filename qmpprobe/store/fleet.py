@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -40,6 +42,10 @@ from qmpprobe.store.folder import atomic_write, path_part
 
 FLEET_SCHEMA = 1
 FLEET_JSON = "fleet.json"
+#: Every host's run in one file (derived from hosts/: rebuilt when it does not match).
+INDEX = "index.parquet"
+#: There while `fleet add` changes the dataset: an index read then may be behind the files.
+ADDING = ".adding"
 HOST_TABLES = ("hosts", "runnability", "capability", "host_values")
 BUILD_TABLES = ("builds", "models", "requested")
 HOST_KEYS = ("host", "build", "accel", "topology")
@@ -87,11 +93,29 @@ class Entry:
 
 def check_host(name: str) -> str:
     """A host name as the dataset keys it: some text, no control character, not too long."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        raise InputError(f"--host {name!r}: not UTF-8 text") from None
     if not name.strip() or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise InputError(f"--host {name!r}: a host name is text with no control character")
     if len(path_part(name)) >= HOST_MAX:
         raise InputError(f"host name too long for a partition value: {name[:40]!r}…")
     return name
+
+
+def capability_class(entry: Entry, tables: dict[str, pd.DataFrame]) -> str:
+    """A digest of everything a host answers with (its build, runnability, host/max flags
+    and own values): hosts with the same one answer every question alike, so queries ask
+    one host of each class."""
+    h = hashlib.sha256(json.dumps([entry.build, entry.accel, entry.topology, entry.mode]).encode())
+    for name in ("runnability", "capability", "host_values"):
+        frame = tables[name]
+        if len(frame):
+            cols = sorted(frame.columns)
+            text = frame[cols].astype(str).sort_values(cols).to_csv(index=False)
+            h.update(name.encode() + b"\0" + text.encode())
+    return h.hexdigest()[:24]
 
 
 def digests(facts: pd.DataFrame) -> pd.DataFrame:
@@ -120,7 +144,7 @@ TYPES: dict[str, dict[str, pa.DataType]] = {
         **{c: pa.string() for c in (
             "run_id", "start", "mode", "source", "qemu_version", "qemu_package", "qemu_sha256",
             "qmpprobe", "hostname", "host_fingerprint", "cpu_vendor", "cpu_model_name",
-            "cpu_family", "cpu_model", "cpu_stepping", "microcode", "kernel")},
+            "cpu_family", "cpu_model", "cpu_stepping", "microcode", "kernel", "class")},
         "cpu_flags": _LIST,
     },
     "runnability": {
@@ -185,6 +209,7 @@ class Dataset:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock: int | None = None
+        self._idx: pd.DataFrame | None = None
 
     def check(self, create: bool = False, probe: bool = False) -> None:
         """Refuse what is not a fleet dataset of this schema; `create` an empty one where
@@ -213,7 +238,8 @@ class Dataset:
             )
 
     def claim(self) -> None:
-        """Become the dataset's one writer (a lock that dies with its holder)."""
+        """Become the dataset's one writer (a lock that dies with its holder); an add that
+        ended before it finished (its marker is there) has its index made anew first."""
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -221,9 +247,21 @@ class Dataset:
             os.close(fd)
             raise InputError(f"{self.path} is in use by another qmpprobe fleet add") from None
         self._lock = fd
+        marker = self.path / ADDING
+        if marker.exists() or not (self.path / INDEX).exists():
+            self.refresh_index()
+        else:
+            self._idx = self.index()
+        marker.write_bytes(b"")
+
+    def finish(self) -> None:
+        """Every add done and the index written: the marker goes."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / ADDING).unlink()
 
     def release(self) -> None:
-        """Stop being the dataset's writer."""
+        """Stop being the dataset's writer (an add that did not `finish` leaves its marker:
+        the next reader trusts the files, not the index)."""
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -264,12 +302,61 @@ class Dataset:
                 table = arrow_table(name, frame.assign(run_id=entry.run_id))
                 _write_parquet(self.path / entry.host_dir(name) / run, table)
         # The hosts row last: a run is in the dataset once its hosts row is (readers join on it).
-        hosts = arrow_table("hosts", entry.hosts)
+        row = entry.hosts.assign(**{"class": capability_class(entry, tables)})
+        hosts = arrow_table("hosts", row)
         _write_parquet(self.path / entry.host_dir("hosts") / run, hosts)
         for old in runs["run_id"]:
             self._drop_host_run(entry.host, str(old))
+        self._index_add(entry, row, entry.host_dir("hosts") / run)
         replaced = f", replacing {len(runs)} older run(s)" if len(runs) else ""
         return f"{entry.source}: added as host {entry.host}{replaced}"
+
+    # --- the index: every host's run in one small file ----------------------------------
+
+    def host_files(self) -> list[str]:
+        """Every hosts file, relative to the dataset (`hosts/host=…/…/RUN.parquet`)."""
+        return [str(f.relative_to(self.path)) for f in self.files("hosts")]
+
+    def index(self) -> pd.DataFrame:
+        """One row per host run (`file`, the partition values, the hosts row):
+        `index.parquet`, unless an add is under way or ended without finishing (its marker
+        `.adding` is there) or there is none: then read from the hosts files (the truth)."""
+        where = self.path / INDEX
+        if where.is_file() and not (self.path / ADDING).exists():
+            try:
+                return pq.read_table(where).to_pandas()
+            except (OSError, ValueError, pa.ArrowException):
+                pass  # rebuilt below: the hosts files are the truth
+        return self._index_of(self.host_files())
+
+    def _index_of(self, files: Sequence[str]) -> pd.DataFrame:
+        rows = []
+        for rel in files:
+            try:
+                t = pq.read_table(self.path / rel).to_pandas()
+            except (OSError, ValueError, pa.ArrowException) as e:
+                raise InputError(f"corrupted fleet dataset: {self.path / rel}: {e}") from None
+            keys = dict(part.split("=", 1) for part in Path(rel).parts[1:-1])
+            rows.append(t.assign(file=rel, **{k: unquote(v) for k, v in keys.items()}))
+        if not rows:
+            return pd.DataFrame(columns=["file", *HOST_KEYS, *TYPES["hosts"]])
+        return pd.concat(rows, ignore_index=True)
+
+    def _index_add(self, entry: Entry, row: pd.DataFrame, rel: Path) -> None:
+        if self._idx is None:
+            self._idx = self.index()
+        idx = self._idx[self._idx["host"] != entry.host]
+        keys = dict(zip(HOST_KEYS, (entry.host, entry.build, entry.accel, entry.topology),
+                        strict=True))  # fmt: skip
+        new = row.assign(file=str(rel), **keys)
+        idx = pd.concat([idx, new], ignore_index=True) if len(idx) else new
+        self._idx = idx.sort_values("file").reset_index(drop=True)
+        _write_parquet(self.path / INDEX, pa.Table.from_pandas(self._idx, preserve_index=False))
+
+    def refresh_index(self) -> None:
+        """Write the index anew from the hosts files."""
+        self._idx = self._index_of(self.host_files())
+        _write_parquet(self.path / INDEX, pa.Table.from_pandas(self._idx, preserve_index=False))
 
     def _drop_host_run(self, host: str, run_id: str) -> None:
         name = f"{path_part(run_id)}.parquet"
