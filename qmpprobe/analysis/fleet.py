@@ -167,7 +167,8 @@ class Migration:
     source: str
     target: str
     reasons: list[Reason]
-    notes: list[str] = field(default_factory=list)
+    #: What is said of the source but does not stop the move (X filtered or failing on A).
+    notes: list[Reason] = field(default_factory=list)
 
     @property
     def possible(self) -> bool:
@@ -436,21 +437,24 @@ class Fleet:
             "(class = $a or class = $b)",
             machine=machine, model=model, a=a["class"], b=b["class"],
         ).set_index("class")  # fmt: skip
+        if b["class"] not in v.index:
+            out.reasons.append(Reason("not-probed", f"no host probed {model} on {machine}"))
+            return out
+        # The VM runs on A: how X does there is said, but only B's answer can stop the move.
         for h, row, role in ((source, a, "source"), (target, b, "target")):
-            if row["class"] not in v.index:
-                out.reasons.append(Reason("not-probed", f"no host probed {model} on {machine}"))
-                return out
             r = v.loc[row["class"]]
             if r["status"] != "ok":
-                what = f"{r['status']}" + (f": {r['error']}" if r["error"] else "")
-                out.reasons.append(Reason("status", f"{model} on {machine} on {role} {h}: {what}"))
+                what = f"{model} on {machine} on {role} {h}: {r['status']}" + (
+                    f": {r['error']}" if r["error"] else ""
+                )
+                (out.reasons if role == "target" else out.notes).append(Reason("status", what))
             elif not r["ok"]:
                 what = (
                     f"{model} on {machine} is filtered on {role} {h}: {' '.join(r['unavailable'])}"
                 )
-                out.reasons.append(Reason("unavailable", what))
-        if v.loc[a["class"], "status"] == "ok" and v.loc[b["class"], "status"] == "ok":
-            out.reasons += self._cpu_reasons(machine, model, a, b)
+                kind = Reason("unavailable", what)
+                (out.reasons if role == "target" else out.notes).append(kind)
+        out.reasons += self._cpu_reasons(machine, model, a, b)
         return out
 
     def _facts(self, machine: str, model: str, host: pd.Series) -> pd.DataFrame:

@@ -143,6 +143,7 @@ def migration_doc(m: Migration) -> dict[str, Any]:
         "to": m.target,
         "possible": m.possible,
         "reasons": [{"kind": r.kind, "what": r.what} for r in m.reasons],
+        "notes": [{"kind": r.kind, "what": r.what} for r in m.notes],
     }
 
 
@@ -158,9 +159,10 @@ def migration_csv(m: Migration) -> str:
 def migration_text(m: Migration) -> str:
     """`fleet can-migrate` on the terminal."""
     head = f"{m.model} on {m.machine} from {m.source} to {m.target}: "
+    notes = "".join(f"  (note) {r.kind}: {r.what}\n" for r in m.notes)
     if m.possible:
-        return head + "yes\n"
-    return head + "no\n" + "".join(f"  {r.kind}: {r.what}\n" for r in m.reasons)
+        return head + "yes\n" + notes
+    return head + "no\n" + "".join(f"  {r.kind}: {r.what}\n" for r in m.reasons) + notes
 
 
 # --- fleet report --------------------------------------------------------------------------
