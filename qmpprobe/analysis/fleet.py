@@ -200,6 +200,9 @@ class Fleet:
         idx = index.reindex(columns=cols).astype(
             {c: "string" for c in cols if c != "cpu_flags"}
         )  # fmt: skip
+        # A row without a class (none should lack one) is a class of its own: never merged.
+        own = "run:" + idx["host"].fillna("") + "/" + idx["run_id"].fillna("")
+        idx["class"] = idx["class"].fillna(own)
         idx = idx.sort_values(["host", "start", "run_id"], ascending=[True, False, False])
         cur = idx.drop_duplicates("host").drop(columns=["cpu_flags"])
         self.con.register("cur_frame", cur)
