@@ -50,7 +50,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cli("run", "--qemu", qemu_path(), "--mode", "expand", "--machines", MACHINES,
         "--no-report", "--out", str(fresh), check=True)  # fmt: skip
     out["here-tcg"] = fresh
-    return out
+    second = root / "here-tcg-2"
+    cli("run", "--qemu", qemu_path(), "--mode", "expand", "--machines", "pc-q35-7.2",
+        "--no-report", "--out", str(second), check=True)  # fmt: skip
+    exact = root / "here-tcg-exact"
+    cli("run", "--qemu", qemu_path(), "--machines", "pc-q35-7.2", "--models",
+        "qemu64,pentium3,Haswell", "--no-report", "--out", str(exact), check=True)  # fmt: skip
+    return {**out, "here-tcg-2": second, "here-tcg-exact": exact}
+
+
+#: The hosts of the shared dataset (the extra runs are for the tests that need them).
+FLEET = ["epyc-zen5", "here-tcg", "vm-kvm", "vm-tcg"]
 
 
 def add(ds: Path, runs: dict[str, Path], hosts: list[str]) -> None:
@@ -61,7 +71,7 @@ def add(ds: Path, runs: dict[str, Path], hosts: list[str]) -> None:
 @pytest.fixture(scope="module")
 def dataset(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     ds = tmp_path_factory.mktemp("fleet") / "ds"
-    add(ds, runs, sorted(runs))
+    add(ds, runs, FLEET)
     return ds
 
 
@@ -86,9 +96,9 @@ def verdicts(run: Path, machine: str) -> dict[str, tuple[str, list[str]]]:
     return {r.model: (r.status, lists.get(r.model, [])) for r in combos.itertuples()}
 
 
-def expected(runs: dict[str, Path], machine: str) -> pd.DataFrame:
+def expected(runs: dict[str, Path], machine: str, hosts: list[str] = FLEET) -> pd.DataFrame:
     """Per model: everywhere, blocked hosts and the features they block it with."""
-    per_host = {h: verdicts(r, machine) for h, r in runs.items()}
+    per_host = {h: verdicts(runs[h], machine) for h in hosts}
     models = sorted(set().union(*per_host.values()))
     rows = []
     for m in models:
@@ -131,7 +141,7 @@ def test_runnable_is_what_every_run_says(
     assert list(got["everywhere"]) == ["true" if e else "false" for e in want["everywhere"]]
     assert list(got["blocked_hosts"]) == list(want["blocked_hosts"])
     assert list(got["blocking_features"]) == list(want["features"])
-    assert set(got["hosts"]) == {str(len(runs))}
+    assert set(got["hosts"]) == {str(len(FLEET))}
     assert want["everywhere"].any() and not want["everywhere"].all()
 
 
@@ -142,8 +152,8 @@ def test_runs_everywhere_means_nothing_unavailable_on_any_host(
     for machine in MACHINES.split(","):
         everywhere = runnable_csv(dataset, machine).query("everywhere == 'true'")["model"]
         assert len(everywhere) >= 5, machine
-        for host, run in runs.items():
-            v = verdicts(run, machine)
+        for host in FLEET:
+            v = verdicts(runs[host], machine)
             for model in everywhere:
                 assert v[model] == ("ok", []), (host, machine, model)
 
@@ -161,7 +171,7 @@ def test_runnability_depends_on_the_machine_type(dataset: Path) -> None:
 def test_runnable_json_names_each_hosts_reason(dataset: Path, runs: dict[str, Path]) -> None:
     done = cli("fleet", "runnable", str(dataset), "--machine", "pc-q35-7.2", "--json", check=True)
     rows = {r["model"]: r for r in json.loads(done.stdout)["runnable"]}
-    v = {h: verdicts(r, "pc-q35-7.2") for h, r in runs.items()}
+    v = {h: verdicts(runs[h], "pc-q35-7.2") for h in FLEET}
     for model, r in rows.items():
         named = [h for b in r["blocked"] for h in b["hosts"]]
         assert sorted(named) == r["blocked_hosts"]  # each blocked host once, in one group
@@ -229,7 +239,7 @@ def test_baseline_is_the_largest_runnable_model_plus_shared_flags(
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     fleet, pin = doc["fleet"], doc["pin"]
-    everywhere = set(expected({h: runs[h] for h in ("vm-tcg", "here-tcg")}, "pc-q35-7.2")
+    everywhere = set(expected(runs, "pc-q35-7.2", ["vm-tcg", "here-tcg"])
                      .query("everywhere")["model"])  # fmt: skip
     assert fleet["model"] in everywhere
     assert {c["model"] for c in fleet["candidates"]} <= everywhere
@@ -310,10 +320,15 @@ def test_can_migrate_to_a_host_without_cells_is_not_shown_safe(dataset: Path) ->
     assert [r["kind"] for r in doc["reasons"]] == ["unknown"]
 
 
-def test_can_migrate_unknown_host(dataset: Path) -> None:
+def test_can_migrate_unknown_host_machine_or_model(dataset: Path) -> None:
     done = _migrate(dataset, "486", "vm-kvm", "vm-kmv")
     assert done.returncode == 2
     assert "no host 'vm-kmv' in the dataset (close: vm-kvm" in done.stderr
+    done = _migrate(dataset, "no-such-model", "vm-kvm", "vm-tcg")
+    assert done.returncode == 2 and "no host probed 'no-such-model'" in done.stderr
+    done = cli("fleet", "can-migrate", str(dataset), "--machine", "pc-q35-72", "--model",
+               "486", "--from", "vm-kvm", "--to", "vm-tcg")  # fmt: skip
+    assert done.returncode == 2 and "no host probed machine type" in done.stderr
 
 
 # --- the dataset -------------------------------------------------------------------------
@@ -335,7 +350,7 @@ def test_readding_is_idempotent_and_order_does_not_matter(
     assert again.returncode == 0 and "already in the dataset" in again.stderr
     assert _digest(dataset) == before
     other = tmp_path / "ds"
-    add(other, runs, sorted(runs, reverse=True))
+    add(other, runs, FLEET[::-1])
     for machine in MACHINES.split(","):
         a = cli("fleet", "runnable", str(dataset), "--machine", machine, "--json").stdout
         b = cli("fleet", "runnable", str(other), "--machine", machine, "--json").stdout
@@ -345,13 +360,32 @@ def test_readding_is_idempotent_and_order_does_not_matter(
 
 
 def test_requested_cpu_is_stored_once_per_build(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Two runs of one build on two hosts: the second adds no requested CPU (it has only
+    combos the first had), only its own runnability."""
     ds = tmp_path / "ds"
-    for h in ("a", "b", "c"):
-        cli("fleet", "add", str(ds), str(runs["vm-tcg"]), "--host", h, check=True)
+    add(ds, runs, ["here-tcg", "here-tcg-2"])
     assert len(list((ds / "requested").rglob("*.parquet"))) == 1
-    assert len(list((ds / "runnability").rglob("*.parquet"))) == 3
+    assert len(list((ds / "runnability").rglob("*.parquet"))) == 2
     assert not (ds / "host_values").exists()
-    assert sorted(p.name for p in (ds / "hosts").iterdir()) == ["host=a", "host=b", "host=c"]
+    assert sorted(p.name for p in (ds / "hosts").iterdir()) == ["host=here-tcg", "host=here-tcg-2"]
+    again = cli("fleet", "add", str(ds), str(runs["here-tcg"]), "--host", "other")
+    assert again.returncode == 2 and "is in the dataset as host here-tcg" in again.stderr
+
+
+def test_one_build_probed_in_two_modes_migrates(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Exact and expand mode read other facts of one CPU: one build is one CPU, not a change."""
+    ds = tmp_path / "ds"
+    add(ds, runs, ["here-tcg", "here-tcg-exact"])
+    done = _migrate(ds, "qemu64", "here-tcg", "here-tcg-exact")
+    if verdicts(runs["here-tcg-exact"], "pc-q35-7.2")["qemu64"] == ("ok", []):
+        assert done.returncode == 0 and done.stdout.endswith(": yes\n"), done.stdout
+
+
+def test_a_host_has_one_accelerator_and_topology(runs: dict[str, Path], tmp_path: Path) -> None:
+    ds = tmp_path / "ds"
+    cli("fleet", "add", str(ds), str(runs["vm-tcg"]), "--host", "h", check=True)
+    done = cli("fleet", "add", str(ds), str(runs["vm-kvm"]), "--host", "h")
+    assert done.returncode == 2 and "a host has one state" in done.stderr
 
 
 def test_a_newer_run_of_a_host_replaces_its_older_one(
@@ -407,6 +441,9 @@ def test_incomplete_and_other_schema_runs_are_refused(edited: Any, tmp_path: Pat
     newer = edited("vm-kvm", lambda m: m.update(schema=2))
     done = cli("fleet", "add", str(ds), str(newer))
     assert done.returncode == 2 and "schema 2" in done.stderr
+    flagged = edited("here-tcg", lambda m: m.update(cpu_flags="-mmx"))
+    done = cli("fleet", "add", str(ds), str(flagged))
+    assert done.returncode == 2 and "--cpu-flags" in done.stderr
     assert not ds.exists()
 
 
@@ -436,10 +473,10 @@ def test_queries_refuse_what_is_not_a_dataset(dataset: Path, tmp_path: Path) -> 
 
 def test_hostile_host_names(runs: dict[str, Path], tmp_path: Path) -> None:
     ds = tmp_path / "ds"
-    name = "<b>x</b>/../=%2F 'q'"
+    name = "<b>x</b>/../=%2F'q'"
     cli("fleet", "add", str(ds), str(runs["vm-tcg"]), "--host", name, check=True)
     assert [p.name for p in (ds / "hosts").iterdir()] == [
-        "host=%3Cb%3Ex%3C%2Fb%3E%2F..%2F%3D%252F%20%27q%27"
+        "host=%3Cb%3Ex%3C%2Fb%3E%2F..%2F%3D%252F%27q%27"
     ]
     done = cli("fleet", "runnable", str(ds), "--machine", "pc-q35-7.2", "--json", check=True)
     blocked = {h for r in json.loads(done.stdout)["runnable"] for h in r["blocked_hosts"]}
@@ -448,8 +485,9 @@ def test_hostile_host_names(runs: dict[str, Path], tmp_path: Path) -> None:
     cli("fleet", "report", str(ds), "--out", str(page), check=True)
     html = page.read_text()
     assert "&lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html
-    bad = cli("fleet", "add", str(ds), str(runs["vm-tcg"]), "--host", "a\nb")
-    assert bad.returncode == 2 and "control character" in bad.stderr
+    for bad_name in ("a\nb", "a b", "", "__HIVE_DEFAULT_PARTITION__"):
+        bad = cli("fleet", "add", str(ds), str(runs["here-tcg"]), "--host", bad_name)
+        assert bad.returncode == 2 and "--host" in bad.stderr, bad_name
 
 
 def test_report_is_one_page(dataset: Path) -> None:
@@ -482,3 +520,16 @@ def test_an_add_that_did_not_finish_leaves_the_files_trusted(
     cli("fleet", "add", str(ds), str(runs["vm-kvm"]), "--host", "vm-kvm", check=True)
     assert not (ds / ".adding").exists()
     assert pq.read_table(ds / "index.parquet").num_rows == 3
+
+
+def test_facts_no_combo_claims_are_not_read(runs: dict[str, Path], tmp_path: Path) -> None:
+    """An add that ended between a build's `requested` and `models` files left facts no
+    combo claims: readers skip them, the next add removes them."""
+    ds = tmp_path / "ds"
+    add(ds, runs, ["here-tcg"])
+    before = _migrate(ds, "qemu64", "here-tcg", "here-tcg").stdout
+    (req,) = list((ds / "requested").rglob("*.parquet"))
+    shutil.copy(req, req.with_name("orphan.parquet"))
+    assert _migrate(ds, "qemu64", "here-tcg", "here-tcg").stdout == before
+    cli("fleet", "add", str(ds), str(runs["here-tcg-2"]), "--host", "two", check=True)
+    assert not req.with_name("orphan.parquet").exists()

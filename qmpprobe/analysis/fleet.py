@@ -8,7 +8,7 @@ the answers. It never starts QEMU. A host's state is its newest run in the datas
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
@@ -30,24 +30,31 @@ def _sql_type(t: pa.DataType) -> str:
     return "BOOLEAN" if pa.types.is_boolean(t) else "VARCHAR"
 
 
+def _listed(files: Iterable[str]) -> str:
+    """Paths as SQL string literals (quotes doubled), comma-separated."""
+    return ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+
+
 def version_key(version: str) -> tuple[int, ...]:
     """`7.2.22` → (7, 2, 22): releases in their order (text sorts 10.0 before 7.2)."""
     return tuple(int(p) if p.isdigit() else 0 for p in version.replace("-", ".").split("."))
 
 
 #: Hosts that answer alike (one `class`: the same build, runnability, host/max flags and own
-#: values) are asked once, through one of them (`rep`); every answer names all members.
+#: values) are asked once, through one of them (`rep`); every answer names all members. The
+#: host tables are read by file (`rep_files`: file → class), never by the host's partition
+#: value, which an engine may read otherwise (DuckDB reads `__HIVE_DEFAULT_PARTITION__` as NULL).
 CLASSES = """
 create view cls as select class, min(host) as rep, count(*)::bigint as n,
     list(host order by host) as members from cur group by class;
 create view cls_key as select c.class, h.build, h.accel, h.topology, h.mode
   from cls c join cur h on h.host = c.rep;
-create view cur_run as select c.class, r.machine, r.model, r.status, r.error, r.runnable,
-    r.unavailable from runnability r join cls c on r.host = c.rep;
-create view cur_values as select c.class, v.machine, v.model, v.fact, v.prop, v.value
-  from host_values v join cls c on v.host = c.rep;
-create view cur_cap as select c.class, k.machine, k.model, k.features
-  from capability k join cls c on k.host = c.rep;
+create view cur_run as select m.class, r.machine, r.model, r.status, r.error, r.runnable,
+    r.unavailable from runnability r join rep_files m using (filename);
+create view cur_values as select m.class, v.machine, v.model, v.fact, v.prop, v.value
+  from host_values v join rep_files m using (filename);
+create view cur_cap as select m.class, k.machine, k.model, k.features
+  from capability k join rep_files m using (filename);
 """
 
 #: Per machine type and model: each class's verdict (a class whose run has no row for the
@@ -210,27 +217,46 @@ class Fleet:
         self.con.unregister("cur_frame")
         # The files of one run of each class: what every query reads of the host tables.
         reps = cur.sort_values("host").drop_duplicates("class")
-        self._reps = [str(f) for f in reps["file"]]
+        self._reps = [(str(f), str(c)) for f, c in zip(reps["file"], reps["class"], strict=True)]
 
-    def _view(self, table: str, reps: Sequence[str] | None) -> None:
-        keys = HOST_KEYS if table in HOST_TABLES else BUILD_KEYS
-        if reps is None:
-            files = [str(f) for f in self.dataset.files(table)]
-        else:  # hosts/host=…/RUN.parquet → TABLE/host=…/RUN.parquet, where the run has rows
-            paths = (self.dataset.path / table / Path(r).relative_to("hosts") for r in reps)
-            files = [str(p) for p in paths if p.is_file()]
+    def _view(self, table: str, reps: Sequence[tuple[str, str]] | None) -> None:
+        if reps is not None:
+            self._host_view(table, reps)
+            return
+        files = [str(f) for f in self.dataset.files(table)]
         if not files:
-            cols = {**{k: pa.string() for k in keys}, **TYPES[table]}
+            cols = {**{k: pa.string() for k in BUILD_KEYS}, **TYPES[table]}
             body = ", ".join(f'"{c}" {_sql_type(t)}' for c, t in cols.items())
             self.con.execute(f"create table {table} ({body})")
             return
-        types = "{" + ", ".join(f"'{k}': 'VARCHAR'" for k in keys) + "}"
+        types = "{" + ", ".join(f"'{k}': 'VARCHAR'" for k in BUILD_KEYS) + "}"
         # A view, not a copy: each query reads only the columns and rows it needs. Paths are
         # SQL string literals (quotes doubled); a glob would read `[`, `*`, `?` in them.
-        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         self.con.execute(
-            f"create view {table} as select * from read_parquet([{listed}], "
+            f"create view {table} as select * from read_parquet([{_listed(files)}], "
             f"hive_partitioning = true, hive_types = {types}, union_by_name = true)"
+        )
+
+    def _host_view(self, table: str, reps: Sequence[tuple[str, str]]) -> None:
+        """A host table of one run per class, each row with its file's name."""
+        root = self.dataset.path
+        # hosts/host=…/RUN.parquet → TABLE/host=…/RUN.parquet, where the run has rows
+        mine = [(str(root / table / Path(f).relative_to("hosts")), c) for f, c in reps]
+        mine = [(f, c) for f, c in mine if Path(f).is_file()]
+        frame = pd.DataFrame(mine, columns=["filename", "class"], dtype=str)
+        self.con.execute("create table if not exists rep_files (filename varchar, class varchar)")
+        if mine:
+            self.con.register("rep_frame", frame)
+            self.con.execute("insert into rep_files select filename, class from rep_frame")
+            self.con.unregister("rep_frame")
+        if not mine:
+            cols = {"filename": pa.string(), **TYPES[table]}
+            body = ", ".join(f'"{c}" {_sql_type(t)}' for c, t in cols.items())
+            self.con.execute(f"create table {table} ({body})")
+            return
+        self.con.execute(
+            f"create view {table} as select * from read_parquet([{_listed(f for f, _ in mine)}], "
+            "filename = true, hive_partitioning = false, union_by_name = true)"
         )
 
     def query(self, sql: str, **params: Any) -> pd.DataFrame:
@@ -377,6 +403,7 @@ class Fleet:
         # A flag every build of the fleet knows: `-cpu` takes it on each of them.
         every_build = set.intersection(*(set(f) for f in known)) if len(known) else set()
         values = self._values(picks)
+        varying = self._varying(picks)
         builds = self.query("select * from builds").set_index(list(BUILD_KEYS))
         hosts = self.hosts()
         notes = []
@@ -388,7 +415,10 @@ class Fleet:
             )
         for machine, pick in picks.items():
             build = builds.loc[pick.build]
-            given = values.get(machine, {})
+            # What hosts of the build disagree on is no one's value (the order of adds would
+            # choose it): such a flag is not counted on, such a level not raised from.
+            given = {p: v for p, v in values.get(machine, {}).items()
+                     if p not in varying.get(machine, set())}  # fmt: skip
             on = {p for p, v in given.items() if v is True and p in set(build["features"])}
             extra = sorted((shared_by.get(machine, set()) & every_build) - on)
             bits = json.loads(str(build["feature_bits"]))
@@ -418,6 +448,26 @@ class Fleet:
             out.setdefault(str(r.machine), {})[str(r.prop)] = json.loads(str(r.value))
         return out
 
+    def _varying(self, picks: dict[str, Candidate]) -> dict[str, set[str]]:
+        """machine → properties of the chosen model that hosts of its build disagree on."""
+        frame = pd.DataFrame(
+            [(m, c.model, *c.build[:3]) for m, c in picks.items()],
+            columns=["machine", "model", "build", "accel", "topology"],
+        )
+        self.con.register("picks_frame", frame)
+        try:
+            rows = self.query(
+                "select distinct v.machine, v.prop from cur_values v "
+                "join cls_key k using (class) join picks_frame p "
+                "using (build, accel, topology, machine, model)"
+            )
+        finally:
+            self.con.unregister("picks_frame")
+        out: dict[str, set[str]] = {}
+        for m, prop in zip(rows["machine"], rows["prop"], strict=True):
+            out.setdefault(str(m), set()).add(str(prop))
+        return out
+
     def can_migrate(self, machine: str, model: str, source: str, target: str) -> Migration:
         """Whether a VM of `model` on `machine` can move from host `source` to `target`."""
         hosts = self.hosts().set_index("host")
@@ -427,6 +477,13 @@ class Fleet:
                 hint = f" (close: {', '.join(close)})" if close else ""
                 raise InputError(f"no host {h!r} in the dataset{hint}")
         a, b = hosts.loc[source], hosts.loc[target]
+        self.check_machine(machine)
+        probed = self.query(
+            "select count(*) as n from cur_run where machine = $machine and model = $model",
+            machine=machine, model=model,
+        )  # fmt: skip
+        if not int(probed["n"].iloc[0]):
+            raise InputError(f"no host probed {model!r} on {machine}")
         out = Migration(machine, model, source, target, [])
         if a["accel"] != b["accel"]:
             what = f"{source} runs {a['accel']}, {target} {b['accel']}"
@@ -481,21 +538,28 @@ class Fleet:
     def _cpu_reasons(self, machine: str, model: str, a: pd.Series, b: pd.Series) -> list[Reason]:
         """The requested CPU of (machine, model) on the target's build against the source's,
         by diff's rules (a property only one build has is not a difference of the CPU)."""
+        same_build = all(a[k] == b[k] for k in ("build", "accel", "topology"))
+        if same_build and a["mode"] != b["mode"]:
+            # One build asks for one CPU (the issue's rule; a host's own values are compared
+            # within a mode, as each mode reads other facts: exact ones realized, expand ones
+            # expanded).
+            return []
         fa = self._facts(machine, model, a)
         fb = self._facts(machine, model, b)
         if fa.empty or fb.empty:
-            if (a["build"], a["mode"]) == (b["build"], b["mode"]):
+            if same_build:
                 return []  # one build, one requested CPU: nothing to compare
             lacking = [str(h.name) for h, f in ((a, fa), (b, fb)) if f.empty]
             return [
                 Reason(
                     "unknown",
-                    f"the dataset has no requested CPU of {model} on {machine} for the build of "
-                    f"{', '.join(lacking)} (a published reference has no cells): cannot show "
-                    "it is the same",
+                    f"the dataset has no requested CPU of {model} on {machine} from the build of "
+                    f"{', '.join(lacking)} (its runs have no cells of it: a published "
+                    "reference keeps none, or the combo did not run there): cannot show it is "
+                    "the same",
                 )
             ]
-        if a["mode"] != b["mode"] and a["build"] != b["build"]:
+        if a["mode"] != b["mode"]:
             return [
                 Reason(
                     "unknown",

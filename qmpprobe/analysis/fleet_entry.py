@@ -127,7 +127,7 @@ def from_run(path: Path, host: str | None) -> Entry:
     models["migration_safe"] = models["migration_safe"].astype(bool)
     models = models.merge(digests(facts), on=["machine", "model"], how="left")
     models["digest"] = models["digest"].fillna("")
-    name = check_host(host or str(m.host.get("hostname", "")))
+    name = check_host(host if host is not None else str(m.host.get("hostname", "")))
     notes = []
     if m.guest_cpuid:
         notes.append(f"{path}: the guest CPUID cells are not added (a host's, not the build's)")
@@ -151,9 +151,16 @@ def from_run(path: Path, host: str | None) -> Entry:
 
 
 def _same_schema(raw: dict[str, Any], path: Path) -> None:
+    """Refuse a run of another schema, or one whose CPUs are not the build's own (extra
+    `-cpu` flags or `-global`s change what every model asks for and what it is filtered of)."""
     if raw["schema"] != SCHEMA:
         raise InputError(
             f"{path} has run folder schema {raw['schema']}; fleet add takes schema {SCHEMA}"
+        )
+    if raw.get("cpu_flags") or raw.get("globals"):
+        raise InputError(
+            f"{path} was probed with --cpu-flags or --global: its CPUs are not its build's own "
+            "(fleet add takes plain runs)"
         )
 
 
@@ -204,7 +211,7 @@ def from_reference(path: Path, host: str | None) -> Entry:
         runnable=df["runnable"] == "True",
         unavailable=df["unavailable"].map(lambda t: sorted(t.split())),
     )
-    name = check_host(host or str(m.host.get("hostname", "")))
+    name = check_host(host if host is not None else str(m.host.get("hostname", "")))
     empty_models = pd.DataFrame(
         {c: pd.Series(dtype=t) for c, t in
          (("machine", str), ("model", str), ("alias_of", str), ("qom_type", str),

@@ -97,8 +97,10 @@ def check_host(name: str) -> str:
         name.encode()
     except UnicodeEncodeError:
         raise InputError(f"--host {name!r}: not UTF-8 text") from None
-    if not name.strip() or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise InputError(f"--host {name!r}: a host name is text with no control character")
+    if not name or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InputError(f"--host {name!r}: a host name is text with no space or control character")
+    if name == "__HIVE_DEFAULT_PARTITION__":
+        raise InputError(f"--host {name}: Hive's name for a missing value, not a host's")
     if len(path_part(name)) >= HOST_MAX:
         raise InputError(f"host name too long for a partition value: {name[:40]!r}…")
     return name
@@ -197,7 +199,10 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
 
 
 def _read_files(files: Sequence[Path], columns: Sequence[str] | None = None) -> pd.DataFrame:
-    tables = [pq.read_table(f, columns=list(columns) if columns else None) for f in files]
+    try:
+        tables = [pq.read_table(f, columns=list(columns) if columns else None) for f in files]
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise InputError(f"corrupted fleet dataset: {e}") from None
     if not tables:
         return pd.DataFrame(columns=list(columns or []))
     return pa.concat_tables(tables, promote_options="permissive").to_pandas()
@@ -247,6 +252,7 @@ class Dataset:
             os.close(fd)
             raise InputError(f"{self.path} is in use by another qmpprobe fleet add") from None
         self._lock = fd
+        self._drop_orphans()
         marker = self.path / ADDING
         if marker.exists() or not (self.path / INDEX).exists():
             self.refresh_index()
@@ -267,24 +273,60 @@ class Dataset:
             self._lock = None
 
     def files(self, table: str, under: Path | None = None) -> list[Path]:
-        """Every Parquet file of a table (or of one partition of it)."""
+        """Every Parquet file of a table (or of one partition of it). A `requested` file
+        counts only with its `models` file (written after it: an add that ended between the
+        two left facts no combo claims)."""
         root = self.path / (under if under is not None else table)
-        return sorted(p for p in root.rglob("*.parquet") if not p.name.startswith("."))
+        found = sorted(p for p in root.rglob("*.parquet") if not p.name.startswith("."))
+        if table == "requested":
+            found = [p for p in found if self._models_of(p).is_file()]
+        return found
+
+    def _models_of(self, requested: Path) -> Path:
+        return self.path / "models" / requested.relative_to(self.path / "requested")
+
+    def _drop_orphans(self) -> None:
+        """Remove `requested` files no `models` file claims (see `files`)."""
+        for p in (self.path / "requested").rglob("*.parquet"):
+            if not self._models_of(p).is_file():
+                p.unlink()
 
     def host_runs(self, host: str) -> pd.DataFrame:
-        """`run_id, start, file` of the runs of a host in the dataset."""
+        """`run_id, start, accel, topology, file` of the runs of a host in the dataset."""
         rows = []
         for f in self.files("hosts", Path("hosts", f"host={path_part(host)}")):
-            t = pq.read_table(f, columns=["run_id", "start"]).to_pylist()
-            rows += [{**r, "file": f} for r in t]
-        return pd.DataFrame(rows, columns=["run_id", "start", "file"])
+            t = _read_files([f], ["run_id", "start"]).to_dict("records")
+            keys = dict(part.split("=", 1) for part in f.relative_to(self.path).parts[1:-1])
+            rows += [{**r, "accel": unquote(keys["accel"]),
+                      "topology": unquote(keys["topology"]), "file": f} for r in t]  # fmt: skip
+        return pd.DataFrame(rows, columns=["run_id", "start", "accel", "topology", "file"])
 
     def add(self, entry: Entry) -> str:
-        """Add one run's rows; what happened, in a few words."""
+        """Add one run's rows; what happened, in a few words (InputError when the run cannot
+        be this host's state: it is another host's, or of another accelerator or topology)."""
+        idx = self._idx if self._idx is not None else self.index()
+        elsewhere = idx[(idx["run_id"] == entry.run_id) & (idx["host"] != entry.host)]
+        if len(elsewhere):
+            raise InputError(
+                f"{entry.source}: run {entry.run_id} is in the dataset as host "
+                f"{elsewhere['host'].iloc[0]}: a run is one host's"
+            )
         runs = self.host_runs(entry.host)
         if entry.run_id in set(runs["run_id"]):
             return f"{entry.source}: already in the dataset as host {entry.host}"
-        newer = runs[runs["start"] > entry.start]
+        other = runs[(runs["accel"] != entry.accel) | (runs["topology"] != entry.topology)]
+        if len(other):
+            r = other.iloc[0]
+            raise InputError(
+                f"{entry.source}: host {entry.host} is in the dataset with a {r['accel']} run of "
+                f"-smp {r['topology']}; this run is {entry.accel}, -smp {entry.topology}: a host "
+                "has one state (add it under another --host name)"
+            )
+        # Newer by start time, then run id: the order of adds does not choose.
+        newer = runs[
+            (runs["start"] > entry.start)
+            | ((runs["start"] == entry.start) & (runs["run_id"] > entry.run_id))
+        ]
         if not newer.empty:
             return (
                 f"{entry.source}: not added: host {entry.host} has a newer run in the dataset "
@@ -315,19 +357,27 @@ class Dataset:
 
     def host_files(self) -> list[str]:
         """Every hosts file, relative to the dataset (`hosts/host=…/…/RUN.parquet`)."""
-        return [str(f.relative_to(self.path)) for f in self.files("hosts")]
+        out = []
+        for folder, _, names in os.walk(self.path / "hosts"):
+            rel = os.path.relpath(folder, self.path)
+            out += [os.path.join(rel, n) for n in names
+                    if n.endswith(".parquet") and not n.startswith(".")]  # fmt: skip
+        return sorted(out)
 
     def index(self) -> pd.DataFrame:
         """One row per host run (`file`, the partition values, the hosts row):
-        `index.parquet`, unless an add is under way or ended without finishing (its marker
-        `.adding` is there) or there is none: then read from the hosts files (the truth)."""
+        `index.parquet` when it lists exactly the hosts files there are and no add is under
+        way or ended unfinished (its marker `.adding`), else read from the hosts files."""
+        files = self.host_files()
         where = self.path / INDEX
         if where.is_file() and not (self.path / ADDING).exists():
             try:
-                return pq.read_table(where).to_pandas()
-            except (OSError, ValueError, pa.ArrowException):
+                idx = pq.read_table(where).to_pandas()
+                if sorted(idx["file"]) == files:
+                    return idx
+            except (OSError, ValueError, KeyError, pa.ArrowException):
                 pass  # rebuilt below: the hosts files are the truth
-        return self._index_of(self.host_files())
+        return self._index_of(files)
 
     def _index_of(self, files: Sequence[str]) -> pd.DataFrame:
         rows = []
