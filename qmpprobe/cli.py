@@ -23,7 +23,8 @@ EXIT_OK, EXIT_CHANGED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_INTERNAL = 0, 1, 2, 3,
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: scripts read the last line of stderr.
-        self.exit(EXIT_INPUT, f"qmpprobe: {message} (see qmpprobe {self.prog.split()[-1]} -h)\n")
+        command = " ".join(["qmpprobe", *self.prog.split()[1:]])
+        self.exit(EXIT_INPUT, f"qmpprobe: {message} (see {command} -h)\n")
 
 
 def _probe_args(p: argparse.ArgumentParser) -> None:
@@ -630,7 +631,7 @@ COMMANDS = {
 #: Options whose value may begin with `-` (`--cpu-flags -mmx`): argparse would take it for
 #: an option, so the value is attached (`--cpu-flags=-mmx`) before parsing. The numbers too,
 #: so that `--timeout -inf` is refused for what it is, not as a missing value.
-DASH_VALUES = ("--cpu-flags", "--timeout", "--jobs")
+DASH_VALUES = ("--cpu-flags", "--timeout", "--jobs", "--host")
 
 
 def attach_dash_values(argv: Sequence[str]) -> list[str]:

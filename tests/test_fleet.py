@@ -533,3 +533,48 @@ def test_facts_no_combo_claims_are_not_read(runs: dict[str, Path], tmp_path: Pat
     assert _migrate(ds, "qemu64", "here-tcg", "here-tcg").stdout == before
     cli("fleet", "add", str(ds), str(runs["here-tcg-2"]), "--host", "two", check=True)
     assert not req.with_name("orphan.parquet").exists()
+
+
+def test_damaged_datasets_are_refused_in_one_line(dataset: Path, tmp_path: Path) -> None:
+    """Files of another shape, a host run without its runnability, no builds: exit 2 and one
+    line, never a traceback; an index of another shape is only not used."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def damaged(change: Any) -> subprocess.CompletedProcess[str]:
+        ds = tmp_path / f"ds{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(dataset, ds)
+        change(ds)
+        return cli("fleet", "runnable", str(ds), "--machine", "pc-q35-7.2", "--csv")
+
+    good = cli("fleet", "runnable", str(dataset), "--machine", "pc-q35-7.2", "--csv").stdout
+    index = damaged(lambda ds: pq.write_table(pa.table({"x": [1]}), ds / "index.parquet"))
+    assert index.returncode == 0 and index.stdout == good
+
+    def other_hosts_file(ds: Path) -> None:  # read when the index is made again
+        pq.write_table(pa.table({"x": [1]}), next((ds / "hosts").rglob("*.parquet")))
+        (ds / "index.parquet").unlink()
+
+    def no_runnability(ds: Path) -> None:
+        shutil.rmtree(ds / "runnability" / "host=vm-tcg")
+
+    def other_runnability(ds: Path) -> None:
+        for f in (ds / "runnability").rglob("*.parquet"):
+            pq.write_table(pa.table({"machine": ["pc-q35-7.2"]}), f)
+
+    for change in (other_hosts_file, no_runnability, other_runnability):
+        done = damaged(change)
+        assert done.returncode == 2, (change.__name__, done.stderr)
+        assert done.stderr.count("\n") == 1 and "corrupted fleet dataset" in done.stderr
+    gone = damaged(lambda ds: shutil.rmtree(ds / "hosts" / "host=vm-tcg"))
+    assert gone.returncode == 0 and "vm-tcg" not in gone.stdout  # the index is not trusted
+
+
+def test_a_flag_one_build_has_no_bit_for_is_one_fact() -> None:
+    """11.1 under KVM learned no CPUID bit for `fpu` … `mtrr`; 7.2 did: one flag, one fact."""
+    from qmpprobe.analysis.diff import by_bit
+
+    a = pd.DataFrame({"fact": ["bit:0x00000001:0:edx:0"], "prop": ["fpu"], "value": ["true"]})
+    b = pd.DataFrame({"fact": ["fpu"], "prop": ["fpu"], "value": ["true"]})
+    b = by_bit(b, {"fpu": "0x00000001:0:edx:0"})
+    assert list(b["fact"]) == list(a["fact"])

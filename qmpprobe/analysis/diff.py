@@ -104,6 +104,19 @@ class Run:
         ]
 
 
+def by_bit(facts: pd.DataFrame, bits: Mapping[str, str]) -> pd.DataFrame:
+    """Facts of flags whose build did not learn their CPUID bit, keyed by the bit the other
+    build learned for the same flag, so that one flag is one fact on both sides (11.1 under
+    KVM learned no bit for 17 leaf-1 EDX flags, `fpu` … `mtrr`, that 7.2 learned)."""
+    unbitted = (facts["fact"] == facts["prop"]) & facts["prop"].isin(list(bits))
+    if not unbitted.any():
+        return facts
+    keyed = "bit:" + facts.loc[unbitted, "prop"].map(dict(bits))
+    out = facts.copy()
+    out.loc[unbitted, "fact"] = keyed
+    return out
+
+
 def check_comparable(a: Run, b: Run, cross_host: bool) -> None:
     """Refuse runs that cannot be compared (InputError, one line)."""
     ma, mb = a.manifest, b.manifest
@@ -152,8 +165,8 @@ def _ok(run: Run) -> pd.DataFrame:
 def fact_rows(a: Run, b: Run, shipped: set[str]) -> pd.DataFrame:
     """Changed facts of combos `ok` in both runs, classified."""
     both = _ok(a).merge(_ok(b), on=["machine", "model"])
-    fa = a.facts().merge(both, on=["machine", "model"])
-    fb = b.facts().merge(both, on=["machine", "model"])
+    fa = by_bit(a.facts(), b.manifest.feature_bits).merge(both, on=["machine", "model"])
+    fb = by_bit(b.facts(), a.manifest.feature_bits).merge(both, on=["machine", "model"])
     merged = fa.merge(fb, on=["machine", "model", "fact"], how="outer", suffixes=("_a", "_b"))
     is_bit = merged["fact"].str.startswith("bit:")
     # A CPUID bit a run does not report is a 0 bit; other facts are missing properties.

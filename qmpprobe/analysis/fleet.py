@@ -21,7 +21,14 @@ import pyarrow as pa
 from qmpprobe.analysis import diff
 from qmpprobe.core.vocab import EXPAND
 from qmpprobe.errors import InputError
-from qmpprobe.store.fleet import BUILD_KEYS, HOST_KEYS, HOST_TABLES, TYPES, Dataset
+from qmpprobe.store.fleet import (
+    BUILD_KEYS,
+    HOST_KEYS,
+    HOST_TABLES,
+    TYPES,
+    Dataset,
+    check_schema,
+)
 
 
 def _sql_type(t: pa.DataType) -> str:
@@ -224,6 +231,8 @@ class Fleet:
             self._host_view(table, reps)
             return
         files = [str(f) for f in self.dataset.files(table)]
+        for f in files:
+            check_schema(table, Path(f))
         if not files:
             cols = {**{k: pa.string() for k in BUILD_KEYS}, **TYPES[table]}
             body = ", ".join(f'"{c}" {_sql_type(t)}' for c, t in cols.items())
@@ -243,6 +252,12 @@ class Fleet:
         # hosts/host=…/RUN.parquet → TABLE/host=…/RUN.parquet, where the run has rows
         mine = [(str(root / table / Path(f).relative_to("hosts")), c) for f, c in reps]
         mine = [(f, c) for f, c in mine if Path(f).is_file()]
+        if table == "runnability" and len(mine) < len(reps):
+            lost = next(f for f, _ in reps if not (root / table / Path(f).relative_to("hosts"))
+                        .is_file())  # fmt: skip
+            raise InputError(f"corrupted fleet dataset: {root / lost}: its run has no runnability")
+        for f, _ in mine:
+            check_schema(table, Path(f))
         frame = pd.DataFrame(mine, columns=["filename", "class"], dtype=str)
         self.con.execute("create table if not exists rep_files (filename varchar, class varchar)")
         if mine:
@@ -414,6 +429,11 @@ class Fleet:
                 "published reference: no host/max flags, so no flag on top is known there"
             )
         for machine, pick in picks.items():
+            if pick.build not in builds.index:
+                raise InputError(
+                    f"corrupted fleet dataset: {self.dataset.path}: no builds row for build "
+                    f"{pick.build[0]}"
+                )
             build = builds.loc[pick.build]
             # What hosts of the build disagree on is no one's value (the order of adds would
             # choose it): such a flag is not counted on, such a level not raised from.
@@ -567,6 +587,10 @@ class Fleet:
                     "their requested CPUs are not comparable (probe both the same way)",
                 )
             ]
+        build_a = self._build(a)
+        build_b = self._build(b)
+        fa = diff.by_bit(fa, json.loads(str(build_b["feature_bits"])))
+        fb = diff.by_bit(fb, json.loads(str(build_a["feature_bits"])))
         merged = fa.merge(fb, on="fact", how="outer", suffixes=("_a", "_b"))
         is_bit = merged["fact"].str.startswith("bit:")
         for side in ("a", "b"):  # a CPUID bit a build does not report is a 0 bit
@@ -578,8 +602,6 @@ class Fleet:
         changed["prop"] = changed["prop_b"].fillna(changed["prop_a"])
         changed = changed.rename(columns={"value_a": "old", "value_b": "new"})
         changed = changed.assign(machine=machine, model=model)
-        build_a = self._build(a)
-        build_b = self._build(b)
         safe = self.query(
             "select model, migration_safe from models where build = $b and accel = $a "
             "and machine = $machine and model = $model",
@@ -607,6 +629,11 @@ class Fleet:
             "and mode = $m",
             b=h["build"], a=h["accel"], t=h["topology"], m=h["mode"],
         )  # fmt: skip
+        if rows.empty:
+            raise InputError(
+                f"corrupted fleet dataset: {self.dataset.path}: no builds row for build "
+                f"{h['build']} ({h['accel']}, -smp {h['topology']}, {h['mode']})"
+            )
         return rows.iloc[0]
 
 

@@ -198,6 +198,27 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
             tmp.unlink()
 
 
+def check_schema(table: str, path: Path) -> None:
+    """Refuse a file of a table that lacks one of its columns or holds it as another type
+    (a dictionary of strings is a string)."""
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise InputError(f"corrupted fleet dataset: {path}: {e}") from None
+    for col, want in TYPES[table].items():
+        i = schema.get_field_index(col)
+        got = schema.field(i).type if i >= 0 else None
+        if got is not None and pa.types.is_dictionary(got):
+            got = got.value_type
+        if got is None or not (
+            got == want or (pa.types.is_large_string(got) and want == pa.string())
+        ):
+            raise InputError(
+                f"corrupted fleet dataset: {path}: column {col} is "
+                f"{'missing' if got is None else got}, not {want}"
+            )
+
+
 def _read_files(files: Sequence[Path], columns: Sequence[str] | None = None) -> pd.DataFrame:
     try:
         tables = [pq.read_table(f, columns=list(columns) if columns else None) for f in files]
@@ -373,15 +394,20 @@ class Dataset:
         if where.is_file() and not (self.path / ADDING).exists():
             try:
                 idx = pq.read_table(where).to_pandas()
-                if sorted(idx["file"]) == files:
+                need = ["file", *HOST_KEYS, *TYPES["hosts"]]
+                whole = all(c in idx for c in need) and not idx[need].drop(
+                    columns=["cpu_flags"]
+                ).isna().any(axis=None)
+                if whole and sorted(idx["file"]) == files:
                     return idx
-            except (OSError, ValueError, KeyError, pa.ArrowException):
+            except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
                 pass  # rebuilt below: the hosts files are the truth
         return self._index_of(files)
 
     def _index_of(self, files: Sequence[str]) -> pd.DataFrame:
         rows = []
         for rel in files:
+            check_schema("hosts", self.path / rel)
             try:
                 t = pq.read_table(self.path / rel).to_pandas()
             except (OSError, ValueError, pa.ArrowException) as e:
