@@ -198,10 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PIN.json",
         help="carry a pin's JSON to --qemu's build and verify it there (no MACHINE, MODEL)",
     )
-    pn.add_argument(
-        "--format", default="cmdline", choices=("cmdline", "readconfig", "json", "libvirt")
-    )
-    pn.add_argument("--out", metavar="FILE", help="write the definition here (default: stdout)")
+    _pin_form_args(pn, "write the definition here (default: stdout)")
     pn.add_argument(
         "--verify",
         metavar="MACHINES",
@@ -230,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pin_form_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument(
+        "--format", default="cmdline", choices=("cmdline", "readconfig", "json", "libvirt")
+    )
+    p.add_argument("--out", metavar="FILE", help=out_help)
+
+
 def _fleet_parser(sub: Any) -> None:
     fl = sub.add_parser(
         "fleet", help="many hosts' runs in one dataset: what runs everywhere, a baseline, migration"
@@ -253,10 +257,7 @@ def _fleet_parser(sub: Any) -> None:
     b = query("baseline", "the largest CPU every host runs on MACHINE, as a pin")
     b.add_argument("--machine", required=True, metavar="MACHINE", help="machine type")
     b.add_argument("--model", metavar="MODEL", help="this model, with the flags all hosts add")
-    b.add_argument(
-        "--format", default="cmdline", choices=("cmdline", "readconfig", "json", "libvirt")
-    )
-    b.add_argument("--out", metavar="FILE", help="write the pin here (default: stdout)")
+    _pin_form_args(b, "write the pin here (default: stdout)")
     b.add_argument(
         "--qemu",
         default="qemu-system-x86_64",

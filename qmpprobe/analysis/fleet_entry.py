@@ -131,19 +131,14 @@ def from_run(path: Path, host: str | None) -> Entry:
     notes = []
     if m.guest_cpuid:
         notes.append(f"{path}: the guest CPUID cells are not added (a host's, not the build's)")
-    return Entry(
+    return _entry(
         folder.path,
+        raw,
+        m,
         name,
-        str(raw.get("run_id", "")),
-        m.start,
-        m.qemu.fingerprint_id,
-        m.accel,
-        m.topology,
-        m.mode,
-        _host_row(m, raw, "run"),
+        "run",
         ru[["machine", "model", "status", "error", "runnable", "unavailable"]],
         _capability(m, combos, run.cells),
-        _build_row(m),
         models,
         facts[FACT_COLUMNS].astype(str),
         notes,
@@ -217,23 +212,37 @@ def from_reference(path: Path, host: str | None) -> Entry:
          (("machine", str), ("model", str), ("alias_of", str), ("qom_type", str),
           ("migration_safe", bool), ("digest", str))}
     )  # fmt: skip
-    return Entry(
+    return _entry(
         folder.path,
+        raw,
+        m,
         name,
-        str(raw.get("run_id", "")),
-        m.start,
-        m.qemu.fingerprint_id,
-        m.accel,
-        m.topology,
-        m.mode,
-        _host_row(m, raw, "reference"),
+        "reference",
         ru[["machine", "model", "status", "error", "runnable", "unavailable"]],
         pd.DataFrame({"machine": [], "model": [], "features": []}),
-        _build_row(m),
         empty_models,
         pd.DataFrame({c: pd.Series(dtype=str) for c in FACT_COLUMNS}),
         [f"{path}: a published reference: runnability only (no cells: no requested CPU, "
          "no host/max flags)"],
+    )  # fmt: skip
+
+
+def _entry(
+    source: Path,
+    raw: dict[str, Any],
+    m: Manifest,
+    host: str,
+    kind: str,
+    runnability: pd.DataFrame,
+    capability: pd.DataFrame,
+    models: pd.DataFrame,
+    facts: pd.DataFrame,
+    notes: list[str],
+) -> Entry:
+    return Entry(
+        source, host, str(raw.get("run_id", "")), m.start, m.qemu.fingerprint_id, m.accel,
+        m.topology, m.mode, _host_row(m, raw, kind), runnability, capability, _build_row(m),
+        models, facts, notes,
     )  # fmt: skip
 
 
