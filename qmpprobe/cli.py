@@ -530,7 +530,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         if args.json:
             sys.stdout.write(forms.runnable_json(rows))
         elif args.csv:
-            sys.stdout.write(str(csvfile_text(forms.runnable_frame(rows))))
+            sys.stdout.write(forms.runnable_csv(rows))
         else:
             forms.runnable_table(rows)
         return EXIT_OK
@@ -551,13 +551,6 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         print(out)
         return EXIT_OK
     return _fleet_baseline(args, f)
-
-
-def csvfile_text(frame: Any) -> str:
-    """A frame as qmpprobe's CSV (formula-guarded)."""
-    from qmpprobe.store import csvfile
-
-    return str(csvfile.write_csv(frame))
 
 
 def _fleet_baseline(args: argparse.Namespace, f: Any) -> int:

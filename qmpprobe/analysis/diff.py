@@ -165,18 +165,12 @@ def _ok(run: Run) -> pd.DataFrame:
 def fact_rows(a: Run, b: Run, shipped: set[str]) -> pd.DataFrame:
     """Changed facts of combos `ok` in both runs, classified."""
     both = _ok(a).merge(_ok(b), on=["machine", "model"])
-    fa = by_bit(a.facts(), b.manifest.feature_bits).merge(both, on=["machine", "model"])
-    fb = by_bit(b.facts(), a.manifest.feature_bits).merge(both, on=["machine", "model"])
-    merged = fa.merge(fb, on=["machine", "model", "fact"], how="outer", suffixes=("_a", "_b"))
-    is_bit = merged["fact"].str.startswith("bit:")
-    # A CPUID bit a run does not report is a 0 bit; other facts are missing properties.
-    for side in ("a", "b"):
-        merged[f"value_{side}"] = merged[f"value_{side}"].where(
-            merged[f"value_{side}"].notna() | ~is_bit, "false"
-        )
-    changed = merged[merged["value_a"] != merged["value_b"]].copy()
-    changed["prop"] = changed["prop_b"].fillna(changed["prop_a"])
-    changed = changed.rename(columns={"value_a": "old", "value_b": "new"})
+    changed = changed_facts(
+        a.facts().merge(both, on=["machine", "model"]),
+        b.facts().merge(both, on=["machine", "model"]),
+        a.manifest.feature_bits,
+        b.manifest.feature_bits,
+    )
     safe = dict(
         zip(b.combos["model"].astype(str), b.combos["migration_safe"].astype(bool), strict=False)
     )
@@ -192,6 +186,25 @@ def fact_rows(a: Run, b: Run, shipped: set[str]) -> pd.DataFrame:
         ],
         ignore_index=True,
     )
+
+
+def changed_facts(
+    fa: pd.DataFrame, fb: pd.DataFrame, bits_a: Mapping[str, str], bits_b: Mapping[str, str]
+) -> pd.DataFrame:
+    """`machine, model, fact, prop, old, new` of the facts (`Run.facts`) that differ between
+    side A and side B, with their CPUID bits (`bits_*`: each side's learned bits); `old` or
+    `new` missing where a side lacks the property."""
+    fa, fb = by_bit(fa, bits_b), by_bit(fb, bits_a)
+    merged = fa.merge(fb, on=["machine", "model", "fact"], how="outer", suffixes=("_a", "_b"))
+    is_bit = merged["fact"].str.startswith("bit:")
+    # A CPUID bit a run does not report is a 0 bit; other facts are missing properties.
+    for side in ("a", "b"):
+        merged[f"value_{side}"] = merged[f"value_{side}"].where(
+            merged[f"value_{side}"].notna() | ~is_bit, "false"
+        )
+    changed = merged[merged["value_a"] != merged["value_b"]].copy()
+    changed["prop"] = changed["prop_b"].fillna(changed["prop_a"])
+    return changed.rename(columns={"value_a": "old", "value_b": "new"})
 
 
 def classify(

@@ -214,7 +214,8 @@ class Fleet:
         idx = index.reindex(columns=cols).astype(
             {c: "string" for c in cols if c != "cpu_flags"}
         )  # fmt: skip
-        # A row without a class (none should lack one) is a class of its own: never merged.
+        # A row whose class is null (a damaged file of the right shape) is a class of its
+        # own: never merged with another host.
         own = "run:" + idx["host"].fillna("") + "/" + idx["run_id"].fillna("")
         idx["class"] = idx["class"].fillna(own)
         idx = idx.sort_values(["host", "start", "run_id"], ascending=[True, False, False])
@@ -234,9 +235,7 @@ class Fleet:
         for f in files:
             check_schema(table, Path(f))
         if not files:
-            cols = {**{k: pa.string() for k in BUILD_KEYS}, **TYPES[table]}
-            body = ", ".join(f'"{c}" {_sql_type(t)}' for c, t in cols.items())
-            self.con.execute(f"create table {table} ({body})")
+            self._empty(table, BUILD_KEYS)
             return
         types = "{" + ", ".join(f"'{k}': 'VARCHAR'" for k in BUILD_KEYS) + "}"
         # A view, not a copy: each query reads only the columns and rows it needs. Paths are
@@ -250,36 +249,52 @@ class Fleet:
         """A host table of one run per class, each row with its file's name."""
         root = self.dataset.path
         # hosts/host=…/RUN.parquet → TABLE/host=…/RUN.parquet, where the run has rows
-        mine = [(str(root / table / Path(f).relative_to("hosts")), c) for f, c in reps]
-        mine = [(f, c) for f, c in mine if Path(f).is_file()]
-        if table == "runnability" and len(mine) < len(reps):
-            lost = next(f for f, _ in reps if not (root / table / Path(f).relative_to("hosts"))
-                        .is_file())  # fmt: skip
-            raise InputError(f"corrupted fleet dataset: {root / lost}: its run has no runnability")
+        paths = [(root / table / Path(f).relative_to("hosts"), c) for f, c in reps]
+        mine = [(str(p), c) for p, c in paths if p.is_file()]
+        if table == "runnability" and len(mine) < len(paths):
+            lost = next(p for p, _ in paths if not p.is_file())
+            raise InputError(f"corrupted fleet dataset: {lost}: missing (its run's runnability)")
         for f, _ in mine:
             check_schema(table, Path(f))
-        frame = pd.DataFrame(mine, columns=["filename", "class"], dtype=str)
         self.con.execute("create table if not exists rep_files (filename varchar, class varchar)")
-        if mine:
-            self.con.register("rep_frame", frame)
-            self.con.execute("insert into rep_files select filename, class from rep_frame")
-            self.con.unregister("rep_frame")
         if not mine:
-            cols = {"filename": pa.string(), **TYPES[table]}
-            body = ", ".join(f'"{c}" {_sql_type(t)}' for c, t in cols.items())
-            self.con.execute(f"create table {table} ({body})")
+            self._empty(table, ("filename",))
             return
+        frame = pd.DataFrame(mine, columns=["filename", "class"], dtype=str)
+        self.con.register("rep_frame", frame)
+        self.con.execute("insert into rep_files select filename, class from rep_frame")
+        self.con.unregister("rep_frame")
         self.con.execute(
             f"create view {table} as select * from read_parquet([{_listed(f for f, _ in mine)}], "
             "filename = true, hive_partitioning = false, union_by_name = true)"
         )
 
+    def _empty(self, table: str, keys: Sequence[str]) -> None:
+        """A table with no file: its columns, none of its rows."""
+        cols = {**{k: pa.string() for k in keys}, **TYPES[table]}
+        body = ", ".join(f'"{c}" {_sql_type(t)}' for c, t in cols.items())
+        self.con.execute(f"create table {table} ({body})")
+
+    def _flagged(self) -> None:
+        """Make `flagrows` and `flagcount` (once: they read every requested CPU)."""
+        if not self._flags:
+            try:
+                self.con.execute(FLAGS)
+            except duckdb.Error as e:
+                raise InputError(f"fleet dataset {self.dataset.path}: {e}") from None
+            self._flags = True
+
+    def _with(self, name: str, frame: pd.DataFrame, sql: str) -> pd.DataFrame:
+        """A query that reads `frame` as table `name`."""
+        self.con.register(name, frame)
+        try:
+            return self.query(sql)
+        finally:
+            self.con.unregister(name)
+
     def query(self, sql: str, **params: Any) -> pd.DataFrame:
         """A query's rows (a corrupted file is the dataset's error, one line)."""
         try:
-            if not self._flags and ("flagrows" in sql or "flagcount" in sql):
-                self.con.execute(FLAGS)
-                self._flags = True
             return self.con.execute(sql, params).df()
         except duckdb.Error as e:
             raise InputError(f"fleet dataset {self.dataset.path}: {e}") from None
@@ -335,6 +350,7 @@ class Fleet:
 
     def shared(self, machine: str | None) -> pd.DataFrame:
         """`machine, prop`: the flags every current host is known to give."""
+        self._flagged()
         return self.query(SHARED, machine=machine)
 
     def candidates(self, runnable: pd.DataFrame) -> dict[str, list[Candidate]]:
@@ -344,22 +360,21 @@ class Fleet:
         everywhere = runnable.loc[runnable["everywhere"], ["machine", "model"]]
         if everywhere.empty:
             return {}
-        self.con.register("everywhere_frame", everywhere.astype(str))
-        try:
-            rows = self.query(
-                """
-                with cb as (select distinct build, accel, topology, mode, qemu_version from cur)
-                select m.machine, m.model, m.build, m.accel, m.topology, m.mode,
-                       cb.qemu_version, m.migration_safe, coalesce(f.n, 0) as n_flags
-                from models m join cb using (build, accel, topology, mode)
-                join everywhere_frame e on e.machine = m.machine and e.model = m.model
-                left join flagcount f on f.build = m.build and f.accel = m.accel
-                  and f.topology = m.topology and f.mode = m.mode and f.machine = m.machine
-                  and f.model = m.model
-                """
-            )
-        finally:
-            self.con.unregister("everywhere_frame")
+        self._flagged()
+        rows = self._with(
+            "everywhere_frame",
+            everywhere.astype(str),
+            """
+            with cb as (select distinct build, accel, topology, mode, qemu_version from cur)
+            select m.machine, m.model, m.build, m.accel, m.topology, m.mode,
+                   cb.qemu_version, m.migration_safe, coalesce(f.n, 0) as n_flags
+            from models m join cb using (build, accel, topology, mode)
+            join everywhere_frame e on e.machine = m.machine and e.model = m.model
+            left join flagcount f on f.build = m.build and f.accel = m.accel
+              and f.topology = m.topology and f.mode = m.mode and f.machine = m.machine
+              and f.model = m.model
+            """,
+        )
         out: dict[str, list[Candidate]] = {}
         for (machine, model), g in rows.groupby(["machine", "model"], sort=True):
             if not g["migration_safe"].all():
@@ -455,14 +470,12 @@ class Fleet:
             [(m, c.model, *c.build) for m, c in picks.items()],
             columns=["machine", "model", *BUILD_KEYS],
         )
-        self.con.register("picks_frame", frame)
-        try:
-            rows = self.query(
-                "select q.machine, q.prop, q.value from requested q join picks_frame p "
-                "using (build, accel, topology, mode, machine, model)"
-            )
-        finally:
-            self.con.unregister("picks_frame")
+        rows = self._with(
+            "picks_frame",
+            frame,
+            "select q.machine, q.prop, q.value from requested q join picks_frame p "
+            "using (build, accel, topology, mode, machine, model)",
+        )
         out: dict[str, dict[str, Any]] = {}
         for r in rows.itertuples():
             out.setdefault(str(r.machine), {})[str(r.prop)] = json.loads(str(r.value))
@@ -474,15 +487,12 @@ class Fleet:
             [(m, c.model, *c.build[:3]) for m, c in picks.items()],
             columns=["machine", "model", "build", "accel", "topology"],
         )
-        self.con.register("picks_frame", frame)
-        try:
-            rows = self.query(
-                "select distinct v.machine, v.prop from cur_values v "
-                "join cls_key k using (class) join picks_frame p "
-                "using (build, accel, topology, machine, model)"
-            )
-        finally:
-            self.con.unregister("picks_frame")
+        rows = self._with(
+            "picks_frame",
+            frame,
+            "select distinct v.machine, v.prop from cur_values v join cls_key k using (class) "
+            "join picks_frame p using (build, accel, topology, machine, model)",
+        )
         out: dict[str, set[str]] = {}
         for m, prop in zip(rows["machine"], rows["prop"], strict=True):
             out.setdefault(str(m), set()).add(str(prop))
@@ -589,19 +599,15 @@ class Fleet:
             ]
         build_a = self._build(a)
         build_b = self._build(b)
-        fa = diff.by_bit(fa, json.loads(str(build_b["feature_bits"])))
-        fb = diff.by_bit(fb, json.loads(str(build_a["feature_bits"])))
-        merged = fa.merge(fb, on="fact", how="outer", suffixes=("_a", "_b"))
-        is_bit = merged["fact"].str.startswith("bit:")
-        for side in ("a", "b"):  # a CPUID bit a build does not report is a 0 bit
-            col = f"value_{side}"
-            merged[col] = merged[col].where(merged[col].notna() | ~is_bit, "false")
-        changed = merged[merged["value_a"] != merged["value_b"]].copy()
+        combo = {"machine": machine, "model": model}
+        changed = diff.changed_facts(
+            fa.assign(**combo),
+            fb.assign(**combo),
+            json.loads(str(build_a["feature_bits"])),
+            json.loads(str(build_b["feature_bits"])),
+        )
         if changed.empty:
             return []
-        changed["prop"] = changed["prop_b"].fillna(changed["prop_a"])
-        changed = changed.rename(columns={"value_a": "old", "value_b": "new"})
-        changed = changed.assign(machine=machine, model=model)
         safe = self.query(
             "select model, migration_safe from models where build = $b and accel = $a "
             "and machine = $machine and model = $model",

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from qmpprobe.analysis.diff import Run
-from qmpprobe.analysis.drift import canonical_names
+from qmpprobe.analysis.drift import canonical_names, runnability
 from qmpprobe.core.vocab import ERROR, GUEST_PREFIX, OK, SKIPPED, TIMEOUT
 from qmpprobe.errors import InputError
 from qmpprobe.store.csvfile import read_csv
@@ -76,13 +76,6 @@ def _build_row(m: Manifest) -> pd.DataFrame:
     )
 
 
-def _unavailable(cells: pd.DataFrame) -> pd.DataFrame:
-    ua = cells.loc[cells["prop"] == "unavailable-features", ["machine", "model", "value"]]
-    ua = ua.astype(str)
-    parsed = {v: sorted(json.loads(v)) for v in ua["value"].unique()}
-    return ua.assign(unavailable=ua["value"].map(parsed))[["machine", "model", "unavailable"]]
-
-
 def _capability(m: Manifest, combos: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     """`machine, model, features`: the flags on in the CPU of each model QEMU does not call
     migration-safe (`host`, `max`: what this host and accelerator give)."""
@@ -115,10 +108,12 @@ def from_run(path: Path, host: str | None) -> Entry:
     m = Manifest.of(raw)
     run = Run(folder.path, m, folder.read_combos(), folder.read_cells())
     combos = run.combos
-    status = combos[["machine", "model", "status", "error"]].astype(str)
-    ru = status.merge(_unavailable(run.cells), on=["machine", "model"], how="left")
-    ru["unavailable"] = ru["unavailable"].map(lambda v: v if isinstance(v, list) else [])
-    ru["runnable"] = (ru["status"] == OK) & (ru["unavailable"].map(len) == 0)
+    # drift's runnability, the one definition of "runs here unfiltered", with its blockers
+    # as a list and the combo's status and QEMU's message.
+    ru = runnability(combos, run.cells).merge(
+        combos[["machine", "model", "status", "error"]].astype(str), on=["machine", "model"]
+    )
+    ru["unavailable"] = ru["unavailable"].map(lambda t: sorted(t.split()))
     facts = run.facts()
     facts = facts[~facts["prop"].str.startswith(GUEST_PREFIX)]
     ok = combos[combos["status"].astype(str) == OK]

@@ -55,6 +55,11 @@ def runnable_frame(df: pd.DataFrame) -> pd.DataFrame:
     return out[RUNNABLE_COLUMNS]
 
 
+def runnable_csv(df: pd.DataFrame) -> str:
+    """`fleet runnable --csv`."""
+    return str(csvfile.write_csv(runnable_frame(df)))
+
+
 def runnable_json(df: pd.DataFrame) -> str:
     """`fleet runnable --json`: one object per model, with every blocked host's reason."""
     rows = [

@@ -47,7 +47,6 @@ INDEX = "index.parquet"
 #: There while `fleet add` changes the dataset: an index read then may be behind the files.
 ADDING = ".adding"
 HOST_TABLES = ("hosts", "runnability", "capability", "host_values")
-BUILD_TABLES = ("builds", "models", "requested")
 HOST_KEYS = ("host", "build", "accel", "topology")
 BUILD_KEYS = ("build", "accel", "topology", "mode")
 #: What a published reference (`scripts/publish-reference`) keeps of a run's runnability.
@@ -89,6 +88,11 @@ class Entry:
         return Path(
             table, *(f"{k}={path_part(v)}" for k, v in zip(BUILD_KEYS, values, strict=True))
         )
+
+
+def partition_keys(rel: Path) -> dict[str, str]:
+    """The partition values of a table file's path (`TABLE/k=v/…/FILE`), decoded."""
+    return {k: unquote(v) for k, v in (part.split("=", 1) for part in rel.parts[1:-1])}
 
 
 def check_host(name: str) -> str:
@@ -317,9 +321,9 @@ class Dataset:
         rows = []
         for f in self.files("hosts", Path("hosts", f"host={path_part(host)}")):
             t = _read_files([f], ["run_id", "start"]).to_dict("records")
-            keys = dict(part.split("=", 1) for part in f.relative_to(self.path).parts[1:-1])
-            rows += [{**r, "accel": unquote(keys["accel"]),
-                      "topology": unquote(keys["topology"]), "file": f} for r in t]  # fmt: skip
+            keys = partition_keys(f.relative_to(self.path))
+            rows += [{**r, "accel": keys["accel"], "topology": keys["topology"], "file": f}
+                     for r in t]  # fmt: skip
         return pd.DataFrame(rows, columns=["run_id", "start", "accel", "topology", "file"])
 
     def add(self, entry: Entry) -> str:
@@ -412,8 +416,7 @@ class Dataset:
                 t = pq.read_table(self.path / rel).to_pandas()
             except (OSError, ValueError, pa.ArrowException) as e:
                 raise InputError(f"corrupted fleet dataset: {self.path / rel}: {e}") from None
-            keys = dict(part.split("=", 1) for part in Path(rel).parts[1:-1])
-            rows.append(t.assign(file=rel, **{k: unquote(v) for k, v in keys.items()}))
+            rows.append(t.assign(file=rel, **partition_keys(Path(rel))))
         if not rows:
             return pd.DataFrame(columns=["file", *HOST_KEYS, *TYPES["hosts"]])
         return pd.concat(rows, ignore_index=True)
@@ -426,13 +429,15 @@ class Dataset:
                         strict=True))  # fmt: skip
         new = row.assign(file=str(rel), **keys)
         idx = pd.concat([idx, new], ignore_index=True) if len(idx) else new
-        self._idx = idx.sort_values("file").reset_index(drop=True)
-        _write_parquet(self.path / INDEX, pa.Table.from_pandas(self._idx, preserve_index=False))
+        self._write_index(idx.sort_values("file").reset_index(drop=True))
 
     def refresh_index(self) -> None:
         """Write the index anew from the hosts files."""
-        self._idx = self._index_of(self.host_files())
-        _write_parquet(self.path / INDEX, pa.Table.from_pandas(self._idx, preserve_index=False))
+        self._write_index(self._index_of(self.host_files()))
+
+    def _write_index(self, idx: pd.DataFrame) -> None:
+        self._idx = idx
+        _write_parquet(self.path / INDEX, pa.Table.from_pandas(idx, preserve_index=False))
 
     def _drop_host_run(self, host: str, run_id: str) -> None:
         name = f"{path_part(run_id)}.parquet"
