@@ -1,4 +1,4 @@
-"""Command line: `qmpprobe run | discover | export` (exit codes: see README, "Run folder")."""
+"""The `qmpprobe` command line: every subcommand, its options, exit codes and output conventions."""
 
 from __future__ import annotations
 
@@ -12,12 +12,42 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from qmpprobe import __version__
+from qmpprobe import __version__, console
+from qmpprobe.console import PipeSafe
 from qmpprobe.errors import InputError, Interrupted
+from qmpprobe.run.fetch import RELEASES
 from qmpprobe.run.options import RunOptions, check_patterns, jobs_value, seconds_value
 from qmpprobe.run.progress import is_terminal
 
 EXIT_OK, EXIT_CHANGED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_INTERNAL = 0, 1, 2, 3, 4
+
+
+DESCRIPTION = """\
+Ask QEMU over QMP what every x86 CPU model is on every machine type, and show the drift."""
+
+EPILOG = """\
+examples:
+  qmpprobe run --machines 'pc-q35-7.*' --models 'Haswell*'    probe a small plan (TCG)
+  qmpprobe run --accel kvm --mode expand                       the whole matrix, fast, KVM
+  qmpprobe report RUN                                          the report again
+  qmpprobe check --baseline "$(qmpprobe fetch-qemu 10.0)" --candidate qemu-system-x86_64
+  qmpprobe explain pc-i440fx-2.4 --models Haswell --as-globals
+  qmpprobe pin pc-q35-7.2 Haswell --format libvirt
+  qmpprobe fleet add fleet/ RUN...; qmpprobe fleet runnable fleet/ --machine pc-q35-7.2
+  qmpprobe completion bash > /etc/bash_completion.d/qmpprobe
+
+options of every command: -v (what qmpprobe does, on stderr), -vv (also each combo's QMP
+traffic in its journal entry), -q (only the data asked for, and the last line of a failure).
+
+exit codes:
+  0  done (diff, check, explain --as-globals, fleet can-migrate: nothing changed / yes)
+  1  changed: a shipped machine type's CPU changed, a pin did not verify, a migration is refused
+  2  bad input: an option, a file, a QEMU or a folder qmpprobe cannot use (one line says which)
+  3  interrupted (Ctrl-C, SIGTERM, SIGHUP): every file written whole; resume with run --resume
+  4  internal error of qmpprobe's (one line; the traceback in a file it names)
+A closed output pipe (qmpprobe ... | head) is not an error: the command still ends with its
+own code. The run folder contract (files, columns, statuses) is in the README.
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,6 +55,44 @@ class _Parser(argparse.ArgumentParser):
         # One line, not argparse's usage block: scripts read the last line of stderr.
         command = " ".join(["qmpprobe", *self.prog.split()[1:]])
         self.exit(EXIT_INPUT, f"qmpprobe: {message} (see {command} -h)\n")
+
+
+def _common() -> argparse.ArgumentParser:
+    """-v and -q, accepted before and after the command (`qmpprobe -v run`, `run -v`)."""
+    p = _Parser(add_help=False)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="say what qmpprobe does on stderr; -vv: also keep each combo's QMP traffic "
+        "in its journal entry (those combos are probed again, not taken from the cache)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print only the data asked for, and the last line of a failure",
+    )
+    return p
+
+
+_COMMON = _common()
+
+
+def _subcommands(parser: argparse.ArgumentParser, dest: str) -> Any:
+    """Subcommands of `parser`, each taking -v and -q too."""
+    sub = parser.add_subparsers(dest=dest, required=True, parser_class=_Parser, metavar="COMMAND")
+    add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = add(name, parents=[_COMMON], **kw)  # type: ignore[list-item]
+        p.set_defaults(parser_of_command=p)  # whose usage an unknown argument is refused by
+        return p
+
+    sub.add_parser = add_parser  # type: ignore[method-assign,assignment]
+    return sub
 
 
 def _probe_args(p: argparse.ArgumentParser) -> None:
@@ -76,9 +144,15 @@ JOBS_HELP = "QEMUs at once (default: cores + 1; capped by free memory and open f
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = _Parser(prog="qmpprobe", description=__doc__)
+    parser = _Parser(
+        prog="qmpprobe",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_COMMON],
+    )
     parser.add_argument("--version", action="version", version=f"qmpprobe {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = _subcommands(parser, "command")
 
     r = sub.add_parser("run", help="probe every CPU model x machine type into a run folder")
     _probe_args(r)
@@ -174,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--jobs", type=jobs_value, help=JOBS_HELP)
     x.add_argument("--timeout", type=seconds_value, help="seconds per QEMU (30)")
     x.add_argument("--no-cache", action="store_true", help="probe and learn everything again")
+    x.add_argument("--json", action="store_true", help="the differences (and round trips) as JSON")
 
     pn = sub.add_parser(
         "pin", help="a definition of MODEL on MACHINE that means the same everywhere, verified"
@@ -224,6 +299,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--csv", action="store_true", required=True, help="cells.csv beside cells.parquet"
     )
+
+    fq = sub.add_parser(
+        "fetch-qemu", help="put a Debian build of another QEMU release beside the system one"
+    )
+    fq.add_argument("version", metavar="VERSION", choices=RELEASES, help=", ".join(RELEASES))
+    fq.add_argument(
+        "--into",
+        metavar="DIR",
+        help="where releases go, each in DIR/VERSION (default: ~/.cache/qmpprobe-qemu)",
+    )
+    ng = sub.add_parser(
+        "nightly",
+        help="probe the configured QEMUs, diff against the previous night, index the nights",
+        add_help=False,
+    )
+    # Its arguments are qmpprobe.nightly's own (main() hands them over unparsed).
+    ng.add_argument("nightly_args", nargs=argparse.REMAINDER, help="see qmpprobe nightly -h")
+    cp = sub.add_parser("completion", help="print a shell completion script")
+    cp.add_argument(
+        "shell", metavar="SHELL", choices=("bash", "zsh", "tcsh"), help="bash, zsh, tcsh"
+    )
     return parser
 
 
@@ -238,7 +334,7 @@ def _fleet_parser(sub: Any) -> None:
     fl = sub.add_parser(
         "fleet", help="many hosts' runs in one dataset: what runs everywhere, a baseline, migration"
     )
-    fsub = fl.add_subparsers(dest="fleet_command", required=True, parser_class=_Parser)
+    fsub = _subcommands(fl, "fleet_command")
     add = fsub.add_parser("add", help="add run folders (or published references) to DATASET")
     add.add_argument("dataset", metavar="DATASET", help="fleet dataset folder (made if new)")
     add.add_argument("runs", metavar="RUN", nargs="+", help="complete run folder")
@@ -282,10 +378,15 @@ def _options(args: argparse.Namespace, **given: Any) -> RunOptions:
     return RunOptions.from_args(vars(args), **given)
 
 
+def _drawn() -> bool:
+    """Whether a progress bar is drawn: on a terminal, unless -v (its lines) or -q."""
+    return is_terminal() and console.verbosity() == 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from qmpprobe.run import lifecycle
 
-    progress = is_terminal() and not args.no_progress
+    progress = _drawn() and not args.no_progress
     if args.resume:
         outcome = lifecycle.run_sync(
             lambda: lifecycle.resume(
@@ -295,12 +396,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         options = _options(args, progress=progress)
         outcome = lifecycle.run_sync(lambda: lifecycle.run(options))
-    print(lifecycle.summary(outcome))
+    console.note(lifecycle.summary(outcome))
     if outcome.complete and not args.no_report:
         from qmpprobe.report.report import write_report
 
         report = [p for p in write_report(outcome.folder) if p.suffix == ".html"]
-        print(f"report: {report[0]}")
+        console.note(f"report: {report[0]}")
     return EXIT_OK
 
 
@@ -361,7 +462,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from qmpprobe.run import lifecycle
 
     out = Path(args.out or f"results/check-{_stamp()}")
-    progress = is_terminal()
+    progress = _drawn()
     baseline = _options(args, qemu=args.baseline, out=str(out / "baseline"), progress=progress)
     candidate = _options(args, qemu=args.candidate, out=str(out / "candidate"), progress=progress)
     lifecycle.check([baseline, candidate], lambda outcome: print(lifecycle.summary(outcome)))
@@ -378,11 +479,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     # Checked as every probing command's options are, before any QEMU starts (also with
     # --run: --as-globals probes).
     out = args.out or f"results/explain-{_stamp()}"
-    options = _options(
-        args, machines=args.machine, models=args.model, out=out, progress=is_terminal()
-    )
+    options = _options(args, machines=args.machine, models=args.model, out=out, progress=_drawn())
     if not args.run:
-        print(lifecycle.summary(lifecycle.explain_run(options, args.machine)))
+        console.note(lifecycle.summary(lifecycle.explain_run(options, args.machine)))
     folder = RunFolder(args.run or out)
     manifest = folder.manifest(require_complete=True)
     newest = explain.pair(folder.path, manifest, folder.read_combos(), args.machine)
@@ -459,7 +558,7 @@ def _cmd_pin(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     for line in forms.summary(pinned):
-        print(f"qmpprobe: {line}", file=sys.stderr)
+        console.warn(line)
     return EXIT_OK if pinned.equal else EXIT_CHANGED
 
 
@@ -506,7 +605,7 @@ def _pin_all(args: argparse.Namespace) -> int:
         return _say(f"interrupted: nothing written to {out}, no QEMU left", EXIT_INTERRUPTED)
     unwritten = forms.write_all(out, pins, args.format)
     for line in forms.all_summary(pins):
-        print(f"qmpprobe: {line}", file=sys.stderr)
+        console.warn(line)
     if unwritten:
         _say(f"{unwritten} definition(s) --format {args.format} cannot hold (their error)", 0)
     print(out / "definitions.csv")
@@ -518,7 +617,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         from qmpprobe.analysis import fleet_entry as store
 
         for line in store.add_all(args.dataset, args.runs, args.host):
-            print(f"qmpprobe: {line}", file=sys.stderr)
+            console.warn(line)
         print(args.dataset)
         return EXIT_OK
     from qmpprobe.analysis.fleet import Fleet
@@ -591,13 +690,27 @@ def _fleet_baseline(args: argparse.Namespace, f: Any) -> int:
         atomic_write(Path(args.out), text.encode())
     else:
         sys.stdout.write(text)
-    print(f"qmpprobe: baseline of {choice.hosts} host(s) on {choice.machine}: {choice.model}"
-          + (f" + {', '.join(choice.extra)}" if choice.extra else ""), file=sys.stderr)  # fmt: skip
+    console.warn(f"baseline of {choice.hosts} host(s) on {choice.machine}: {choice.model}"
+                 + (f" + {', '.join(choice.extra)}" if choice.extra else ""))  # fmt: skip
     for note in choice.notes:
-        print(f"qmpprobe: {note}", file=sys.stderr)
+        console.warn(note)
     for line in pin_forms.summary(pinned):
-        print(f"qmpprobe: {line}", file=sys.stderr)
+        console.warn(line)
     return EXIT_OK if pinned.equal else EXIT_CHANGED
+
+
+def _cmd_fetch_qemu(args: argparse.Namespace) -> int:
+    from qmpprobe.run.fetch import fetch
+
+    print(fetch(args.version, args.into, console.verbosity() > 0))
+    return EXIT_OK
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return EXIT_OK
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -619,6 +732,8 @@ COMMANDS = {
     "explain": _cmd_explain,
     "pin": _cmd_pin,
     "fleet": _cmd_fleet,
+    "fetch-qemu": _cmd_fetch_qemu,
+    "completion": _cmd_completion,
 }
 
 
@@ -643,12 +758,52 @@ def attach_dash_values(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `qmpprobe` console script."""
-    args = build_parser().parse_args(attach_dash_values(sys.argv[1:] if argv is None else argv))
+    given = list(sys.argv[1:] if argv is None else argv)
+    if isinstance(sys.stdout, PipeSafe) is False:
+        sys.stdout = PipeSafe(sys.stdout)
+    words = [a for a in given if not a.startswith("-")]
+    if words[:1] == ["nightly"]:  # its own options, parsed by qmpprobe.nightly
+        from qmpprobe import nightly
+
+        at = given.index("nightly")
+        console.configure(_verbosity(given[:at]))
+        return nightly.main(given[at + 1 :])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(attach_dash_values(given))
+    if extra:
+        getattr(args, "parser_of_command", parser).error(
+            f"unrecognized arguments: {' '.join(extra)}"
+        )
+    console.configure(-1 if getattr(args, "quiet", False) else getattr(args, "verbose", 0))
+    if console.verbosity() >= 2:
+        from qmpprobe.run import lifecycle
+
+        lifecycle.keep_traffic()
     # Commands that start no QEMU (report, diff, export) stop on SIGTERM and SIGHUP as on
     # Ctrl-C; those that do replace these with their own handlers while QEMUs run.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup` keeps SIGHUP ignored
             signal.signal(sig, _stop)
+    code = _command(args)
+    if args.command in TIMED:
+        # The whole command, from the process's start (Python and imports included) to here.
+        console.warn(f"{args.command} took {console.seconds_since_start():.1f} s in all")
+    return code
+
+
+#: Commands whose last line on stderr says how long the whole command took.
+TIMED = ("run", "check", "explain", "report", "diff", "pin")
+
+
+def _verbosity(options: Sequence[str]) -> int:
+    """-v/-vv/-q given before `nightly`."""
+    if "-q" in options or "--quiet" in options:
+        return -1
+    return sum(a.count("v") for a in options if a.startswith("-v")) + options.count("--verbose")
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Run the parsed command; every way it can end is an exit code (see EPILOG)."""
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -685,7 +840,7 @@ def _say(line: str, code: int) -> int:
     """The command's last line, on stderr; its exit code."""
     # stderr may be gone (a hung-up terminal): the exit code still says it.
     with contextlib.suppress(OSError):
-        print(f"qmpprobe: {line}", file=sys.stderr)
+        console.warn(line)
     return code
 
 

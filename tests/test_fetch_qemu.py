@@ -29,6 +29,16 @@ from qemu.qmp import QMPClient
 from conftest import REPO
 
 SCRIPT = REPO / "scripts" / "fetch-qemu"
+#: What scripts/fetch-qemu runs (the script `qmpprobe fetch-qemu` runs too).
+TOOL = REPO / "qmpprobe" / "tools" / "fetch-qemu"
+
+
+def copy_scripts(top: Path) -> None:
+    """The checkout's fetch-qemu and the packaged script it runs, under `top`."""
+    (top / "scripts").mkdir(parents=True)
+    (top / "qmpprobe" / "tools").mkdir(parents=True)
+    shutil.copy2(SCRIPT, top / "scripts" / "fetch-qemu")
+    shutil.copy2(TOOL, top / "qmpprobe" / "tools" / "fetch-qemu")
 VERSION = os.environ.get("QMPPROBE_TEST_FETCH_VERSION", "10.0")
 #: Generous: a first run downloads and unpacks ~300 packages; nothing here measures speed.
 PATIENCE = 3600
@@ -37,8 +47,7 @@ PATIENCE = 3600
 def hostile_checkout(tmp: Path, canary: Path, name: str) -> Path:
     """A copy of scripts/fetch-qemu in a checkout named to run `touch CANARY` if evaluated."""
     top = tmp / f"{name} ird$(touch {canary}-dollar)'x`touch {canary}-tick`\"q $HOME *[a]"
-    (top / "scripts").mkdir(parents=True)
-    shutil.copy2(SCRIPT, top / "scripts" / "fetch-qemu")
+    copy_scripts(top)
     return top
 
 
@@ -61,7 +70,7 @@ def skip_unless_fetched(done: subprocess.CompletedProcess[str]) -> None:
     """Skip (with the script's one line) when this machine cannot fetch: no Debian mirror in
     its apt configuration (exit 2), or none that could be used (exit 3)."""
     last = (done.stderr.strip().splitlines() or [""])[-1]
-    if done.returncode in (2, 3) and "checkout path" not in last:
+    if done.returncode in (2, 3) and "folder path" not in last:
         pytest.skip(f"scripts/fetch-qemu {VERSION} cannot run here: {last}")
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -115,8 +124,7 @@ async def gl_session(wrapper: Path) -> tuple[list[str], list[str]]:
 def test_refuses_a_path_the_loader_cannot_carry(tmp_path: Path) -> None:
     """':' splits the loader's --library-path: refused up front with one line, exit 2."""
     top = tmp_path / "a:b"
-    (top / "scripts").mkdir(parents=True)
-    shutil.copy2(SCRIPT, top / "scripts" / "fetch-qemu")
+    copy_scripts(top)
     done = fetch(top, VERSION)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "--library-path" in done.stderr, done.stderr

@@ -25,6 +25,8 @@ class Record(TypedDict, total=False):
     seconds: float
     #: The tail of QEMU's stdout and stderr.
     output: str
+    #: `-vv`: the QMP messages of the session, `> ` sent, `< ` received (never cached).
+    traffic: list[str]
     #: How it was read (a `core.vocab.READ_*`), and what the reading relied on: the topology
     #: properties taken from the slot, the digest of the feature-bit map (`words`), the
     #: calibration combos and the digest of the read plan (`plan`).

@@ -125,6 +125,22 @@ def qmp_answer(result: Any) -> dict[str, Any]:
     return {"return": result}
 
 
+#: `-vv`: each client keeps the QMP messages it exchanged (`QemuProcess.traffic`), which a
+#: combo's journal entry then holds.
+_TRAFFIC = False
+
+
+def record_traffic(on: bool) -> None:
+    """Keep (or not) the QMP traffic of every QEMU started from now on."""
+    global _TRAFFIC
+    _TRAFFIC = on
+
+
+def traffic_recorded() -> bool:
+    """Whether `record_traffic` is on."""
+    return _TRAFFIC
+
+
 class _Client(QMPClient):
     """A QMPClient tuned for thousands of short sessions (qemu.qmp is pinned: see pyproject).
 
@@ -133,10 +149,16 @@ class _Client(QMPClient):
     when that log is on. Execution ids are short and pipelined commands share one write.
     """
 
+    traffic: list[str] | None = None
+
     def _cb_outbound(self, msg: Message) -> Message:
+        if self.traffic is not None:
+            self.traffic.append("> " + orjson.dumps(dict(msg)).decode())
         return super()._cb_outbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
 
     def _cb_inbound(self, msg: Message) -> Message:
+        if self.traffic is not None:
+            self.traffic.append("< " + orjson.dumps(dict(msg)).decode())
         return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
 
     # QEMU reads QMP input one byte per system call (about 4 µs of its CPU a byte on 7.2,
@@ -276,6 +298,8 @@ class QemuProcess:
         """Read the QMP greeting and negotiate capabilities."""
         assert self._sock is not None
         self.client = _Client(self.name, readbuflen=READ_LIMIT)
+        if _TRAFFIC:
+            self.client.traffic = []
         await self.client.connect(self._sock)
 
     async def execute(self, cmd: str, args: Mapping[str, Any] | None = None) -> Any:
@@ -291,6 +315,10 @@ class QemuProcess:
             *(self.execute(c, a) for c, a in commands), return_exceptions=True
         )
         return [qmp_answer(r) for r in results]
+
+    def traffic(self) -> list[str]:
+        """The QMP messages exchanged, `> ` sent and `< ` received (with `record_traffic`)."""
+        return list(self.client.traffic or []) if self.client else []
 
     def output(self) -> str:
         """The last bytes QEMU (or its wrapper) wrote to stdout/stderr (whole lines only, once

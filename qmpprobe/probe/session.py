@@ -13,7 +13,7 @@ from qemu.qmp import QMPError
 
 from qmpprobe.core.record import Record
 from qmpprobe.core.vocab import ERROR, TIMEOUT
-from qmpprobe.probe.qemu import QemuProcess, ended_text, qemu_message
+from qmpprobe.probe.qemu import QemuProcess, ended_text, qemu_message, traffic_recorded
 
 #: What QMP raises when QEMU dies or breaks the protocol mid-read.
 QMP_FAILED = (QMPError, OSError, EOFError)
@@ -118,6 +118,8 @@ async def session(
         ended = await qemu.stop()
         record["seconds"] = round(time.monotonic() - started, 4)
         record["output"] = qemu.output()
+        if traffic_recorded():
+            record["traffic"] = qemu.traffic()
     # exit/signal say how QEMU ended on its own; empty when it ran until we stopped it.
     record["exit"], record["signal"] = (ended.exit, ended.signal) if ended else (None, None)
     if record["status"] == ERROR and not record["error"]:

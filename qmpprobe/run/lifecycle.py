@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,7 +23,13 @@ from qmpprobe.discover.discover import Learned, discover
 from qmpprobe.errors import InputError, Interrupted
 from qmpprobe.plan.plan import plan
 from qmpprobe.probe import guest, reaper
-from qmpprobe.probe.qemu import LaunchOptions, kill_live, kill_owned, pidfd_reaping
+from qmpprobe.probe.qemu import (
+    LaunchOptions,
+    kill_live,
+    kill_owned,
+    pidfd_reaping,
+    record_traffic,
+)
 from qmpprobe.run import preflight
 from qmpprobe.run.manifest import folder_name, new_manifest, options_from_manifest
 from qmpprobe.run.options import RunOptions
@@ -32,6 +39,7 @@ from qmpprobe.store import cache
 from qmpprobe.store.folder import LOCK, MANIFEST, RunFolder
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def launch_options(options: RunOptions, firmware: bool = True) -> LaunchOptions:
@@ -134,7 +142,22 @@ async def run(options: RunOptions) -> Outcome:
         _check_new(Path(options.out))
     launch = launch_options(options)
     discovery = await discover_qemu(launch, options.cache)
+    log.info(
+        "QEMU %s at %s: %d machine types, %d CPU models, accelerators %s",
+        discovery.version,
+        discovery.qemu,
+        len(discovery.machines),
+        len(discovery.models),
+        ", ".join(discovery.accelerators),
+    )
     combos = plan(discovery, options.machines, options.models, launch.topology)
+    log.info(
+        "plan: %d combos (%s mode, -smp %s, %d at once)",
+        sum(not c.skip for c in combos),
+        options.mode,
+        launch.topology,
+        options.jobs,
+    )
     await preflight.ready(options, launch, discovery, combos)  # before anything is written
     now = datetime.now(UTC)
     manifest = new_manifest(options, discovery, replace(launch, qemu=discovery.qemu), now)
@@ -152,7 +175,7 @@ async def run(options: RunOptions) -> Outcome:
         folder, manifest, discovery, combos, options, replace(launch, qemu=discovery.qemu)
     )
     runner.save(complete=False, started=started)
-    runner.load_cached()
+    log.info("%s: %d combos from the cache", folder.path, runner.load_cached())
     return await _execute(runner, options, started)
 
 
@@ -262,11 +285,16 @@ async def acceptable(options: RunOptions) -> None:
     )
 
 
+def keep_traffic() -> None:
+    """`-vv`: every QEMU started from now on has its QMP traffic kept in its journal entry."""
+    record_traffic(True)
+
+
 def summary(outcome: Outcome) -> str:
     """The line `qmpprobe run` prints at the end."""
     counts = ", ".join(f"{s} {n}" for s, n in outcome.counts.items() if n)
     state = "complete" if outcome.complete else "INCOMPLETE"
-    return f"{outcome.folder}: {state}; {counts}; {outcome.seconds:.1f} s"
+    return f"{outcome.folder}: {state}; {counts}; probing {outcome.seconds:.1f} s"
 
 
 def discover_only(options: RunOptions) -> Discovery:

@@ -13,6 +13,7 @@ probing (records) and the run folder meet.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections import Counter
@@ -43,7 +44,7 @@ from qmpprobe.core.vocab import (
 )
 from qmpprobe.plan.plan import Combo, calibration, natural_key
 from qmpprobe.probe.expand import MachineRead, probe_machine, probe_model
-from qmpprobe.probe.qemu import OWNER_ENV, LaunchOptions, together
+from qmpprobe.probe.qemu import OWNER_ENV, LaunchOptions, together, traffic_recorded
 from qmpprobe.probe.read import ReadPlan, definitions_of, probe
 from qmpprobe.probe.session import MALFORMED, malformed
 from qmpprobe.run.calibrate import (
@@ -70,6 +71,7 @@ from qmpprobe.store.cells import (
 from qmpprobe.store.folder import RunFolder, combos_frame
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Runner:
@@ -100,7 +102,9 @@ class Runner:
         self.env = {**os.environ, OWNER_ENV: manifest["run_id"], "LC_ALL": "C"}
         self.counts: Counter[str] = Counter()
         self.texts = Texts()
-        self.journal = Journal(folder, self.key, options.cache)
+        # -vv: each entry holds the QMP traffic that made it, so none is taken from the
+        # shared journal (and none with traffic goes into it).
+        self.journal = Journal(folder, self.key, options.cache and not traffic_recorded())
         # QEMU >= 10.1 reads every property of the realized CPU in one command: no calibration.
         self.list_get = options.read == READ_AUTO and "qom-list-get" in discovery.commands
         self.planned = {(c.machine, c.model) for c in self.combos}
@@ -215,6 +219,15 @@ class Runner:
             self._use(record)
         if journal:  # after it was read, so that an entry that cannot be is marked so
             self.journal.write(record)
+        log.info(
+            "%s on %s: %s%s (%.1f s%s)",
+            record["model"],
+            record["machine"],
+            record["status"],
+            f": {record['error']}" if record.get("error") else "",
+            record.get("seconds", 0.0),
+            "" if journal else ", an earlier entry",
+        )
         return True
 
     def _use(self, record: Record) -> None:

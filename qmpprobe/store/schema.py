@@ -629,6 +629,7 @@ RECORD_SHAPE = obj(
         "environment": STR,
         "malformed": BOOL,
         "output": STR,
+        "traffic": NAMES,
     },
 )
 #: What an `ok` entry's reading needs among its answers (each with a `return`).
