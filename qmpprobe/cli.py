@@ -396,12 +396,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         options = _options(args, progress=progress)
         outcome = lifecycle.run_sync(lambda: lifecycle.run(options))
-    console.note(lifecycle.summary(outcome))
+    report = None
     if outcome.complete and not args.no_report:
         from qmpprobe.report.report import write_report
 
-        report = [p for p in write_report(outcome.folder) if p.suffix == ".html"]
-        console.note(f"report: {report[0]}")
+        report = next(p for p in write_report(outcome.folder) if p.suffix == ".html")
+    # The whole command's time (start-up, discovery and the report included), then probing's.
+    console.note(f"{lifecycle.summary(outcome)}; {console.seconds_since_start():.1f} s in all")
+    if report:
+        console.note(f"report: {report}")
     return EXIT_OK
 
 
@@ -629,7 +632,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         if args.json:
             sys.stdout.write(forms.runnable_json(rows))
         elif args.csv:
-            sys.stdout.write(forms.runnable_csv(rows))
+            sys.stdout.write(forms.runnable_csv(rows, forms.machines_of(f)))
         else:
             forms.runnable_table(rows)
         return EXIT_OK
@@ -638,7 +641,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         if args.json:
             sys.stdout.write(json.dumps(forms.migration_doc(verdict), indent=1) + "\n")
         elif args.csv:
-            sys.stdout.write(forms.migration_csv(verdict))
+            sys.stdout.write(forms.migration_csv(verdict, forms.machines_of(f)))
         else:
             sys.stdout.write(forms.migration_text(verdict))
         return EXIT_OK if verdict.possible else EXIT_CHANGED
@@ -665,7 +668,7 @@ def _fleet_baseline(args: argparse.Namespace, f: Any) -> int:
     except NoBaseline as e:
         return _say(error_text(e), EXIT_CHANGED)
     if args.csv:
-        sys.stdout.write(forms.choice_csv(choice))
+        sys.stdout.write(forms.choice_csv(choice, forms.machines_of(f)))
         return EXIT_OK
     accel = args.accel or (choice.accels[0] if len(choice.accels) == 1 else None)
     if accel is None:
@@ -785,14 +788,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup` keeps SIGHUP ignored
             signal.signal(sig, _stop)
     code = _command(args)
-    if args.command in TIMED:
-        # The whole command, from the process's start (Python and imports included) to here.
-        console.warn(f"{args.command} took {console.seconds_since_start():.1f} s in all")
+    # -v: the whole command, from the process's start (Python and imports included).
+    console.log.info("%s took %.1f s in all", args.command, console.seconds_since_start())
     return code
-
-
-#: Commands whose last line on stderr says how long the whole command took.
-TIMED = ("run", "check", "explain", "report", "diff", "pin")
 
 
 def _verbosity(options: Sequence[str]) -> int:

@@ -129,11 +129,14 @@ def _ok_combo(df: pd.DataFrame, model: str = "Haswell", machine: str = "pc-i440f
 
 
 def _set_status(lines: list[str], combo: str, status: str) -> list[str]:
+    header = lines[0].split(",")
+    at = {name: header.index(name) for name in ("machine", "model", "status")}
+    machine, model = combo.split(",")
     out = []
     for ln in lines:
-        if ln.startswith(f"tcg,{combo},"):
-            f = ln.split(",")
-            f[3] = status
+        f = ln.split(",")
+        if f[0] == "tcg" and (f[at["machine"]], f[at["model"]]) == (machine, model):
+            f[at["status"]] = status
             ln = ",".join(f)
         out.append(ln)
     return out

@@ -39,6 +39,8 @@ def copy_scripts(top: Path) -> None:
     (top / "qmpprobe" / "tools").mkdir(parents=True)
     shutil.copy2(SCRIPT, top / "scripts" / "fetch-qemu")
     shutil.copy2(TOOL, top / "qmpprobe" / "tools" / "fetch-qemu")
+
+
 VERSION = os.environ.get("QMPPROBE_TEST_FETCH_VERSION", "10.0")
 #: Generous: a first run downloads and unpacks ~300 packages; nothing here measures speed.
 PATIENCE = 3600

@@ -15,10 +15,8 @@ Pure pandas on a run's frames; it never starts QEMU. The pipeline:
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,10 +24,13 @@ from pandas.api.types import union_categoricals
 
 from qmpprobe.analysis import compat
 from qmpprobe.core.cpuid import set_bits
+
+# Re-exported: the drift steps and their readers take the order from here.
+from qmpprobe.core.machines import VERSIONED as VERSIONED
+from qmpprobe.core.machines import machine_order as machine_order
 from qmpprobe.core.vocab import BIT_PREFIX, GUEST_PREFIX
 from qmpprobe.store.manifest import Manifest
 
-VERSIONED = re.compile(r"^(?P<prefix>.+?)-(?P<version>\d+(?:\.\d+)+)$")
 #: Accelerator/host facts: they feed runnability, not the CPU a machine type asks for.
 NOT_REQUESTED = ("feature-words", "filtered-features", "unavailable-features")
 ALL_MODELS, MODEL = "all-models", "model"
@@ -37,28 +38,6 @@ TRANSITION_COLUMNS = [
     "accel", "family", "model", "prop", "from_machine", "to_machine", "old", "new", "scope",
     "cause_kind", "cause",
 ]  # fmt: skip
-
-
-def machine_order(machines: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """`machine, family, version, rank, versioned`, sorted by family then version."""
-    aliases = {m["alias"]: m["name"] for m in machines if m.get("alias")}
-    rows: list[tuple[str, str, tuple[int, ...], bool]] = []
-    for m in machines:
-        hit = VERSIONED.match(m["name"])
-        if not hit:
-            rows.append((m["name"], m["name"], (), False))
-            continue
-        prefix = hit["prefix"]
-        # `pc-1.4` belongs where the `pc` alias points (pc-i440fx-X.Y): QEMU's data, not a table.
-        target = VERSIONED.match(aliases.get(prefix, ""))
-        if target:
-            prefix = target["prefix"]
-        version = tuple(int(x) for x in hit["version"].split("."))
-        rows.append((m["name"], prefix, version, True))
-    df = pd.DataFrame(rows, columns=["machine", "family", "version", "versioned"])
-    df = df.sort_values(["versioned", "family", "version"], ascending=[False, True, True])
-    df["rank"] = df.groupby("family").cumcount()
-    return df.reset_index(drop=True)
 
 
 def canonical_names(

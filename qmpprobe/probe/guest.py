@@ -46,7 +46,9 @@ def image() -> str:
     source = SOURCE.read_bytes()
     nasm = shutil.which("nasm")
     if nasm is None:
-        raise InputError("--guest-cpuid needs nasm to build its firmware: run scripts/setup")
+        raise InputError(
+            "--guest-cpuid needs nasm to build its firmware (Debian: apt-get install nasm)"
+        )
     folder = Path(tempfile.mkdtemp(prefix="qmpprobe-firmware-"))
     atexit.register(shutil.rmtree, folder, True)
     out = folder / f"cpuid-{hashlib.sha256(source).hexdigest()[:16]}.bin"

@@ -15,6 +15,7 @@ from rich.text import Text
 from qmpprobe import __version__
 from qmpprobe.analysis.drift import machine_order
 from qmpprobe.analysis.fleet import Choice, Fleet, Migration, blocked_text, hosts_text
+from qmpprobe.core.machines import with_order
 from qmpprobe.report.escape import render
 from qmpprobe.store import csvfile
 
@@ -55,9 +56,9 @@ def runnable_frame(df: pd.DataFrame) -> pd.DataFrame:
     return out[RUNNABLE_COLUMNS]
 
 
-def runnable_csv(df: pd.DataFrame) -> str:
-    """`fleet runnable --csv`."""
-    return str(csvfile.write_csv(runnable_frame(df)))
+def runnable_csv(df: pd.DataFrame, machines: list[dict[str, Any]]) -> str:
+    """`fleet runnable --csv` (`machine_order` from the builds' `machines`)."""
+    return str(csvfile.write_csv(with_order(runnable_frame(df), machines)))
 
 
 def runnable_json(df: pd.DataFrame) -> str:
@@ -126,7 +127,7 @@ def choice_doc(c: Choice) -> dict[str, Any]:
     }
 
 
-def choice_csv(c: Choice) -> str:
+def choice_csv(c: Choice, machines: list[dict[str, Any]]) -> str:
     """`fleet baseline --csv`: one row."""
     row = {
         "machine": c.machine,
@@ -136,7 +137,7 @@ def choice_csv(c: Choice) -> str:
         "hosts": c.hosts,
         "build": c.build[0],
     }
-    return str(csvfile.write_csv(pd.DataFrame([row])))
+    return str(csvfile.write_csv(with_order(pd.DataFrame([row]), machines)))
 
 
 def migration_doc(m: Migration) -> dict[str, Any]:
@@ -152,13 +153,14 @@ def migration_doc(m: Migration) -> dict[str, Any]:
     }
 
 
-def migration_csv(m: Migration) -> str:
+def migration_csv(m: Migration, machines: list[dict[str, Any]]) -> str:
     """`fleet can-migrate --csv`: a row per reason (one `possible` row when there is none)."""
     rows = [{"kind": r.kind, "what": r.what} for r in m.reasons] or [{"kind": "possible",
                                                                       "what": ""}]  # fmt: skip
     df = pd.DataFrame(rows).assign(machine=m.machine, model=m.model, source=m.source,
                                    target=m.target)  # fmt: skip
-    return str(csvfile.write_csv(df[["machine", "model", "source", "target", "kind", "what"]]))
+    cols = ["machine", "model", "source", "target", "kind", "what"]
+    return str(csvfile.write_csv(with_order(df[cols], machines)))
 
 
 def migration_text(m: Migration) -> str:
@@ -186,14 +188,20 @@ def _held_back(summary: pd.DataFrame, members: dict[str, list[str]]) -> pd.DataF
     return df.sort_values(["alone", "blocked", "host"], ascending=[False, False, True])
 
 
-def _machines(f: Fleet, run: pd.DataFrame) -> list[str]:
-    """The machine types of the dataset, families in version order (from the builds' own
-    lists of machine types), then the rest."""
+def machines_of(f: Fleet) -> list[dict[str, Any]]:
+    """Every machine type the dataset's builds have (QEMU's own entries, first seen kept)."""
     builds = f.query("select machines from builds")
     seen: dict[str, dict[str, Any]] = {}
     for text in builds["machines"]:
         for m in json.loads(str(text)):
             seen.setdefault(m["name"], m)
+    return list(seen.values())
+
+
+def _machines(f: Fleet, run: pd.DataFrame) -> list[str]:
+    """The machine types of the dataset, families in version order (from the builds' own
+    lists of machine types), then the rest."""
+    seen = {m["name"]: m for m in machines_of(f)}
     have = set(run["machine"])
     order = machine_order([m for n, m in seen.items() if n in have])
     return [*order["machine"], *sorted(have - set(order["machine"]))]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from qmpprobe.analysis.compat import DECLARED, UNDECLARED
 from qmpprobe.analysis.diff import BREAKS, COLUMNS, SCHEMA, Diff, Run, summary
 from qmpprobe.analysis.drift import ALL_MODELS, MODEL, Drift, analyse
 from qmpprobe.core.cpuid import decode
+from qmpprobe.core.machines import with_order
 from qmpprobe.core.vocab import GUEST_PREFIX
 from qmpprobe.report import escape
 from qmpprobe.store import csvfile
@@ -287,10 +289,10 @@ def write_report(path: str | Path) -> list[Path]:
     combos = folder.read_combos()
     d = analyse(manifest, combos, folder.read_cells())
     out = folder.path
-    # Every CSV through csvfile.csv_bytes: text a spreadsheet would run as a formula is guarded.
-    atomic_write(out / "transitions.csv", csvfile.csv_bytes(d.transitions))
-    atomic_write(out / "runnability.csv", csvfile.csv_bytes(d.runnability))
-    atomic_write(out / "matrix.csv", csvfile.csv_bytes(d.matrix))
+    csv = _csv(manifest)
+    atomic_write(out / "transitions.csv", csv(d.transitions))
+    atomic_write(out / "runnability.csv", csv(d.runnability))
+    atomic_write(out / "matrix.csv", csv(d.matrix))
     _write_compat(out, manifest, d)
     ctx = context(manifest, combos, d)
     png = heatmap_png(d.distance, ctx["title"])
@@ -302,6 +304,12 @@ def write_report(path: str | Path) -> list[Path]:
     return [out / f for f in FILES if (out / f).exists()]
 
 
+def _csv(manifest: Manifest) -> Callable[[pd.DataFrame], bytes]:
+    """A CSV writer for this run's tables: each with `machine_order` beside `machine`, and
+    guarded (csvfile.csv_bytes: text a spreadsheet would run as a formula)."""
+    return lambda frame: csvfile.csv_bytes(with_order(frame, manifest.machines))
+
+
 def _write_compat(out: Path, manifest: Manifest, d: Drift) -> None:
     """The declared CPU compat props and both mismatch tables, when QEMU declares them."""
     if d.dead is None:
@@ -309,9 +317,10 @@ def _write_compat(out: Path, manifest: Manifest, d: Drift) -> None:
             (out / name).unlink(missing_ok=True)
         return
     entries = compat.entries(manifest.compat_props or {})
-    atomic_write(out / "compat_props.csv", csvfile.csv_bytes(entries))
-    atomic_write(out / "undeclared.csv", csvfile.csv_bytes(undeclared(d)))
-    atomic_write(out / "dead_entries.csv", csvfile.csv_bytes(d.dead))
+    csv = _csv(manifest)
+    atomic_write(out / "compat_props.csv", csv(entries))
+    atomic_write(out / "undeclared.csv", csv(undeclared(d)))
+    atomic_write(out / "dead_entries.csv", csv(d.dead))
 
 
 DIFF_FILES = ("diff.csv", "diff.json", "diff.md", "diff.html")

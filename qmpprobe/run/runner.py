@@ -26,6 +26,7 @@ from qmpprobe.core import cpuflags
 from qmpprobe.core.cpuid import spelled_bits
 from qmpprobe.core.discovery import Discovery
 from qmpprobe.core.host import digest
+from qmpprobe.core.machines import ranks, with_order
 from qmpprobe.core.record import Record
 from qmpprobe.core.vocab import (
     ERROR,
@@ -578,13 +579,15 @@ class Runner:
     def save(self, complete: bool, started: float) -> None:
         """Write combos.csv and cells.parquet, then the manifest (last)."""
         rows = self.combo_rows()
-        self.folder.write_combos(combos_frame(rows))
+        machines = self.manifest["machines"]
+        self.folder.write_combos(with_order(combos_frame(rows), machines))
         order = [(c.machine, c.model) for c in self.combos if (c.machine, c.model) in self.blocks]
         self.folder.write_cells(
             cells_table(
                 self.launch.accel,
                 [b for k in order for b in (self.blocks[k], self.guest_blocks.get(k)) if b],
                 self.texts,
+                ranks(machines),
             )
         )
         counts = Counter(r["status"] for r in rows)

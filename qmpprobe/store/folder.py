@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qmpprobe.core.machines import with_order
 from qmpprobe.core.record import Record
 from qmpprobe.core.vocab import STATUSES
 from qmpprobe.errors import InputError
@@ -345,7 +346,7 @@ class RunFolder:
     def export_csv(self, dest: Path | None = None) -> Path:
         """Write the cells as CSV (same columns as cells.parquet)."""
         dest = dest or self.path / CELLS_CSV
-        cells = self.read_cells()
+        cells = with_order(self.read_cells(), self.read_manifest()["machines"])
         # Guarded like every CSV qmpprobe writes (categories only: millions of rows, few names).
         write_atomically(dest, lambda tmp: write_csv(cells, tmp))
         return dest

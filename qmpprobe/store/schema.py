@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 
 from qmpprobe.core.cpuid import Dump
+from qmpprobe.core.machines import ORDER
 from qmpprobe.core.values import json_type
 from qmpprobe.core.vocab import (
     ERROR,
@@ -349,7 +350,13 @@ def check_combos(
     raw: pd.DataFrame, columns: Sequence[str], manifest: Mapping[str, Any], path: Path
 ) -> pd.DataFrame:
     """combos.csv read as text, checked (columns, types, statuses, one row per planned
-    combo, agreement with the manifest), with its numeric and boolean columns typed."""
+    combo, agreement with the manifest), with its numeric and boolean columns typed;
+    `machine_order` after `machine` (absent from runs before it) is checked and taken off."""
+    if ORDER in raw.columns and list(raw.columns).index(ORDER) == 2:
+        bad = ~raw[ORDER].astype(str).str.fullmatch(r"-?[0-9]+")
+        if bad.any():
+            raise corrupted(path, f"{ORDER} is not an integer: {raw[ORDER][bad].iloc[0]!r}")
+        raw = raw.drop(columns=[ORDER])
     if list(raw.columns) != list(columns):
         raise corrupted(path, _columns(list(raw.columns), columns))
     df = raw.astype(str)
@@ -412,7 +419,13 @@ VALUE_SHAPES: dict[str, Check] = {
 
 
 def cells_arrow(table: pa.Table, columns: Sequence[str], path: Path) -> pa.Table:
-    """The cells table with exactly `columns`, each text (dictionary-encoded), no nulls."""
+    """The cells table with exactly `columns`, each text (dictionary-encoded), no nulls; the
+    `machine_order` column (an integer, absent from runs before it) is checked and taken off."""
+    if ORDER in table.column_names:
+        kind = table.column(ORDER).type
+        if not pa.types.is_integer(kind):
+            raise corrupted(path, f"column {ORDER} holds {kind}, not integers")
+        table = table.drop_columns([ORDER])
     if sorted(table.column_names) != sorted(columns):
         raise corrupted(path, _columns(table.column_names, columns))
     out = {}
