@@ -327,11 +327,12 @@ def _diff_doc(night: Path, d: Any) -> dict[str, Any] | None:
 
 
 def _kind_counts(doc: dict[str, Any], measure: str, series: dict[str, str]) -> pd.DataFrame:
-    """A diff.json's counts per kind as trend rows (a count that is no number is left out)."""
-    counts = pd.DataFrame({"key": list(doc["counts"]), "count": list(doc["counts"].values())})
-    counts["key"] = counts["key"].astype(str)
-    counts["count"] = pd.to_numeric(counts["count"], errors="coerce")
-    return counts.dropna(subset=["count"]).assign(measure=measure, **series)
+    """A diff.json's counts per kind as trend rows (a count that is no whole number a diff
+    could hold, `"3"`, `-1`, `Infinity`, is left out)."""
+    # A dozen kinds at most: checked as JSON values, before they are a frame.
+    whole = {str(k): v for k, v in doc["counts"].items() if type(v) is int and 0 <= v < 2**53}
+    counts = pd.DataFrame({"key": list(whole), "count": list(whole.values())}, dtype=object)
+    return counts.assign(measure=measure, **series)
 
 
 def _changed_rows(doc: dict[str, Any], series: dict[str, str]) -> pd.DataFrame | None:
@@ -457,7 +458,7 @@ def timeline_grid(
     diffed = diffed.pivot(index=SERIES[1:], columns="night", values="diffed")
     diffed = diffed.reindex(index=grid.index.droplevel("model"), columns=nights)
     state = pd.DataFrame("none", index=grid.index, columns=nights)
-    state = state.mask(diffed.fillna(False).astype(bool).to_numpy(), "same")
+    state = state.mask(diffed.notna().to_numpy(), "same")
     state = state.mask(grid.notna().to_numpy(), "changed")
     return {
         "nights": nights,

@@ -302,3 +302,50 @@ def test_keep_0_refused_from_the_command_line(tmp_path: Path) -> None:
         "(see qmpprobe nightly -h)"
     ]
     assert not (tmp_path / "nightly").exists()
+
+
+def test_timeline_text_is_escaped_and_only_diffs_inside_the_night_are_read(tmp_path: Path) -> None:
+    """Hand-made diffs (the shape `qmpprobe diff` writes) with hostile model and property
+    names: text in the page, exact in the CSV; a diff night.json places outside is not read."""
+    from qmpprobe.nightly import write_index
+
+    model, prop = "<img src=x onerror=alert(1)>", '=HYPERLINK("x")'
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for date, where in (("2026-04-01", "system/d"), ("2026-04-02", "../outside")):
+        folder = tmp_path / date / where
+        folder.mkdir(parents=True, exist_ok=True)
+        row = {"kind": "abi-change", "machine": "pc", "model": model, "prop": prop}
+        doc = {"counts": {"abi-change": 1}, "rows": [row, {**row, "model": "*"}]}
+        (folder / "diff.json").write_text(json.dumps(doc))
+        run = {"name": "system", "accel": "tcg", "smp": "1", "exit": 0, "run": None}
+        record = {"runs": [{**run, "previous": {"summary": "s", "exit": 1, "diff": where}}]}
+        (tmp_path / date / "night.json").write_text(json.dumps(record))
+    page = write_index(tmp_path).read_text()
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    timeline = read_csv(tmp_path / "timeline.csv")
+    assert timeline[["model", "props", "night"]].values.tolist() == [[model, prop, "2026-04-01"]]
+    assert "'=HYPERLINK" in (tmp_path / "timeline.csv").read_text()  # the formula guard
+    trends = read_csv(tmp_path / "trends.csv")
+    assert trends[["night", "key", "count"]].values.tolist() == [["2026-04-01", "abi-change", "1"]]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"counts": {"abi-change": "1", "new-prop": Infinity, "new-model": -2}, "rows": [1, "x"]}',
+        '{"counts": [], "rows": []}',
+        '{"counts": {"abi-change": 1}, "rows": {"model": "Haswell"}}',
+        "{not json",
+    ],
+)
+def test_a_damaged_diff_is_left_out_of_the_trends(tmp_path: Path, text: str) -> None:
+    from qmpprobe.nightly import write_index
+
+    (tmp_path / "2026-05-01" / "d").mkdir(parents=True)
+    (tmp_path / "2026-05-01" / "d" / "diff.json").write_text(text)
+    run = {"name": "system", "accel": "tcg", "smp": "1", "exit": 0, "run": None}
+    record = {"runs": [{**run, "previous": {"summary": "s", "exit": 1, "diff": "d"}}]}
+    (tmp_path / "2026-05-01" / "night.json").write_text(json.dumps(record))
+    assert "2026-05-01" in write_index(tmp_path).read_text()
+    assert read_csv(tmp_path / "trends.csv").empty and read_csv(tmp_path / "timeline.csv").empty
