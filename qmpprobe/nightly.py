@@ -579,8 +579,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--accel", help="comma-separated (default: tcg, and kvm where usable)")
     p.add_argument("--smp", default="1,2", help="comma-separated topologies (default 1,2)")
-    p.add_argument("--root", default="results/nightly", help="where nights are kept")
-    p.add_argument("--date", default=datetime.now(UTC).strftime("%Y-%m-%d"))
+    p.add_argument("--root", default="results/nightly", metavar="DIR", help="where nights are kept")
+    p.add_argument(
+        "--date",
+        default=datetime.now(UTC).strftime("%Y-%m-%d"),
+        metavar="YYYY-MM-DD",
+        help="the night's folder name (default: today, UTC)",
+    )
     p.add_argument(
         "--keep",
         type=keep_value,
