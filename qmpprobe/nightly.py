@@ -4,10 +4,12 @@ Each night goes to `<root>/<date>/<name>/<run folder>` (one `qmpprobe run` per b
 accelerator and topology, each with its report); each run is diffed against the same binary,
 accelerator and topology of the latest earlier night, and adjacent QEMU releases of the night
 against each other (`<root>/<date>/releases/`). `<root>/<date>/night.json` lists what ran and
-how it ended, and `<root>/index.html` links every night. One failing binary does not stop the
-others. Exit code: 1 when a binary changed a shipped machine type since the previous night;
+how it ended, and `<root>/index.html` links every night and shows the trends (combos per status,
+changes per kind, the nights each model changed), also written as `trends.csv` and
+`timeline.csv`. `--keep N` removes the oldest nights beyond N. One failing binary does not stop
+the others. Exit code: 1 when a binary changed a shipped machine type since the previous night;
 else 2 when a run or a diff could not be done (no verdict is never a pass); else 0.
-`scripts/nightly` sets up and calls `python -m qmpprobe.nightly`.
+`scripts/nightly` sets up and calls `python -m qmpprobe.nightly`; `qmpprobe nightly` calls `main`.
 """
 
 from __future__ import annotations
@@ -17,18 +19,27 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote
 
+import pandas as pd
+
 from qmpprobe.core.host import kvm_usable
+from qmpprobe.core.vocab import STATUSES
 from qmpprobe.errors import InputError
 from qmpprobe.report import escape
+from qmpprobe.store import csvfile
 from qmpprobe.store.folder import RunFolder, atomic_write, path_part
+
+#: The usage errors' exit code, as every qmpprobe command's.
+EXIT_INPUT = 2
 
 
 def parse_qemus(specs: Sequence[str]) -> list[tuple[str, str]]:
@@ -195,7 +206,8 @@ def _href(path: str) -> str:
 
 
 def write_index(root: Path) -> Path:
-    """`<root>/index.html`: every night, newest first, with links to each run's report.
+    """`<root>/index.html` (every night, newest first, with links to each run's report, and
+    the trends), `<root>/trends.csv` and `<root>/timeline.csv`.
 
     The page is a template of qmpprobe's own (autoescaped): every name, version, message and
     path from night.json is text in it, never markup.
@@ -221,10 +233,245 @@ def write_index(root: Path) -> Path:
                     "previous": _diff_cell(night.name, e.get("previous")),
                 }
             )
-    page = escape.render("index.html.j2", {"runs": runs, "releases": _release_table(nights)})
+    t = read_trends(nights)
+    atomic_write(root / "trends.csv", csvfile.csv_bytes(t.counts))
+    atomic_write(root / "timeline.csv", csvfile.csv_bytes(t.timeline))
+    context = {
+        "runs": runs,
+        "releases": _release_table(nights),
+        "statuses": wide(t.counts, "status", list(STATUSES)),
+        "kinds": wide(t.counts, "kind"),
+        "release_kinds": wide(t.counts, "release-kind"),
+        "timeline": timeline_grid(t.timeline, t.compared, sorted(n.name for n, _ in nights)),
+    }
+    page = escape.render("index.html.j2", context)
     out = root / "index.html"
     atomic_write(out, page.encode())
     return out
+
+
+# -- Trends ------------------------------------------------------------------------------------
+
+#: What identifies one series of runs across nights: the night, the binary's name (for a
+#: diff between releases, `OLDER--NEWER`), the accelerator and the topology.
+SERIES = ["night", "name", "accel", "smp"]
+TREND_COLUMNS = [*SERIES, "measure", "key", "count"]
+MODEL_KEYS = ["name", "accel", "smp", "model"]
+TIMELINE_COLUMNS = [*MODEL_KEYS, "night", "kinds", "props", "machines", "rows"]
+#: The diff.json row fields the timeline reads.
+ROW_FIELDS = ["kind", "machine", "model", "prop"]
+
+
+@dataclass
+class Trends:
+    """What the index shows over the nights, from the run folders and diffs they hold."""
+
+    #: trends.csv: counts per night × series × (`status` of the combos, `kind` of the changes
+    #: since the previous night, `release-kind` of the changes between adjacent releases).
+    counts: pd.DataFrame
+    #: timeline.csv: one row per model and night on which it changed since the previous night.
+    timeline: pd.DataFrame
+    #: The night × series that have a diff against the previous night (`SERIES` columns).
+    compared: pd.DataFrame
+
+
+def _inside(night: Path, rel: Any) -> Path | None:
+    """`night/rel` when `rel` (from night.json) is a path that stays inside the night: a
+    crafted record must not make the index read files elsewhere."""
+    if not isinstance(rel, str) or not rel:
+        return None
+    path = night / rel
+    try:
+        inside = path.resolve().is_relative_to(night.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+    return path if inside else None
+
+
+def _series(night: Path, e: dict[str, Any], name: str | None = None) -> dict[str, str]:
+    return {
+        "night": night.name,
+        "name": str(e["name"] if name is None else name),
+        "accel": str(e["accel"]),
+        "smp": str(e["smp"]),
+    }
+
+
+def _status_counts(night: Path, e: dict[str, Any]) -> pd.DataFrame | None:
+    """A run's combos per status, read from its combos.csv (checked as every reader checks
+    it); None when there is no run or it is damaged or gone (left out, as in the index)."""
+    run = _inside(night, e.get("run"))
+    if run is None:
+        return None
+    try:
+        status = RunFolder(run).read_combos()["status"].astype(str)
+    except (InputError, OSError):
+        return None
+    counts = status.value_counts().rename_axis("key").reset_index(name="count")
+    return counts.assign(measure="status", **_series(night, e))
+
+
+def _diff_doc(night: Path, d: Any) -> dict[str, Any] | None:
+    """The diff.json of a diff that night.json names, when it is inside the night and reads
+    as a diff (`counts` and `rows`); None otherwise."""
+    folder = _inside(night, d.get("diff")) if isinstance(d, dict) else None
+    path = folder / "diff.json" if folder is not None else None
+    if path is None or not path.is_file():  # never a FIFO waited on
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(doc, dict) and isinstance(doc.get("counts"), dict)
+    return doc if ok and isinstance(doc.get("rows"), list) else None
+
+
+def _kind_counts(doc: dict[str, Any], measure: str, series: dict[str, str]) -> pd.DataFrame:
+    """A diff.json's counts per kind as trend rows (a count that is no whole number a diff
+    could hold, `"3"`, `-1`, `Infinity`, is left out)."""
+    # A dozen kinds at most: checked as JSON values, before they are a frame.
+    whole = {str(k): v for k, v in doc["counts"].items() if type(v) is int and 0 <= v < 2**53}
+    counts = pd.DataFrame({"key": list(whole), "count": list(whole.values())}, dtype=object)
+    return counts.assign(measure=measure, **series)
+
+
+def _changed_rows(doc: dict[str, Any], series: dict[str, str]) -> pd.DataFrame | None:
+    """The rows of a diff.json that name a model (not `*`: a property new to every model)."""
+    try:
+        rows = pd.DataFrame.from_records(doc["rows"], columns=ROW_FIELDS)
+    except (TypeError, ValueError, AttributeError):  # rows that are not records
+        return None
+    rows = rows.dropna().astype(str)
+    return rows[rows["model"] != "*"].assign(**series)
+
+
+def read_trends(nights: list[tuple[Path, dict[str, Any]]]) -> Trends:
+    """Read every night's run folders (combos) and diffs (diff.json) into `Trends`."""
+    counts: list[pd.DataFrame | None] = []
+    changes: list[pd.DataFrame | None] = []
+    compared = []
+    for night, record in nights:
+        for e in record["runs"]:
+            counts.append(_status_counts(night, e))
+            doc = _diff_doc(night, e.get("previous"))
+            if doc is not None:
+                series = _series(night, e)
+                counts.append(_kind_counts(doc, "kind", series))
+                changes.append(_changed_rows(doc, series))
+                compared.append(series)
+        for d in record.get("releases") or []:
+            doc = _diff_doc(night, d)
+            if doc is not None and all(k in d for k in ("from", "to", "accel", "smp")):
+                pair = f"{d['from']}--{d['to']}"
+                counts.append(_kind_counts(doc, "release-kind", _series(night, d, pair)))
+    return Trends(
+        counts=trend_counts(counts),
+        timeline=timeline(_concat(changes, [*ROW_FIELDS, *SERIES])),
+        compared=pd.DataFrame(compared, columns=SERIES),
+    )
+
+
+def _concat(frames: Sequence[pd.DataFrame | None], columns: list[str]) -> pd.DataFrame:
+    found = [f[columns] for f in frames if f is not None and len(f)]
+    return pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=columns)
+
+
+def trend_counts(frames: Sequence[pd.DataFrame | None]) -> pd.DataFrame:
+    """trends.csv's rows: the counts summed per night, series, measure and key, in order."""
+    counts = _concat(frames, TREND_COLUMNS)
+    counts["count"] = counts["count"].astype("int64")
+    grouped = counts.groupby(TREND_COLUMNS[:-1], as_index=False, sort=False)["count"].sum()
+    return grouped.sort_values(TREND_COLUMNS[:-1], kind="stable", ignore_index=True)
+
+
+def timeline(changes: pd.DataFrame) -> pd.DataFrame:
+    """timeline.csv's rows: per model and night, the kinds, properties and number of machine
+    types of its changes since the previous night."""
+    keys = [*MODEL_KEYS, "night"]
+    if changes.empty:
+        return pd.DataFrame(columns=TIMELINE_COLUMNS)
+    grouped = changes.groupby(keys, sort=True)
+    out = pd.DataFrame(
+        {
+            "kinds": grouped["kind"].agg(_joined),
+            "props": grouped["prop"].agg(_joined),
+            "machines": grouped["machine"].nunique(),
+            "rows": grouped.size(),
+        }
+    )
+    return out.reset_index()[TIMELINE_COLUMNS]
+
+
+def _joined(values: pd.Series) -> str:
+    """The distinct values, sorted, space-separated (property names have no spaces)."""
+    return " ".join(sorted(values.unique()))
+
+
+def wide(counts: pd.DataFrame, measure: str, order: Sequence[str] = ()) -> dict[str, Any]:
+    """One measure of the trends as a table: a row per night and series (newest night first),
+    a column per key (every one of `order` first, so each keeps its column and colour; the
+    rest sorted), blank where none."""
+    part = counts[counts["measure"] == measure]
+    if part.empty:
+        return {"columns": [], "rows": []}
+    table = part.pivot_table(index=SERIES, columns="key", values="count", aggfunc="sum")
+    table = table.reindex(columns=[*order, *sorted(set(table.columns) - set(order))])
+    table = table.sort_index(level="night", ascending=False, sort_remaining=False)
+    total = table.sum(axis=1)
+    cells = table.astype("Int64").astype(str).replace("<NA>", "")
+    # Each row's bar: every key's share of the row's total, as a CSS width (no image).
+    shares = table.fillna(0).div(total.where(total > 0, 1), axis=0).mul(100).round(2)
+    return {
+        "columns": list(table.columns),
+        "rows": [
+            {
+                "series": list(index),
+                "cells": row,
+                "bar": list(zip(table.columns, share, strict=True)),
+            }
+            for index, row, share in zip(
+                table.index, cells.to_numpy().tolist(), shares.to_numpy().tolist(), strict=True
+            )
+        ],
+    }
+
+
+def timeline_grid(
+    timeline: pd.DataFrame, compared: pd.DataFrame, nights: list[str]
+) -> dict[str, Any]:
+    """The timeline as a table: a row per (binary, accel, topology, model) that changed on some
+    night, a column per night (oldest first); a cell is `changed` (its title the kinds,
+    properties and machine types), `same` (diffed, no change) or `none` (no diff that night)."""
+    if timeline.empty:
+        return {"nights": nights, "rows": []}
+    title = (
+        timeline["kinds"]
+        + ": "
+        + timeline["props"]
+        + " ("
+        + timeline["machines"].astype(str)
+        + " machine type(s))"
+    )
+    grid = timeline.assign(title=title).pivot(index=MODEL_KEYS, columns="night", values="title")
+    grid = grid.reindex(columns=nights)
+    diffed = compared.drop_duplicates().assign(diffed=True)
+    diffed = diffed.pivot(index=SERIES[1:], columns="night", values="diffed")
+    diffed = diffed.reindex(index=grid.index.droplevel("model"), columns=nights)
+    state = pd.DataFrame("none", index=grid.index, columns=nights)
+    state = state.mask(diffed.notna().to_numpy(), "same")
+    state = state.mask(grid.notna().to_numpy(), "changed")
+    return {
+        "nights": nights,
+        "rows": [
+            {"key": list(index), "cells": list(zip(states, titles, strict=True))}
+            for index, states, titles in zip(
+                grid.index,
+                state.to_numpy().tolist(),
+                grid.astype(object).where(grid.notna(), "").to_numpy().tolist(),
+                strict=True,
+            )
+        ],
+    }
 
 
 def _diff_cell(night: str, d: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -255,10 +502,74 @@ def _release_table(nights: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, 
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one night; exit 1 when a shipped machine type changed since the previous night,
-    else 2 when a run or a diff could not be done, else 0."""
-    p = argparse.ArgumentParser(prog="scripts/nightly", description=__doc__)
+# -- Retention ---------------------------------------------------------------------------------
+
+
+def is_night(path: Path) -> bool:
+    """A night folder: a real folder (not a link) named by a date (YYYY-MM-DD) with a
+    night.json file in it. Nothing else under the root is ever removed."""
+    try:
+        datetime.strptime(path.name, "%Y-%m-%d")
+    except ValueError:
+        return False
+    return (
+        len(path.name) == 10
+        and path.is_dir()
+        and not path.is_symlink()
+        and ((path / "night.json").is_file())
+    )
+
+
+def old_nights(root: Path, night: Path, keep: int) -> list[Path]:
+    """The nights beyond the newest `keep`, oldest last; the current night is always kept
+    and counts as one of them."""
+    others = sorted(
+        (p for p in root.iterdir() if p.name != night.name and is_night(p)), reverse=True
+    )
+    return others[keep - 1 :]
+
+
+def prune(root: Path, night: Path, keep: int) -> list[Path]:
+    """Remove the nights beyond the newest `keep`; the ones removed (one that cannot be is
+    named on stderr and left)."""
+    removed = []
+    for old in old_nights(root, night, keep):
+        try:
+            shutil.rmtree(old)
+        except OSError as e:
+            print(f"qmpprobe: nightly: could not remove {old}: {e}", file=sys.stderr)
+            continue
+        removed.append(old)
+    return removed
+
+
+# -- Command line ------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as every qmpprobe command's: scripts read the last line of stderr.
+        self.exit(EXIT_INPUT, f"qmpprobe: {message} (see {self.prog} -h)\n")
+
+
+def keep_value(text: str) -> int:
+    """`--keep N`: a whole number of nights, at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of nights, not {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: keep at least 1 night (leave it out to keep all)")
+    return n
+
+
+def parser() -> argparse.ArgumentParser:
+    """`qmpprobe nightly` arguments (also those of `scripts/nightly` and `-m qmpprobe.nightly`)."""
+    p = _Parser(
+        prog="qmpprobe nightly",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--qemu",
         action="append",
@@ -268,10 +579,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--accel", help="comma-separated (default: tcg, and kvm where usable)")
     p.add_argument("--smp", default="1,2", help="comma-separated topologies (default 1,2)")
-    p.add_argument("--root", default="results/nightly", help="where nights are kept")
-    p.add_argument("--date", default=datetime.now(UTC).strftime("%Y-%m-%d"))
+    p.add_argument("--root", default="results/nightly", metavar="DIR", help="where nights are kept")
+    p.add_argument(
+        "--date",
+        default=datetime.now(UTC).strftime("%Y-%m-%d"),
+        metavar="YYYY-MM-DD",
+        help="the night's folder name (default: today, UTC)",
+    )
+    p.add_argument(
+        "--keep",
+        type=keep_value,
+        metavar="N",
+        help="after the night, remove the oldest nights beyond N, this one among the N "
+        "(default: keep all)",
+    )
     p.add_argument("run_args", nargs="*", help="passed to every qmpprobe run (after --)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one night; exit 1 when a shipped machine type changed since the previous night,
+    else 2 when a run or a diff could not be done, else 0."""
+    args = parser().parse_args(argv)
     qemus = parse_qemus(args.qemu or [os.environ.get("QMPPROBE_QEMU", "qemu-system-x86_64")])
     accels = args.accel.split(",") if args.accel else default_accels()
     root = Path(args.root)
@@ -286,7 +615,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     releases = add_diffs(root, night, runs)
     record = {"date": args.date, "runs": runs, "releases": releases}
     atomic_write(night / "night.json", json.dumps(record, indent=1).encode())
+    removed = prune(root, night, args.keep) if args.keep else []
     print(write_index(root))
+    for old in removed:
+        print(f"removed {old} (--keep {args.keep})")
     for r in runs:
         vs = r.get("previous", {}).get("summary", "")
         print(
