@@ -45,7 +45,9 @@ def test_transitions_are_qemus_drift(reported: Path) -> None:
         "model",
         "prop",
         "from_machine",
+        "from_machine_order",
         "to_machine",
+        "to_machine_order",
         "old",
         "new",
         "scope",
@@ -85,7 +87,9 @@ def test_filtered_features_do_not_drift_under_tcg(reported: Path) -> None:
 
 def test_runnability_and_matrix(reported: Path) -> None:
     r = pd.read_csv(reported / "runnability.csv", keep_default_na=False)
-    assert list(r.columns) == ["accel", "machine", "model", "runnable", "unavailable"]
+    assert list(r.columns) == [
+        *("accel", "machine", "machine_order", "model", "runnable", "unavailable")
+    ]
     has = r[(r["model"] == "Haswell") & (r["machine"] == "pc-q35-7.2")].iloc[0]
     assert not has["runnable"] and "invpcid" in has["unavailable"].split()
     m = pd.read_csv(reported / "matrix.csv", keep_default_na=False, dtype=str)
@@ -102,6 +106,8 @@ def test_markdown_report(reported: Path) -> None:
         "## What QMP cannot see",
         "## Headline",
         "## Changes shared by all models",
+        "## What runs here",
+        "## Drift by machine-type pair",
         "## Per-model drift",
         "## Runnability on this host",
         "## Failures",
@@ -158,3 +164,87 @@ def test_html_report_in_headless_chromium(reported: Path, tmp_path: Path) -> Non
         check=True,
     )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _headline(html: str) -> dict[str, str]:
+    section = html.split('id="headline"')[1].split("</section>")[0]
+    return dict(re.findall(r"<tr><th>(.*?)</th><td[^>]*>(.*?)</td></tr>", section))
+
+
+def test_headline_counts_what_was_probed(reported: Path) -> None:
+    """Counts of this run (not of QEMU's machine list), and the models running unfiltered on
+    each family's newest probed machine type read off runnability.csv (issue 18: it used to
+    be 0, from each model's last row, isapc)."""
+    head = _headline((reported / "report.html").read_text())
+    combos = pd.read_csv(reported / "combos.csv", keep_default_na=False)
+    assert int(head["machine types probed"]) == combos["machine"].nunique() == 9
+    r = pd.read_csv(reported / "runnability.csv", keep_default_na=False)
+    for newest in ("pc-i440fx-2.8", "pc-q35-7.2"):
+        on = r[r["machine"] == newest]
+        key = next(k for k in head if k.startswith(f"models running here unfiltered on {newest}"))
+        assert head[key] == f"{int(on['runnable'].sum())} of {on['model'].nunique()}"
+        assert on["runnable"].sum() >= 1  # qemu64 runs under TCG everywhere
+
+
+def test_what_runs_here_answers_each_combo(reported: Path) -> None:
+    """ "Is Haswell runnable here on pc-q35-7.2, and if not why?" from report.html and
+    report.md alone: each cell says it, the same as runnability.csv."""
+    html = (reported / "report.html").read_text()
+    r = pd.read_csv(reported / "runnability.csv", keep_default_na=False)
+    for row in r.itertuples():
+        title = (
+            f"{row.model} runs on {row.machine}"
+            if row.runnable
+            else f"{row.model} on {row.machine}: blocked by {row.unavailable}"
+        )
+        mark = "✓" if row.runnable else "✗"
+        assert f'title="{title}">{mark}</td>' in html, title
+    md = (reported / "report.md").read_text()
+    section = md.split("## What runs here")[1].split("## Drift by machine-type pair")[0]
+    haswell = next(line for line in section.splitlines() if line.startswith("| `Haswell` |"))
+    has = r[(r["model"] == "Haswell") & (r["machine"] == "pc-q35-7.2")].iloc[0]
+    assert f"✗ {has['unavailable']}" in haswell
+    qemu64 = [line for line in section.splitlines() if line.startswith("| `qemu64` |")]
+    assert qemu64 and all(set(q.replace("|", "").split()) == {"`qemu64`", "✓"} for q in qemu64)
+
+
+def test_per_model_drift_in_machine_type_order(reported: Path) -> None:
+    md = (reported / "report.md").read_text()
+    section = md.split("## Per-model drift")[1].split("## Drift by cause")[0]
+    t = pd.read_csv(reported / "transitions.csv", keep_default_na=False)
+    for block in section.split("\n### ")[1:]:
+        pairs = [line.split(" | ")[1] for line in block.splitlines() if line.startswith("| pc")]
+        ranks = [
+            int(t.loc[t["from_machine"] == p.split(" → ")[0], "from_machine_order"].iloc[0])
+            for p in pairs
+        ]
+        families = [p.split("-")[1] for p in pairs]
+        keyed = list(zip(families, ranks, strict=True))
+        assert keyed == sorted(keyed), block
+
+
+def test_guest_sees_it_column(reported: Path) -> None:
+    """A flag with a learned CPUID bit says so; the rest are not guessed."""
+    md = (reported / "report.md").read_text()
+    f16c = next(line for line in md.splitlines() if "| `f16c` |" in line)
+    assert "| CPUID bit |" in f16c
+    l3 = next(line for line in md.splitlines() if "| `l3-cache` |" in line)
+    assert "| CPUID bit |" not in l3
+
+
+def test_filter_box_finds_one_combo(reported: Path, tmp_path: Path) -> None:
+    """The page's filter (a link can carry it) answers one model on one machine type."""
+    browser = chromium()
+    url = (reported / "report.html").as_uri() + "#filter=Haswell%20pc-q35-7.2"
+    dom = subprocess.run(
+        [browser, *HEADLESS, f"--user-data-dir={tmp_path / 'p'}", "--virtual-time-budget=5000",
+         "--dump-dom", url],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    assert 'data-filtered="yes"' in dom, "the filter script did not run (CSP or error)"
+    count = re.search(r'<span id="filter-count">(.*?)</span>', dom)
+    assert count and "Haswell on pc-q35-7.2: blocked by" in count.group(1), count
+    q35 = dom.split('id="runs-pc-q35"')[1].split("</table>")[0]
+    rows = re.findall(r'<tr data-filter=""( hidden="")?><td class="model mono">(.*?)</td>', q35)
+    # Words match as substrings: Haswell-v1 holds "haswell" too.
+    assert {model for hidden, model in rows if not hidden} == {"Haswell", "Haswell-v1"}

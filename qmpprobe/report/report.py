@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from qmpprobe.analysis.drift import ALL_MODELS, MODEL, Drift, analyse
 from qmpprobe.core.cpuid import decode
 from qmpprobe.core.machines import with_order
 from qmpprobe.core.vocab import GUEST_PREFIX
-from qmpprobe.report import escape
+from qmpprobe.report import escape, runs
 from qmpprobe.store import csvfile
 from qmpprobe.store.folder import RunFolder, atomic_write
 from qmpprobe.store.manifest import Manifest
@@ -85,7 +85,15 @@ def _change(old: str, new: str, prop: str = "") -> str:
     return f"{hex_text(old)} → {hex_text(new)}"
 
 
-def _shared_rows(d: Drift) -> list[dict[str, Any]]:
+def _by_machine(d: Drift, t: pd.DataFrame) -> pd.DataFrame:
+    """Transitions in family, then machine-type, then property order."""
+    rank = d.order.set_index("machine")["rank"]
+    return t.assign(_rank=t["from_machine"].map(rank)).sort_values(
+        ["family", "_rank", "prop"], kind="stable"
+    )
+
+
+def _shared_rows(d: Drift, seen: Callable[[str], dict[str, str]]) -> list[dict[str, Any]]:
     return [
         {
             "family": r.family,
@@ -94,28 +102,49 @@ def _shared_rows(d: Drift) -> list[dict[str, Any]]:
             "change": _change(r.old, r.new, r.prop),
             "models": f"{r.models}/{r.having}",
             "exceptions": r.exceptions,
+            **seen(r.prop),
         }
-        for r in d.shared.itertuples()
+        for r in _by_machine(d, d.shared).itertuples()
     ]
 
 
-def _per_model(d: Drift) -> list[dict[str, Any]]:
-    own = d.transitions[d.transitions["scope"] == MODEL]
+def _per_model(d: Drift, seen: Callable[[str], dict[str, str]]) -> list[dict[str, Any]]:
+    own = _by_machine(d, d.transitions[d.transitions["scope"] == MODEL])
     return [
         {
             "model": model,
+            "pairs": sorted(set(group["from_machine"]) | set(group["to_machine"])),
             "rows": [
                 {
                     "family": r.family,
                     "pair": f"{r.from_machine} → {r.to_machine}",
                     "prop": r.prop,
                     "change": _change(r.old, r.new, r.prop),
+                    **seen(r.prop),
                 }
                 for r in group.itertuples()
             ],
         }
         for model, group in own.groupby("model", sort=True)
     ]
+
+
+def _seen(manifest: Manifest, learned: Mapping[str, Any]) -> Callable[[str], dict[str, str]]:
+    """prop → how the guest sees it (`runs.seen_by_guest`) and what says so."""
+    bits = manifest.feature_bits
+    titles = runs.seen_titles(learned)
+
+    def seen(prop: str) -> dict[str, str]:
+        kind = runs.seen_by_guest(prop, bits, learned)
+        title = {
+            runs.SEEN_BIT: f"CPUID bit {bits[prop]} (learned by discovery)"
+            if prop in bits
+            else "a bit of a CPUID register itself",
+            runs.UNKNOWN: "not measured: no CPUID bit learned, no firmware toggle recorded",
+        }.get(kind) or titles.get(prop, "")
+        return {"seen": kind, "seen_title": title}
+
+    return seen
 
 
 def _alias_rows(d: Drift) -> list[dict[str, Any]]:
@@ -227,19 +256,20 @@ def _facts(manifest: Manifest) -> list[tuple[str, str]]:
 
 def _headline(d: Drift, combos: pd.DataFrame) -> list[tuple[str, Any]]:
     t = d.transitions
-    families = d.order[d.order["versioned"]].groupby("family").size()
+    families = runs.probed(d, combos).groupby("family", sort=False).size()
     return [
-        ("machine types in version order", ", ".join(f"{f} ({n})" for f, n in families.items())),
+        ("machine types probed", len(runs.probed(d, combos))),
+        (
+            "versioned families probed (machine types)",
+            ", ".join(f"{f} ({n})" for f, n in families.items() if n > 1 or "-" in f),
+        ),
         ("CPU models probed", combos["model"].nunique()),
         ("transition rows (one per model)", len(t)),
         ("changes shared by all models", len(d.shared)),
         ("model-specific transitions", int((t["scope"] == MODEL).sum())),
         ("models that drift on their own", t.loc[t["scope"] == MODEL, "model"].nunique()),
         ("properties that drift", t["prop"].nunique()),
-        (
-            "models running here unfiltered (newest machine types)",
-            int(d.runnability.groupby("model")["runnable"].last().sum()),
-        ),
+        *runs.runs_headline(d, combos),
         ("runnability changes", len(d.runnability_changes)),
         ("unversioned name resolution changes (alias-of)", len(d.alias_changes)),
     ]
@@ -259,15 +289,22 @@ def _realize_decided(manifest: Manifest) -> list[tuple[str, str]]:
     return sorted(rows)
 
 
-def context(manifest: Manifest, combos: pd.DataFrame, d: Drift) -> dict[str, Any]:
-    """What the templates show."""
+def context(
+    manifest: Manifest, combos: pd.DataFrame, d: Drift, learned: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What the templates show (`learned`: visibility.json's properties, when there is one)."""
+    seen = _seen(manifest, learned or {})
     return {
         "title": f"CPU model drift: QEMU {manifest.qemu.version}, {manifest.accel}, "
         f"-smp {manifest.topology}",
         "facts": _facts(manifest),
         "headline": _headline(d, combos),
-        "shared": _shared_rows(d),
-        "per_model": _per_model(d),
+        "shared": _shared_rows(d, seen),
+        "per_model": _per_model(d, seen),
+        "accel": manifest.accel,
+        "runs": runs.runs_tables(d, combos),
+        "pairs": runs.pair_rows(d, combos),
+        "seen_kinds": (runs.SEEN_BIT, runs.SEEN_TOGGLED, runs.HOST_SIDE, runs.UNKNOWN),
         "aliases": _alias_rows(d),
         "runnability": _runnability_rows(d),
         "failures": _failures(combos),
