@@ -227,7 +227,7 @@ class Runner:
             record["status"],
             f": {record['error']}" if record.get("error") else "",
             record.get("seconds", 0.0),
-            "" if journal else ", an earlier entry",
+            "" if journal else ", taken from the journal or the cache",
         )
         return True
 
