@@ -492,6 +492,20 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     diffs = explain.causes(
         manifest, explain.differences(manifest, cells, args.machine, newest), args.machine, newest
     )
+    trips = []
+    if args.as_globals:
+        plans = explain.globals_plans(manifest, diffs, args.machine, newest)
+        jobs = capped_jobs(options.jobs)
+        trips = lifecycle.run_sync(
+            lambda: verify(manifest, cells, args.machine, newest, plans, jobs, options.timeout)
+        )
+    failed = sum(t.status != "ok" or bool(t.left) for t in trips)
+    code = EXIT_CHANGED if failed else EXIT_OK
+    if args.json:
+        doc = explain.document(manifest, args.machine, newest, diffs)
+        doc["round_trips"] = None if not args.as_globals else [t.record() for t in trips]
+        print(json.dumps(doc, indent=1))
+        return code
     print(
         f"{args.machine} vs {newest} ({manifest.qemu.version}, {manifest.accel}, "
         f"-smp {manifest.topology}): {len(diffs)} difference(s), "
@@ -502,14 +516,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         for r in group.itertuples():
             why = f"{r.cause_kind}: {r.cause}" if r.cause_kind else "compat props not declared"
             print(f"  {r.prop}: {r.value} (newest: {r.newest_value})  [{why}]")
-    if not args.as_globals:
-        return EXIT_OK
-    plans = explain.globals_plans(manifest, diffs, args.machine, newest)
-    jobs = capped_jobs(options.jobs)
-    trips = lifecycle.run_sync(
-        lambda: verify(manifest, cells, args.machine, newest, plans, jobs, options.timeout)
-    )
-    failed = 0
     for t in trips:
         print(f"{t.model} on {newest}: " + " ".join(f"-global {g}" for g in t.globals))
         if t.status != "ok":
@@ -521,9 +527,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             )
         else:
             print(f"  round trip: equal to {args.machine}")
-        failed += t.status != "ok" or bool(t.left)
-    print(f"round trip: {len(trips) - failed}/{len(trips)} model(s) equal")
-    return EXIT_CHANGED if failed else EXIT_OK
+    if args.as_globals:
+        print(f"round trip: {len(trips) - failed}/{len(trips)} model(s) equal")
+    return code
 
 
 def _cmd_pin(args: argparse.Namespace) -> int:

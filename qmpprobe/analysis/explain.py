@@ -86,6 +86,20 @@ def _carried(manifest: Manifest, machine: str, newest: str) -> pd.DataFrame:
     return mine.merge(applying, on="qom_type").sort_values("pos")
 
 
+def document(manifest: Manifest, machine: str, newest: str, diffs: pd.DataFrame) -> dict[str, Any]:
+    """`explain --json`: the two machine types, the run's build, each difference."""
+    cols = ["model", "prop", "value", "newest_value", "cause_kind", "cause"]
+    return {
+        "machine": machine,
+        "newest": newest,
+        "qemu": manifest.qemu.version,
+        "accel": manifest.accel,
+        "topology": manifest.topology,
+        "differences": diffs[cols].astype(str).to_dict(orient="records"),
+        "models": int(diffs["model"].nunique()),
+    }
+
+
 def causes(manifest: Manifest, diffs: pd.DataFrame, machine: str, newest: str) -> pd.DataFrame:
     """The differences with `cause_kind` and `cause` (see `compat`)."""
     if not manifest.declares:

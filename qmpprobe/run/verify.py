@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pandas as pd
 
@@ -27,6 +28,17 @@ class RoundTrip:
     status: str
     error: str = ""
     left: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """As `explain --json` prints it: `left` as {prop: {value, with_globals}}."""
+        return {
+            "model": self.model,
+            "globals": list(self.globals),
+            "status": self.status,
+            "error": self.error,
+            "equal": self.status == "ok" and not self.left,
+            "left": {p: {"value": a, "with_globals": b} for p, (a, b) in sorted(self.left.items())},
+        }
 
 
 async def verify(
