@@ -379,7 +379,7 @@ class Diff:
     notes: list[str] = field(default_factory=list)
     #: Undeclared ABI changes and the entry that would restore the old value.
     restore: pd.DataFrame = field(default_factory=pd.DataFrame)
-    #: Machine types planned in both runs, in machine-type order (`drift.machine_order`).
+    #: Machine types either run planned, in machine-type order (`compared_order`).
     order: pd.DataFrame = field(default_factory=pd.DataFrame)
     #: `rows` with identical changes once (`CHANGE_COLUMNS`).
     changes: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CHANGE_COLUMNS))
@@ -575,11 +575,12 @@ def filtered_notes(rows: pd.DataFrame, a: Run, b: Run) -> pd.Series:
 
 
 def compared_order(a: Run, b: Run) -> pd.DataFrame:
-    """`machine_order` of the machine types both runs planned, with `pos`, each one's place
+    """`machine_order` of the machine types either run planned, with `pos`, each one's place
     in its family among them (what a range of machine types counts on)."""
-    order = machine_order(a.manifest.machines)
-    both = set(a.combos["machine"].astype(str)) & set(b.combos["machine"].astype(str))
-    order = order[order["machine"].isin(both)].reset_index(drop=True)
+    known = {m["name"]: m for m in [*b.manifest.machines, *a.manifest.machines]}
+    order = machine_order(list(known.values()))
+    planned = set(a.combos["machine"].astype(str)) | set(b.combos["machine"].astype(str))
+    order = order[order["machine"].isin(planned)].reset_index(drop=True)
     return order.assign(pos=order.groupby("family").cumcount())
 
 
@@ -635,6 +636,8 @@ def _change_text(prop: str, old: str, new: str) -> tuple[str, str, str]:
         return text or "same elements, another order", added, removed
     if prop.startswith(GUEST_PREFIX) and old.isdigit() and new.isdigit():
         return decode(prop, old, new), "", ""
+    if not old and not new:
+        return "", "", ""  # what only one run planned: the kind says it all
     return f"{old or '(none)'} → {new or '(none)'}", "", ""
 
 
@@ -733,21 +736,35 @@ def group_changes(rows: pd.DataFrame, order: pd.DataFrame) -> pd.DataFrame:
 def change_line(c: Mapping[str, Any], many: int = 4) -> str:
     """One grouped change as a line: kind, property (name), change, models, machine types,
     note."""
-    name = f" ({c['name']})" if c["name"] else ""
+    what = c["prop"] + (f" ({c['name']})" if c["name"] else "")
+    text = ": ".join(x for x in (c["kind"], what, c["change"]) if x)
     models = c["models"] if int(c["n_models"]) <= many else f"{c['n_models']} models"
-    where = f" on {models}" if models and models != "*" else ""
-    machines = f" at {c['machines']}" if c["machines"] and c["machines"] != "*" else ""
-    note = f" [{c['note']}]" if c["note"] else ""
-    return f"{c['kind']}: {c['prop']}{name}: {c['change']}{where}{machines}{note}"
+    if models and models != "*":
+        text += f" on {models}"
+    if c["machines"] and c["machines"] != "*":
+        text += f" at {c['machines']}"
+    return text + (f" [{c['note']}]" if c["note"] else "")
 
 
-def change_lines(d: Diff, limit: int = 20) -> list[str]:
-    """The grouped changes as lines, breaking kinds first, at most `limit` of them."""
-    records = d.changes.to_dict(orient="records")
-    lines = [change_line(c) for c in records[:limit]]
-    if len(records) > limit:
-        lines.append(f"… {len(records) - limit} more change(s) in changes.csv")
+def change_lines(d: Diff, limit: int = 20, few: int = 3) -> list[str]:
+    """The grouped changes as lines: each breaking one (at most `limit`), then each other
+    one of a kind that has at most `few`, else that kind in one line."""
+    c = d.changes
+    breaking = c[c["kind"].isin(BREAKS)].to_dict(orient="records")
+    lines = [change_line(r) for r in breaking[:limit]]
+    if len(breaking) > limit:
+        lines.append(f"… {len(breaking) - limit} more breaking change(s) in changes.csv")
+    for kind, g in c[~c["kind"].isin(BREAKS)].groupby("kind", sort=False):
+        if len(g) <= few:
+            lines += [change_line(r) for r in g.to_dict(orient="records")]
+        else:
+            props = ", ".join(g["prop"].head(few)) + ", …"
+            lines.append(f"{kind}: {len(g)} changes ({props}): see changes.csv")
     return lines
+
+
+def _changes(n: int) -> str:
+    return "1 change" if n == 1 else f"{n} changes"
 
 
 def summary(d: Diff) -> str:
@@ -755,7 +772,7 @@ def summary(d: Diff) -> str:
     grouped = d.changes["kind"].value_counts()
     counts = (
         ", ".join(
-            f"{n} {k}" + (f" ({grouped[k]} changes)" if grouped.get(k, n) != n else "")
+            f"{n} {k}" + (f" ({_changes(grouped[k])})" if grouped.get(k, n) != n else "")
             for k, n in d.counts().items()
         )
         or "no differences"
