@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_diff_rules import run
 
+from qmpprobe.analysis import diff
 from qmpprobe.core.cpuid import set_bits
 from qmpprobe.core.xsave import BITMAPS, COMPONENTS, component
+from qmpprobe.report.junit import junit_xml
 
 from conftest import REPO, cli, fetched, learned_cache, manifest, qemu_path, qom_read_many
 
@@ -279,3 +282,38 @@ def test_cascadelake_72_to_111_is_one_noted_change(tmp_path: Path) -> None:
     assert change["machines"] == "pc-q35-6.2 … 7.2"
     assert change["note"] == "follows avx512f, filtered in both builds"
     assert f"abi-change: {AVX512} (XSAVE AVX-512 opmask" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_line_copied_from_diff_csv_under_an_older_header(
+    diffed: Path, baseline: Path, candidate: Path, tmp_path: Path
+) -> None:
+    """diff.csv's appended columns (name, note) do not shift an accept file of the older
+    columns: the copied line accepts exactly its row."""
+    lines = (diffed / "diff.csv").read_text().splitlines()
+    row = next(line for line in lines if "follows avx512f" in line)
+    accept = tmp_path / "accept.csv"
+    accept.write_text("kind,accel,machine,model,prop,old,new,compat\n" + row + "\n")
+    out = tmp_path / "diff"
+    done = cli("diff", str(baseline), str(candidate), "--out", str(out), "--accept", str(accept))
+    assert done.returncode == 1, done.stderr
+    rows = read(out / "diff.csv")
+    accepted = rows[rows["kind"] == "accepted"]
+    assert len(accepted) == 1 and ",".join(accepted.iloc[0][:4]) == ",".join(
+        ["accepted", *row.split(",")[1:4]]
+    )
+
+
+def test_junit_of_hostile_names_is_well_formed(tmp_path: Path) -> None:
+    """Names from QEMU land in attributes and text as XML: markup, quotes and control
+    characters (which XML cannot hold at all) read back as text."""
+    hostile = 'pc-q35-<b a="1">&\x01-2.0'
+    machines = ("pc-q35-1.0", hostile)
+    a = run("a", [(m, 'Has"well<', "f16c", False) for m in machines], machines=machines)
+    b = run("b", [(m, 'Has"well<', "f16c", True) for m in machines], machines=machines)
+    d = diff.compare(a, b)
+    root = ET.fromstring(junit_xml(d))
+    cases = root.findall("testsuite/testcase")
+    assert [c.get("name") for c in cases] == ["pc-q35-1.0", 'pc-q35-<b a="1">&\\x01-2.0']
+    failure = cases[1].find("failure")
+    assert failure is not None and 'Has"well<' in (failure.text or "")

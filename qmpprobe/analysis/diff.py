@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from qmpprobe.core.cpuid import decode, set_bits
 from qmpprobe.core.vocab import BIT_PREFIX, GUEST_PREFIX
 from qmpprobe.core.xsave import component_name, enabled_by
 from qmpprobe.errors import InputError
-from qmpprobe.store.csvfile import read_csv
+from qmpprobe.store.csvfile import unguard_frame
 from qmpprobe.store.folder import RunFolder
 from qmpprobe.store.manifest import Manifest
 
@@ -338,8 +339,12 @@ def inventory_rows(a: Run, b: Run) -> pd.DataFrame:
 def read_accepted(path: str | Path) -> pd.DataFrame:
     """An accept file: diff.csv's columns, each cell a shell glob (empty matches anything)."""
     try:
-        # Lines copied from diff.csv carry its formula guard (a leading `'`): taken off.
-        df = read_csv(path)
+        # Lines copied from diff.csv carry its formula guard (a leading `'`): taken off. They
+        # also carry its appended columns (`name`, `note`): under an older header (no such
+        # columns) those are dropped, not taken for an index that shifts every column.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            df = unguard_frame(pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False))
     except (OSError, ValueError) as e:
         raise InputError(f"--accept {path}: {e}") from None
     # `compat` came later: accept files written before it still work.
