@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_diff_rules import run
+from test_diff_rules import run as handmade_run
 
 from qmpprobe.analysis import diff
 from qmpprobe.core.cpuid import set_bits
@@ -309,8 +309,8 @@ def test_junit_of_hostile_names_is_well_formed(tmp_path: Path) -> None:
     characters (which XML cannot hold at all) read back as text."""
     hostile = 'pc-q35-<b a="1">&\x01-2.0'
     machines = ("pc-q35-1.0", hostile)
-    a = run("a", [(m, 'Has"well<', "f16c", False) for m in machines], machines=machines)
-    b = run("b", [(m, 'Has"well<', "f16c", True) for m in machines], machines=machines)
+    a = handmade_run("a", [(m, 'Has"well<', "f16c", False) for m in machines], machines=machines)
+    b = handmade_run("b", [(m, 'Has"well<', "f16c", True) for m in machines], machines=machines)
     d = diff.compare(a, b)
     root = ET.fromstring(junit_xml(d))
     cases = root.findall("testsuite/testcase")
