@@ -659,8 +659,8 @@ def _same(values: pd.Series) -> str:
     return str(values.iloc[0]) if values.nunique() == 1 else "varies"
 
 
-def _joined(values: pd.Series, sep: str = " ") -> str:
-    return sep.join(sorted(set(values) - {""}))
+def _joined(values: pd.Series) -> str:
+    return " ".join(sorted(set(values) - {""}))
 
 
 def _bit_list(bits: Sequence[int]) -> str:
@@ -683,22 +683,23 @@ def _names(values: pd.Series) -> str:
 
 
 def group_changes(rows: pd.DataFrame, order: pd.DataFrame) -> pd.DataFrame:
-    """Identical changes once (`CHANGE_COLUMNS`): one row per kind, property, change and
-    note, with the models and machine types (`machine_ranges`) it hits; then the bits of one
-    feature word that change alike on the same combos in one row
+    """Identical changes once (`CHANGE_COLUMNS`): one row per kind, property, change, note
+    and compat entry, with the models and machine types (`machine_ranges`) it hits; then
+    the bits of one feature word that change alike on the same combos in one row
     (`feature-words:0x0000000d:0:eax:5-7`)."""
     if rows.empty:
         return pd.DataFrame(columns=CHANGE_COLUMNS)
     r = rows.merge(change_texts(rows), on=["prop", "old", "new"], how="left")
     one = (
-        r.groupby(["kind", "prop", "change", "note"], sort=False)
+        # The compat entry too: a change a declared entry covers on some machine types and
+        # none on others (a forgotten one) is two changes.
+        r.groupby(["kind", "prop", "change", "note", "compat"], sort=False)
         .agg(
             name=("name", "first"),
             old=("old", _same),
             new=("new", _same),
             added=("added", "first"),
             removed=("removed", "first"),
-            compat=("compat", lambda v: _joined(v, "; ")),
             models=("model", _joined),
             n_models=("model", "nunique"),
             n_machines=("machine", "nunique"),
