@@ -532,10 +532,10 @@ def names(props: pd.Series, a: Run, b: Run) -> pd.Series:
     return props.map({p: name(p) for p in props.unique()})
 
 
-def _combo_bits(run: Run, prop: str) -> pd.DataFrame:
-    """`machine, model, bit`: the bits set in each combo's feature-word list `prop`."""
+def _combo_bits(run: Run, prop: str, combos: pd.DataFrame) -> pd.DataFrame:
+    """`machine, model, bit`: the bits set in the feature-word list `prop` of `combos`."""
     c = run.cells
-    sel = c[c["prop"] == prop][["machine", "model", "value"]].astype(str)
+    sel = c[c["prop"] == prop][["machine", "model", "value"]].astype(str).merge(combos)
     # Many combos share one value: each distinct one decoded once.
     decoded = {v: set_bits(json.loads(v)) for v in sel["value"].unique()}
     out = sel.assign(bit=sel["value"].map(decoded)).explode("bit").dropna(subset=["bit"])
@@ -543,8 +543,10 @@ def _combo_bits(run: Run, prop: str) -> pd.DataFrame:
 
 
 def _has_bits(wanted: pd.DataFrame, run: Run, prop: str) -> np.ndarray:
+    """Whether each (machine, model, bit) of `wanted` is set in that combo's `prop`."""
     key = ["machine", "model", "bit"]
-    found = wanted.merge(_combo_bits(run, prop).assign(hit=True), on=key, how="left")
+    combos = wanted[["machine", "model"]].drop_duplicates()
+    found = wanted.merge(_combo_bits(run, prop, combos).assign(hit=True), on=key, how="left")
     hit: np.ndarray = found["hit"].eq(True).to_numpy()
     return hit
 
