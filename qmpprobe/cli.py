@@ -59,7 +59,9 @@ def _guest_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _diff_args(p: argparse.ArgumentParser, default_out: str) -> None:
-    p.add_argument("--out", help=f"where diff.csv/json/md/html go (default: {default_out})")
+    p.add_argument(
+        "--out", help=f"where diff.csv, changes.csv, diff.json/md/html go (default: {default_out})"
+    )
     p.add_argument(
         "--unreleased",
         action="append",
