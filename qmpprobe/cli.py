@@ -127,7 +127,9 @@ def _guest_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _diff_args(p: argparse.ArgumentParser, default_out: str) -> None:
-    p.add_argument("--out", help=f"where diff.csv/json/md/html go (default: {default_out})")
+    p.add_argument(
+        "--out", help=f"where diff.csv, changes.csv, diff.json/md/html go (default: {default_out})"
+    )
     p.add_argument(
         "--unreleased",
         action="append",
@@ -137,6 +139,8 @@ def _diff_args(p: argparse.ArgumentParser, default_out: str) -> None:
     )
     p.add_argument("--accept", metavar="FILE", help="CSV of known, accepted changes (globs)")
     p.add_argument("--cross-host", action="store_true", help="compare KVM runs of two hosts")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML: a test per machine type")
+    p.add_argument("--json", action="store_true", help="print one JSON document, not the lines")
 
 
 JOBS_HELP = "QEMUs at once (default: cores + 1; capped by free memory and open files)"
@@ -439,16 +443,28 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _diff_and_write(run_a: str, run_b: str, args: argparse.Namespace, out: str) -> int:
+def _diff_and_write(
+    run_a: str, run_b: str, args: argparse.Namespace, out: str, probed: Sequence[str] = ()
+) -> int:
     from qmpprobe.analysis import diff
-    from qmpprobe.report.report import write_diff
+    from qmpprobe.report.junit import junit_xml
+    from qmpprobe.report.report import printed_doc, write_diff
+    from qmpprobe.store.folder import atomic_write
 
     accepted = diff.read_accepted(args.accept) if args.accept else None
     a, b = diff.Run.load(run_a), diff.Run.load(run_b)
     result = diff.compare(a, b, args.unreleased, args.cross_host, accepted)
     files = write_diff(result, out)
-    print(diff.summary(result))
-    print(f"diff: {files[0]}")
+    if args.junit:
+        atomic_write(Path(args.junit), junit_xml(result))
+        files.append(Path(args.junit))
+    if args.json:
+        print(json.dumps(printed_doc(result, files, list(probed)), indent=1, ensure_ascii=False))
+    else:
+        print(diff.summary(result))
+        for line in diff.change_lines(result):
+            print(f"  {line}")
+        print(f"diff: {files[0]}")
     return EXIT_CHANGED if len(result.breaks) else EXIT_OK
 
 
@@ -468,8 +484,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     progress = _drawn()
     baseline = _options(args, qemu=args.baseline, out=str(out / "baseline"), progress=progress)
     candidate = _options(args, qemu=args.candidate, out=str(out / "candidate"), progress=progress)
-    lifecycle.check([baseline, candidate], lambda outcome: print(lifecycle.summary(outcome)))
-    return _diff_and_write(str(out / "baseline"), str(out / "candidate"), args, str(out))
+    # With --json, stdout is one JSON document: the runs' lines go into it.
+    probed: list[str] = []
+    say = probed.append if args.json else print
+    lifecycle.check([baseline, candidate], lambda outcome: say(lifecycle.summary(outcome)))
+    return _diff_and_write(str(out / "baseline"), str(out / "candidate"), args, str(out), probed)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,14 +28,26 @@ from qmpprobe.analysis.drift import (
     machine_order,
     requested,
 )
+from qmpprobe.core.cpuid import decode, set_bits
 from qmpprobe.core.vocab import BIT_PREFIX, GUEST_PREFIX
+from qmpprobe.core.xsave import component_name, enabled_by
 from qmpprobe.errors import InputError
-from qmpprobe.store.csvfile import read_csv
+from qmpprobe.store.csvfile import unguard_frame
 from qmpprobe.store.folder import RunFolder
 from qmpprobe.store.manifest import Manifest
 
 SCHEMA = 1
 COLUMNS = ["kind", "accel", "machine", "model", "prop", "old", "new", "compat"]
+#: diff.csv: `COLUMNS`, then what a reader needs to triage a row (appended: old readers of
+#: the first columns still work).
+CSV_COLUMNS = [*COLUMNS, "name", "note"]
+#: changes.csv: identical changes once (see `group_changes`).
+CHANGE_COLUMNS = [
+    "kind", "prop", "name", "change", "old", "new", "added", "removed", "note", "compat",
+    "models", "machines", "n_models", "n_machines", "rows",
+]  # fmt: skip
+#: Properties whose value is a list (`unavailable-features` rows hold the names space-separated).
+LIST_PROPS = ("unavailable-features", "filtered-features")
 ABI, UNSAFE, NEW_FEATURE = "abi-change", "unsafe-model-change", "new-feature-enabled"
 UNSHIPPED, UNVERSIONED = "unshipped-change", "unversioned-change"
 NEW_PROP, REMOVED_PROP = "new-prop", "removed-prop"
@@ -326,8 +339,12 @@ def inventory_rows(a: Run, b: Run) -> pd.DataFrame:
 def read_accepted(path: str | Path) -> pd.DataFrame:
     """An accept file: diff.csv's columns, each cell a shell glob (empty matches anything)."""
     try:
-        # Lines copied from diff.csv carry its formula guard (a leading `'`): taken off.
-        df = read_csv(path)
+        # Lines copied from diff.csv carry its formula guard (a leading `'`): taken off. They
+        # also carry its appended columns (`name`, `note`): under an older header (no such
+        # columns) those are dropped, not taken for an index that shifts every column.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            df = unguard_frame(pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False))
     except (OSError, ValueError) as e:
         raise InputError(f"--accept {path}: {e}") from None
     # `compat` came later: accept files written before it still work.
@@ -367,11 +384,22 @@ class Diff:
     notes: list[str] = field(default_factory=list)
     #: Undeclared ABI changes and the entry that would restore the old value.
     restore: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: Machine types either run planned, in machine-type order (`compared_order`).
+    order: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: `rows` with identical changes once (`CHANGE_COLUMNS`).
+    changes: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CHANGE_COLUMNS))
 
     @property
     def breaks(self) -> pd.DataFrame:
         """Rows that fail the check."""
         return self.rows[self.rows["kind"].isin(BREAKS)]
+
+    @property
+    def tested(self) -> list[str]:
+        """Shipped machine types the baseline probed, in machine-type order."""
+        order = machine_order(self.a.manifest.machines)
+        probed = set(self.a.combos["machine"].astype(str))
+        return [m for m in order["machine"] if m in self.shipped and m in probed]
 
     def counts(self) -> dict[str, int]:
         """Rows per kind, in `KINDS` order."""
@@ -406,12 +434,17 @@ def compare(
     )
     rows, restore = covered(rows.reset_index(drop=True), b)
     rows = apply_accepted(rows, accepted if accepted is not None else pd.DataFrame(columns=COLUMNS))
+    rows = rows.assign(name=names(rows["prop"], a, b), note=filtered_notes(rows, a, b))
+    order = compared_order(a, b)
     if a.manifest.accel == "kvm" and a.manifest.host_fingerprint != b.manifest.host_fingerprint:
         notes.append(
             "KVM runs from different hosts (--cross-host): host differences show up "
             "as capability and status changes, not as QEMU's."
         )
-    return Diff(a, b, rows, shipped, list(unreleased), cross_host, notes, restore)
+    return Diff(
+        a, b, rows, shipped, list(unreleased), cross_host, notes, restore, order,
+        group_changes(rows, order),
+    )  # fmt: skip
 
 
 def _without_guest(run: Run) -> Run:
@@ -477,9 +510,281 @@ def restore_entries(undeclared: pd.DataFrame, manifest: Manifest) -> pd.DataFram
     return out[RESTORE_COLUMNS].sort_values(["family", "qom_type", "property"])
 
 
+def flag_of_bit(a: Run, b: Run) -> dict[str, str]:
+    """CPUID bit → the flag QEMU names for it, as the builds learned it (the candidate's
+    name where both did)."""
+    out = {bit: flag for flag, bit in a.manifest.feature_bits.items()}
+    out.update({bit: flag for flag, bit in b.manifest.feature_bits.items()})
+    return out
+
+
+def names(props: pd.Series, a: Run, b: Run) -> pd.Series:
+    """A readable name of each `feature-words:` bit: the flag either build learned for it,
+    else the XSAVE state component it stands for; empty for the other properties."""
+    flags = flag_of_bit(a, b)
+
+    def name(prop: str) -> str:
+        if not prop.startswith(BIT_PREFIX):
+            return ""
+        bit = prop.removeprefix(BIT_PREFIX)
+        return flags.get(bit) or component_name(bit)
+
+    return props.map({p: name(p) for p in props.unique()})
+
+
+def _combo_bits(run: Run, prop: str, combos: pd.DataFrame) -> pd.DataFrame:
+    """`machine, model, bit`: the bits set in the feature-word list `prop` of `combos`."""
+    c = run.cells
+    sel = c[c["prop"] == prop][["machine", "model", "value"]].astype(str).merge(combos)
+    # Many combos share one value: each distinct one decoded once.
+    decoded = {v: set_bits(json.loads(v)) for v in sel["value"].unique()}
+    out = sel.assign(bit=sel["value"].map(decoded)).explode("bit").dropna(subset=["bit"])
+    return out[["machine", "model", "bit"]].drop_duplicates()
+
+
+def _has_bits(wanted: pd.DataFrame, run: Run, prop: str) -> np.ndarray:
+    """Whether each (machine, model, bit) of `wanted` is set in that combo's `prop`."""
+    key = ["machine", "model", "bit"]
+    combos = wanted[["machine", "model"]].drop_duplicates()
+    found = wanted.merge(_combo_bits(run, prop, combos).assign(hit=True), on=key, how="left")
+    hit: np.ndarray = found["hit"].eq(True).to_numpy()
+    return hit
+
+
+def filtered_notes(rows: pd.DataFrame, a: Run, b: Run) -> pd.Series:
+    """`follows F, filtered in both builds` for a changed XSAVE component whose feature F is
+    filtered (requested, not granted) for that combo in both runs and granted in neither:
+    the component changed, but no guest of either build can use it."""
+    flat = rows.reset_index(drop=True)
+    notes = pd.Series("", index=flat.index, dtype=object)
+    bits = flat["prop"].where(flat["prop"].str.startswith(BIT_PREFIX), "")
+    bits = bits.str.removeprefix(BIT_PREFIX)
+    uses = bits.map({x: list(enabled_by(x)) or None for x in bits.unique()})
+    wanted = flat[["machine", "model"]].assign(bit=uses).explode("bit").dropna(subset=["bit"])
+    if wanted.empty:
+        return pd.Series(notes.to_numpy(), index=rows.index)
+    wanted = wanted.reset_index()
+    wanted["filtered"] = _has_bits(wanted, a, "filtered-features") & _has_bits(
+        wanted, b, "filtered-features"
+    )
+    wanted["granted"] = _has_bits(wanted, a, "feature-words") | _has_bits(
+        wanted, b, "feature-words"
+    )
+    per = wanted.groupby("index")[["filtered", "granted"]].any()
+    hit = per.index[per["filtered"] & ~per["granted"]]
+    flags = flag_of_bit(a, b)
+    filtered = wanted[wanted["filtered"] & wanted["index"].isin(hit)]
+    text = filtered.groupby("index")["bit"].agg(
+        lambda s: "/".join(sorted({flags.get(x, x) for x in s}))
+    )
+    notes.loc[text.index] = "follows " + text + ", filtered in both builds"
+    return pd.Series(notes.to_numpy(), index=rows.index)
+
+
+def compared_order(a: Run, b: Run) -> pd.DataFrame:
+    """`machine_order` of the machine types either run planned, with `pos`, each one's place
+    in its family among them (what a range of machine types counts on)."""
+    known = {m["name"]: m for m in [*b.manifest.machines, *a.manifest.machines]}
+    order = machine_order(list(known.values()))
+    planned = set(a.combos["machine"].astype(str)) | set(b.combos["machine"].astype(str))
+    order = order[order["machine"].isin(planned)].reset_index(drop=True)
+    return order.assign(pos=order.groupby("family").cumcount())
+
+
+def _short(machine: str, family: str) -> str:
+    hit = VERSIONED.match(machine)
+    return hit["version"] if hit and hit["prefix"] == family else machine
+
+
+def machine_ranges(machines: Iterable[str], order: pd.DataFrame) -> str:
+    """Machine types in machine-type order, a run of 3 or more that are neighbours among
+    `order`'s family as `pc-q35-2.4 … 7.2`; names `order` lacks (`*`) at the end."""
+    names = set(machines)
+    hit = order[order["machine"].isin(names)]
+    # Neighbours share `pos - (their count so far)`: one range per family and value.
+    step = hit["pos"] - hit.groupby("family").cumcount()
+    parts = []
+    for (family, _), g in hit.groupby([hit["family"], step], sort=False):
+        first, last = g["machine"].iloc[0], g["machine"].iloc[-1]
+        if len(g) == 1:
+            parts.append(first)
+        elif len(g) == 2:
+            parts.append(f"{first}, {last}")
+        else:
+            parts.append(f"{first} … {_short(last, family)}")
+    parts += sorted(names - set(hit["machine"]))
+    return ", ".join(parts)
+
+
+def _items(prop: str, value: str) -> list[str] | None:
+    """The elements of a list value: names space-separated (`unavailable-features` rows) or
+    a JSON list of scalars; None for any other value."""
+    if prop in LIST_PROPS:
+        return value.split()
+    if not value.startswith("["):
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(parsed, list) or any(isinstance(x, list | dict) for x in parsed):
+        return None
+    return [x if isinstance(x, str) else json.dumps(x) for x in parsed]
+
+
+def _change_text(prop: str, old: str, new: str) -> tuple[str, str, str]:
+    """`(change, added, removed)`: a list's difference, or `old → new` (a guest CPUID
+    register with its named fields)."""
+    before, after = _items(prop, old), _items(prop, new)
+    if before is not None and after is not None:
+        added = " ".join(sorted(set(after) - set(before)))
+        removed = " ".join(sorted(set(before) - set(after)))
+        text = "; ".join(f"{w}: {x}" for w, x in (("added", added), ("removed", removed)) if x)
+        return text or "same elements, another order", added, removed
+    if prop.startswith(GUEST_PREFIX) and old.isdigit() and new.isdigit():
+        return decode(prop, old, new), "", ""
+    if not old and not new:
+        return "", "", ""  # what only one run planned: the kind says it all
+    return f"{old or '(none)'} → {new or '(none)'}", "", ""
+
+
+def change_texts(rows: pd.DataFrame) -> pd.DataFrame:
+    """`prop, old, new, change, added, removed` of each distinct change among `rows`."""
+    triples = rows[["prop", "old", "new"]].drop_duplicates()
+    texts = [_change_text(*t) for t in triples.itertuples(index=False)]
+    return triples.assign(
+        change=[t[0] for t in texts], added=[t[1] for t in texts], removed=[t[2] for t in texts]
+    )
+
+
+def _same(values: pd.Series) -> str:
+    return str(values.iloc[0]) if values.nunique() == 1 else "varies"
+
+
+def _joined(values: pd.Series) -> str:
+    return " ".join(sorted(set(values) - {""}))
+
+
+def _bit_list(bits: Sequence[int]) -> str:
+    """`0-2,5-7,9`."""
+    out, start = [], 0
+    for i in range(1, len(bits) + 1):
+        if i == len(bits) or bits[i] != bits[i - 1] + 1:
+            first, last = bits[start], bits[i - 1]
+            out.append(str(first) if first == last else f"{first}-{last}")
+            start = i
+    return ",".join(out)
+
+
+def _names(values: pd.Series) -> str:
+    named = [str(v) for v in values if v]
+    xsave = "XSAVE "
+    if len(named) > 1 and all(n.startswith(xsave) for n in named):
+        return xsave + ", ".join(n.removeprefix(xsave) for n in named)
+    return ", ".join(named)
+
+
+def group_changes(rows: pd.DataFrame, order: pd.DataFrame) -> pd.DataFrame:
+    """Identical changes once (`CHANGE_COLUMNS`): one row per kind, property, change, note
+    and compat entry, with the models and machine types (`machine_ranges`) it hits; then
+    the bits of one feature word that change alike on the same combos in one row
+    (`feature-words:0x0000000d:0:eax:5-7`)."""
+    if rows.empty:
+        return pd.DataFrame(columns=CHANGE_COLUMNS)
+    r = rows.merge(change_texts(rows), on=["prop", "old", "new"], how="left")
+    one = (
+        # The compat entry too: a change a declared entry covers on some machine types and
+        # none on others (a forgotten one) is two changes.
+        r.groupby(["kind", "prop", "change", "note", "compat"], sort=False)
+        .agg(
+            name=("name", "first"),
+            old=("old", _same),
+            new=("new", _same),
+            added=("added", "first"),
+            removed=("removed", "first"),
+            models=("model", _joined),
+            n_models=("model", "nunique"),
+            n_machines=("machine", "nunique"),
+            rows=("model", "size"),
+            machines=("machine", lambda m: machine_ranges(m, order)),
+        )
+        .reset_index()
+    )
+    word = one["prop"].str.extract(rf"^({BIT_PREFIX}0x[0-9a-f]+:\d+:[a-z]+):(\d+)$")
+    one["word"] = word[0].fillna(one["prop"])
+    one["bit"] = pd.to_numeric(word[1]).fillna(-1).astype(int)
+    same = ["kind", "word", "change", "note", "compat", "models", "machines"]
+    merged = (
+        one.sort_values("bit")
+        .groupby(same, sort=False)
+        .agg(
+            props=("prop", list),
+            bits=("bit", list),
+            name=("name", _names),
+            old=("old", "first"),
+            new=("new", "first"),
+            added=("added", "first"),
+            removed=("removed", "first"),
+            n_models=("n_models", "first"),
+            n_machines=("n_machines", "first"),
+            rows=("rows", "sum"),
+        )
+        .reset_index()
+    )
+    merged["prop"] = [
+        p[0] if len(p) == 1 else f"{w}:{_bit_list(b)}"
+        for p, w, b in zip(merged["props"], merged["word"], merged["bits"], strict=True)
+    ]
+    rank = {k: i for i, k in enumerate(KINDS)}
+    merged = merged.assign(rank=merged["kind"].map(rank), first=[b[0] for b in merged["bits"]])
+    merged = merged.sort_values(["rank", "word", "first", "change"], kind="stable")
+    return merged[CHANGE_COLUMNS].reset_index(drop=True)
+
+
+def change_line(c: Mapping[str, Any], many: int = 4) -> str:
+    """One grouped change as a line: kind, property (name), change, models, machine types,
+    note."""
+    what = c["prop"] + (f" ({c['name']})" if c["name"] else "")
+    text = ": ".join(x for x in (c["kind"], what, c["change"]) if x)
+    models = c["models"] if int(c["n_models"]) <= many else f"{c['n_models']} models"
+    if models and models != "*":
+        text += f" on {models}"
+    if c["machines"] and c["machines"] != "*":
+        text += f" at {c['machines']}"
+    return text + (f" [{c['note']}]" if c["note"] else "")
+
+
+def change_lines(d: Diff, limit: int = 20, few: int = 3) -> list[str]:
+    """The grouped changes as lines: each breaking one (at most `limit`), then each other
+    one of a kind that has at most `few`, else that kind in one line."""
+    c = d.changes
+    breaking = c[c["kind"].isin(BREAKS)].to_dict(orient="records")
+    lines = [change_line(r) for r in breaking[:limit]]
+    if len(breaking) > limit:
+        lines.append(f"… {len(breaking) - limit} more breaking change(s) in changes.csv")
+    for kind, g in c[~c["kind"].isin(BREAKS)].groupby("kind", sort=False):
+        if len(g) <= few:
+            lines += [change_line(r) for r in g.to_dict(orient="records")]
+        else:
+            props = ", ".join(g["prop"].head(few)) + ", …"
+            lines.append(f"{kind}: {len(g)} changes ({props}): see changes.csv")
+    return lines
+
+
+def _changes(n: int) -> str:
+    return "1 change" if n == 1 else f"{n} changes"
+
+
 def summary(d: Diff) -> str:
     """One line: counts per kind and the verdict."""
-    counts = ", ".join(f"{n} {k}" for k, n in d.counts().items()) or "no differences"
+    grouped = d.changes["kind"].value_counts()
+    counts = (
+        ", ".join(
+            f"{n} {k}" + (f" ({_changes(grouped[k])})" if grouped.get(k, n) != n else "")
+            for k, n in d.counts().items()
+        )
+        or "no differences"
+    )
     n = d.breaks["machine"].nunique()
     verdict = f"{n} shipped machine type(s) changed" if n else "no shipped machine type changed"
     line = f"{d.a.name} -> {d.b.name}: {counts}; {verdict}"

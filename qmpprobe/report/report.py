@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from qmpprobe.analysis import compat
 from qmpprobe.analysis.compat import DECLARED, UNDECLARED
-from qmpprobe.analysis.diff import BREAKS, COLUMNS, SCHEMA, Diff, Run, summary
+from qmpprobe.analysis.diff import BREAKS, CHANGE_COLUMNS, CSV_COLUMNS, SCHEMA, Diff, Run, summary
 from qmpprobe.analysis.drift import ALL_MODELS, MODEL, Drift, analyse
 from qmpprobe.core.cpuid import decode
 from qmpprobe.core.machines import with_order
@@ -360,7 +360,7 @@ def _write_compat(out: Path, manifest: Manifest, d: Drift) -> None:
     atomic_write(out / "dead_entries.csv", csv(d.dead))
 
 
-DIFF_FILES = ("diff.csv", "diff.json", "diff.md", "diff.html")
+DIFF_FILES = ("diff.csv", "changes.csv", "diff.json", "diff.md", "diff.html")
 
 
 def _side(run: Run) -> dict[str, Any]:
@@ -377,40 +377,76 @@ def _side(run: Run) -> dict[str, Any]:
     }
 
 
+def shown_change(c: dict[str, Any]) -> str:
+    """A grouped change as the pages show it: integers also in hex, lists as added/removed."""
+    plain = bool(c["added"] or c["removed"] or {c["old"], c["new"]} & {"", "varies"})
+    return str(c["change"]) if plain else _change(c["old"], c["new"], c["prop"])
+
+
+def diff_doc(d: Diff) -> dict[str, Any]:
+    """diff.json's document: both sides, the verdict, counts, grouped changes, every row."""
+    return {
+        "schema": SCHEMA,
+        "baseline": _side(d.a),
+        "candidate": _side(d.b),
+        "shipped": sorted(d.shipped),
+        "tested": d.tested,
+        "unreleased": d.unreleased,
+        "cross_host": d.cross_host,
+        "notes": d.notes,
+        "counts": d.counts(),
+        "changes_per_kind": {k: int(n) for k, n in d.changes["kind"].value_counts().items()},
+        "breaks": len(d.breaks),
+        "broken_machines": [m for m in d.order["machine"] if m in set(d.breaks["machine"])],
+        "summary": summary(d),
+        "restore": d.restore.to_dict(orient="records"),
+        "guest": d.a.manifest.guest_cpuid and d.b.manifest.guest_cpuid,
+        "changes": d.changes.to_dict(orient="records"),
+        "rows": d.rows.to_dict(orient="records"),
+    }
+
+
 def write_diff(d: Diff, out: str | Path) -> list[Path]:
-    """Write diff.csv, diff.json, diff.md and diff.html of a `diff.Diff` into `out`."""
+    """Write diff.csv, changes.csv, diff.json, diff.md and diff.html of a `diff.Diff` into
+    `out`."""
     folder = Path(out)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(folder)) from e
-    rows = d.rows
-    atomic_write(folder / "diff.csv", csvfile.csv_bytes(rows[COLUMNS]))
-    doc = {
-        "schema": SCHEMA,
-        "baseline": _side(d.a),
-        "candidate": _side(d.b),
-        "shipped": sorted(d.shipped),
-        "unreleased": d.unreleased,
-        "cross_host": d.cross_host,
-        "notes": d.notes,
-        "counts": d.counts(),
-        "breaks": len(d.breaks),
-        "summary": summary(d),
-        "restore": d.restore.to_dict(orient="records"),
-        "guest": d.a.manifest.guest_cpuid and d.b.manifest.guest_cpuid,
-        "rows": rows.to_dict(orient="records"),
-    }
+    atomic_write(folder / "diff.csv", csvfile.csv_bytes(d.rows[CSV_COLUMNS]))
+    atomic_write(folder / "changes.csv", csvfile.csv_bytes(d.changes[CHANGE_COLUMNS]))
+    doc = diff_doc(d)
     atomic_write(folder / "diff.json", (json.dumps(doc, indent=1) + "\n").encode())
-    groups = [(k, g.to_dict(orient="records")) for k, g in rows.groupby("kind", sort=False)]
+    changes = [{**c, "shown": shown_change(c)} for c in doc["changes"]]
+    groups = [(k, [c for c in changes if c["kind"] == k]) for k in doc["changes_per_kind"]]
     ctx = {
         "title": f"qmpprobe diff: QEMU {d.a.manifest.qemu.version} → "
         f"{d.b.manifest.qemu.version} ({d.a.manifest.accel}, -smp {d.a.manifest.topology})",
         "doc": doc,
-        "groups": groups,
+        "groups": sorted(groups, key=lambda g: list(doc["counts"]).index(g[0])),
         "breaks": BREAKS,
-        "hex": hex_text,
     }
     atomic_write(folder / "diff.html", escape.render("diff.html.j2", ctx).encode())
     atomic_write(folder / "diff.md", escape.render("diff.md.j2", ctx).encode())
     return [folder / f for f in DIFF_FILES]
+
+
+#: What `diff --json` / `check --json` print of diff.json's document (not every row).
+PRINTED = ("summary", "counts", "changes_per_kind", "breaks", "broken_machines", "tested",
+           "unreleased", "notes", "restore", "changes")  # fmt: skip
+
+
+def printed_doc(d: Diff, files: list[Path], probed: list[str]) -> dict[str, Any]:
+    """The one JSON document `--json` prints: the verdict, counts, breaks, grouped changes,
+    the runs probed (`check`) and the files written."""
+    doc = diff_doc(d)
+    verdict = "changed" if doc["breaks"] else "unchanged"
+    return {
+        "verdict": verdict,
+        **{k: doc[k] for k in PRINTED},
+        "baseline": doc["baseline"]["run"],
+        "candidate": doc["candidate"]["run"],
+        "probed": probed,
+        "files": [str(f) for f in files],
+    }
