@@ -234,6 +234,8 @@ class QemuProcess:
         self._inode = 0
         self._pipe: asyncio.ReadTransport | None = None
         self.ended: Ended | None = None
+        #: `record_traffic`: kept here, as the client is gone once QEMU is stopped.
+        self._traffic: list[str] = []
 
     @property
     def pid(self) -> int | None:
@@ -299,7 +301,7 @@ class QemuProcess:
         assert self._sock is not None
         self.client = _Client(self.name, readbuflen=READ_LIMIT)
         if _TRAFFIC:
-            self.client.traffic = []
+            self.client.traffic = self._traffic
         await self.client.connect(self._sock)
 
     async def execute(self, cmd: str, args: Mapping[str, Any] | None = None) -> Any:
@@ -318,7 +320,7 @@ class QemuProcess:
 
     def traffic(self) -> list[str]:
         """The QMP messages exchanged, `> ` sent and `< ` received (with `record_traffic`)."""
-        return list(self.client.traffic or []) if self.client else []
+        return list(self._traffic)
 
     def output(self) -> str:
         """The last bytes QEMU (or its wrapper) wrote to stdout/stderr (whole lines only, once

@@ -22,7 +22,7 @@ from qmpprobe.analysis.compat import DECLARED, UNDECLARED
 from qmpprobe.analysis.diff import BREAKS, CHANGE_COLUMNS, CSV_COLUMNS, SCHEMA, Diff, Run, summary
 from qmpprobe.analysis.drift import ALL_MODELS, MODEL, Drift, analyse
 from qmpprobe.core.cpuid import decode
-from qmpprobe.core.machines import with_order
+from qmpprobe.core.machines import ORDER, with_order
 from qmpprobe.core.vocab import GUEST_PREFIX
 from qmpprobe.report import escape, runs
 from qmpprobe.store import csvfile
@@ -414,7 +414,11 @@ def write_diff(d: Diff, out: str | Path) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(folder)) from e
-    atomic_write(folder / "diff.csv", csvfile.csv_bytes(d.rows[CSV_COLUMNS]))
+    # machine_order last (not beside machine, as elsewhere): --accept lines copied from
+    # diff.csv under an older header keep their columns, the extra fields dropped.
+    both = {m["name"]: m for m in [*d.b.manifest.machines, *d.a.manifest.machines]}
+    rows = with_order(d.rows[CSV_COLUMNS], list(both.values()))
+    atomic_write(folder / "diff.csv", csvfile.csv_bytes(rows[[*CSV_COLUMNS, ORDER]]))
     atomic_write(folder / "changes.csv", csvfile.csv_bytes(d.changes[CHANGE_COLUMNS]))
     doc = diff_doc(d)
     atomic_write(folder / "diff.json", (json.dumps(doc, indent=1) + "\n").encode())

@@ -1,0 +1,125 @@
+"""What every command does the same way (issue 18): the top-level help, usage hints naming the
+command at fault, -v/-vv/-q, a closed pipe, completion, fetch-qemu as a subcommand."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cli, fetched, qemu_path
+
+COMMANDS = (
+    *("run", "discover", "report", "diff", "check", "explain", "pin", "fleet", "export"),
+    *("fetch-qemu", "nightly", "completion"),
+)
+
+
+def test_top_level_help_lists_every_command_examples_and_exit_codes() -> None:
+    done = cli("--help", check=True)
+    listed = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("    ")]
+    assert tuple(c for c in listed if c in COMMANDS) == COMMANDS, done.stdout
+    assert "examples:" in done.stdout and "exit codes:" in done.stdout
+    for code in ("0  done", "1  changed", "2  bad input", "3  interrupted", "4  internal"):
+        assert code in done.stdout, code
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["run", "--bogus"], "see qmpprobe run -h"),
+        (["fleet", "add", "d", "r", "--bogus"], "see qmpprobe fleet add -h"),
+        (["check", "--baseline", "a"], "see qmpprobe check -h"),
+        (["nope"], "see qmpprobe -h"),
+        (["nightly", "--keep", "0"], "see qmpprobe nightly -h"),
+        (["fetch-qemu", "6.1"], "see qmpprobe fetch-qemu -h"),
+    ],
+)
+def test_usage_errors_name_the_command(argv: list[str], hint: str) -> None:
+    done = cli(*argv)
+    assert done.returncode == 2, done
+    assert done.stderr.count("\n") == 1 and f"({hint})" in done.stderr, done.stderr
+
+
+def test_a_closed_pipe_is_not_an_error() -> None:
+    """`qmpprobe discover --json | head -1`: the reader goes away; no message, exit 0."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    script = f"{sys.executable} -m qmpprobe discover --qemu {qemu_path()} --json | head -c 1"
+    done = subprocess.run(
+        ["bash", "-c", f"{script}; echo ${{PIPESTATUS[0]}} >&2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.stdout == "{"
+    assert done.stderr.strip() == "0", done.stderr
+
+
+def test_quiet_and_verbose(tmp_path: Path) -> None:
+    plan = ["--qemu", qemu_path(), "--machines", "pc-q35-7.2", "--models", "qemu64"]
+    quiet = cli("run", "-q", *plan, "--out", str(tmp_path / "q"), "--no-report", check=True)
+    assert quiet.stdout == "" and quiet.stderr == ""
+    loud = cli("-v", "run", *plan, "--out", str(tmp_path / "v"), "--no-report", check=True)
+    said = loud.stderr.splitlines()
+    assert any(line.startswith("qmpprobe: QEMU ") and "machine types" in line for line in said)
+    assert "qmpprobe: qemu64 on pc-q35-7.2: ok (" in loud.stderr
+    assert said[-1].startswith("qmpprobe: run took ") and said[-1].endswith(" s in all")
+    # The summary says probing's time and the whole command's, which is the longer.
+    summary = loud.stdout.splitlines()[-1]
+    probing = float(summary.split("probing ")[1].split(" s")[0])
+    whole = float(summary.split("; ")[-1].split(" s in all")[0])
+    assert whole >= probing, summary
+
+
+def test_vv_keeps_each_combos_qmp_traffic_in_its_journal_entry(tmp_path: Path) -> None:
+    out = tmp_path / "vv"
+    cli(
+        "-vv", "run", "--qemu", qemu_path(), "--machines", "pc-q35-7.2", "--models", "qemu64",
+        "--out", str(out), "--no-report", check=True,
+    )  # fmt: skip
+    entry = json.loads(
+        gzip.decompress((out / "raw" / "pc-q35-7.2" / "qemu64.json.gz").read_bytes())
+    )
+    traffic = entry["traffic"]
+    assert traffic[0].startswith("< ") and '"QMP"' in traffic[0], traffic[:2]  # the greeting
+    sent = [json.loads(t[2:]) for t in traffic if t.startswith("> ")]
+    assert sent[0]["execute"] == "qmp_capabilities", sent[0]
+    assert any(s.get("execute") == "query-cpus-fast" for s in sent)
+    # What QEMU answered is in the traffic as in the entry's answers.
+    got = [json.loads(t[2:]) for t in traffic if t.startswith("< ")]
+    cpus = entry["answers"]["query-cpus-fast"]["return"]
+    assert any(g.get("return") == cpus for g in got)
+    # A run without -vv keeps none.
+    plain = tmp_path / "plain"
+    cli("run", "--qemu", qemu_path(), "--machines", "pc-q35-7.2", "--models", "qemu64",
+        "--out", str(plain), "--no-report", check=True)  # fmt: skip
+    again = json.loads(
+        gzip.decompress((plain / "raw" / "pc-q35-7.2" / "qemu64.json.gz").read_bytes())
+    )
+    assert "traffic" not in again
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "tcsh"])
+def test_completion_scripts(shell: str) -> None:
+    done = cli("completion", shell, check=True)
+    # tcsh's completion names options without their dashes.
+    for word in ("fetch-qemu", "can-migrate", "guest-cpuid"):
+        assert word in done.stdout, (shell, word)
+    if shell == "bash":
+        syntax = subprocess.run(["bash", "-n"], input=done.stdout, capture_output=True, text=True)
+        assert syntax.returncode == 0, syntax.stderr
+
+
+@pytest.mark.slow
+def test_fetch_qemu_subcommand_runs_the_packaged_script(tmp_path: Path) -> None:
+    """`qmpprobe fetch-qemu` runs the same script as scripts/fetch-qemu; a release already
+    fetched (and verified) into --into is only checked and named again."""
+    wrapper = Path(fetched("10.0"))
+    done = cli("fetch-qemu", "10.0", "--into", str(wrapper.parents[1]), timeout=900, check=True)
+    assert done.stdout.strip() == str(wrapper)
+    bad = cli("fetch-qemu", "10.0", "--into", str(tmp_path / "a:b"), timeout=900)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "fetch-qemu 10.0: the folder path" in bad.stderr and "--library-path" in bad.stderr
