@@ -373,6 +373,21 @@ def assert_combos_equal_qom_get(run: Path, combos: list[tuple[str, str]]) -> Non
         assert not wrong, f"{machine}/{model}: {wrong}"
 
 
+def nightly(root: Path, date: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m qmpprobe.nightly` on the system QEMU (TCG, one CPU); `args` as given, run
+    arguments after `--`."""
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "qmpprobe.nightly", "--qemu", f"system={qemu_path()}"),
+            *("--accel", "tcg", "--smp", "1", "--root", str(root), "--date", date, *args),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def chromium() -> str:
     """Debian's Chromium, or skip (the HTML tests open reports in it, headless)."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")

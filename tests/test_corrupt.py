@@ -13,8 +13,6 @@ import gzip
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ import pytest
 from qmpprobe.cli import main
 from qmpprobe.nightly import previous_run
 
-from conftest import REPO, cli, in_process, learned_cache, qemu_path
+from conftest import cli, in_process, learned_cache, nightly, qemu_path
 
 #: explain needs a machine type and the newest of its family: q35's newest is in the small plan.
 EXPLAIN = "pc-q35-7.2"
@@ -461,30 +459,19 @@ def test_corrupted_cache_entries_are_probed_again(tmp_path: Path) -> None:
     assert m["from_cache"] == m["counts"]["ok"] + m["counts"]["error"]
 
 
-def nightly(root: Path, date: str) -> subprocess.CompletedProcess[str]:
-    """One night of one small run (and its diff against the night before)."""
-    plan = ["--machines", "pc-i440fx-2.3", "--models", "qemu64"]
-    return subprocess.run(
-        [
-            *(sys.executable, "-m", "qmpprobe.nightly", "--qemu", f"system={qemu_path()}"),
-            *("--accel", "tcg", "--smp", "1", "--root", str(root), "--date", date, "--", *plan),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+#: One night of one small run (and its diff against the night before).
+NIGHT_PLAN = ["--", "--machines", "pc-i440fx-2.3", "--models", "qemu64"]
 
 
 @pytest.mark.slow
 def test_nightly_without_a_verdict_is_not_a_pass(tmp_path: Path) -> None:
     """A nightly whose diff against the previous night is refused exits 2, not 0."""
     root = tmp_path / "nightly"
-    first = nightly(root, "2026-01-01")
+    first = nightly(root, "2026-01-01", *NIGHT_PLAN)
     assert first.returncode == 0, first.stdout + first.stderr
     (combos,) = (root / "2026-01-01").glob("system/*/combos.csv")
     combos.write_text(combos.read_text().splitlines()[0] + "\n")
-    done = nightly(root, "2026-01-02")
+    done = nightly(root, "2026-01-02", *NIGHT_PLAN)
     assert done.returncode == 2, done.stdout + done.stderr
     record = json.loads((root / "2026-01-02" / "night.json").read_text())
     (entry,) = record["runs"]

@@ -15,7 +15,7 @@ from qmpprobe.nightly import parse_qemus
 from qmpprobe.store.csvfile import read_csv
 from qmpprobe.store.folder import RunFolder
 
-from conftest import REPO, learned_cache, qemu_path
+from conftest import REPO, learned_cache, nightly, qemu_path
 
 
 def test_parse_qemus() -> None:
@@ -163,21 +163,6 @@ def test_names_of_binaries_never_become_paths() -> None:
 #: A small plan with three statuses: `ok`, `error` (no CPU without a machine's APIC: `none`)
 #: and `skipped` (`host` under TCG).
 TREND_PLAN = ["--machines", "pc-i440fx-7.*,none", "--models", "Haswell,Haswell-v4,host"]
-
-
-def nightly(root: Path, date: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m qmpprobe.nightly` on the system QEMU (TCG, one CPU); `args` as given, run
-    arguments after `--`."""
-    return subprocess.run(
-        [
-            *(sys.executable, "-m", "qmpprobe.nightly", "--qemu", f"system={qemu_path()}"),
-            *("--accel", "tcg", "--smp", "1", "--root", str(root), "--date", date, *args),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.mark.slow
