@@ -58,6 +58,7 @@ from qmpprobe.run.manifest import journal_key
 from qmpprobe.run.options import RunOptions
 from qmpprobe.store import cache
 from qmpprobe.store.folder import RunFolder
+from qmpprobe.store.manifest import Manifest
 from qmpprobe.store.visibility import (
     CPUID_BIT,
     ENTRY,
@@ -108,22 +109,38 @@ class Boot:
 
 
 # -- which properties, which transitions (pure) ----------------------------------------------
-def transitions(folder: RunFolder) -> tuple[pd.DataFrame, Any]:
-    """The run's transitions (drift's rules; no compat attribution) and its manifest."""
+#: What decides which CPUID a model lets a guest read at all: its vendor (QEMU computes some
+#: leaves for one vendor only) and the highest basic and extended leaves.
+REACH = ("vendor", "level", "xlevel")
+
+
+def transitions(folder: RunFolder) -> tuple[pd.DataFrame, pd.DataFrame, Manifest]:
+    """The run's transitions (drift's rules, without compat attribution), each combo's
+    reach (`machine, model` and `REACH`, as the run read them) and the manifest."""
     m = folder.manifest(require_complete=True)
     cells = folder.read_cells()
     req = drift.requested(cells, m.feature_aliases, m.features, m.feature_bits)
     per_model, distinct = drift.changes(drift.along_families(req, machine_order(m.machines)))
-    return drift.transitions(per_model, distinct, m.accel), m
+    rows = req[req["prop"].isin(REACH)][["machine", "model", "prop", "value"]].astype(str)
+    reach = rows.pivot(index=["machine", "model"], columns="prop", values="value")
+    reach = reach.reindex(columns=list(REACH)).reset_index()
+    for col in ("level", "xlevel"):
+        reach[col] = pd.to_numeric(reach[col], errors="coerce").fillna(0)
+    reach["vendor"] = reach["vendor"].fillna("")
+    return drift.transitions(per_model, distinct, m.accel), reach, m
 
 
-def representatives(trans: pd.DataFrame, machines: Sequence[Mapping[str, Any]]) -> list[Case]:
-    """One transition per property, CPUID cells of the guest left out (they are what the
-    guest read): the newest machine type it changes on (version, then family), and there
-    the first model in name order."""
+def candidates(
+    trans: pd.DataFrame, reach: pd.DataFrame, machines: Sequence[Mapping[str, Any]]
+) -> dict[str, list[Case]]:
+    """Per property (the guest's own CPUID cells left out: they are what it read), the
+    transitions it is tested on: on the newest machine type it changes on (version, then
+    family), one model per vendor, the one whose CPUID reaches furthest (level, xlevel, then
+    name order); the furthest-reaching of them first. A property that acts on a leaf the
+    model lacks, or for one vendor only, shows only where the model has that leaf and vendor."""
     t = trans[~trans["prop"].astype(str).str.startswith(GUEST_PREFIX)]
     if t.empty:
-        return []
+        return {}
     order = machine_order(machines).set_index("machine")
     models = sorted(set(t["model"].astype(str)), key=natural_key)
     t = t.assign(
@@ -131,15 +148,18 @@ def representatives(trans: pd.DataFrame, machines: Sequence[Mapping[str, Any]]) 
         fam=t["to_machine"].map(order["family"]),
         rank=t["model"].map({m: i for i, m in enumerate(models)}),
     )
-    # Versions are tuples of ints: newest first, then family and model in their order.
-    t = t.sort_values(["prop", "fam", "rank"]).sort_values(
-        "version", ascending=False, kind="stable"
-    )
-    first = t.drop_duplicates("prop").sort_values("prop")
-    return [
-        Case(r.prop, r.to_machine, r.model, r.old, r.new)
-        for r in first[["prop", "to_machine", "model", "old", "new"]].itertuples(index=False)
-    ]
+    # Versions are tuples of ints: newest first (a stable sort keeps family order for ties).
+    by_age = t.sort_values(["prop", "fam"]).sort_values("version", ascending=False, kind="stable")
+    newest = by_age.drop_duplicates("prop")[["prop", "to_machine"]]
+    at = t.merge(newest, on=["prop", "to_machine"])
+    at = at.merge(reach, left_on=["to_machine", "model"], right_on=["machine", "model"])
+    at = at.sort_values(
+        ["prop", "level", "xlevel", "rank"], ascending=[True, False, False, True]
+    ).drop_duplicates(["prop", "vendor"])
+    found: dict[str, list[Case]] = {}
+    for r in at[["prop", "to_machine", "model", "old", "new"]].itertuples(index=False):
+        found.setdefault(r.prop, []).append(Case(r.prop, r.to_machine, r.model, r.old, r.new))
+    return found
 
 
 def bit_of(prop: str, bits: Mapping[str, str]) -> str | None:
@@ -173,20 +193,30 @@ def entry(case: Case, how: str, visible: bool | None, regs: Sequence[str] = (), 
 
 
 def verdict(case: Case, base: Boot, toggled: Boot) -> dict[str, Any]:
-    """Compare the two boots: equal dumps are `visible: false`, different ones true; a boot
-    that failed, or a value QEMU did not take, is `not-learned` with what QEMU said."""
+    """Compare the two boots: different dumps are `visible: true` (setting the property
+    changed what the guest reads), equal ones false; a boot that failed, or equal dumps where
+    QEMU did not take the value (realize decided another, a filtered flag), `not-learned`."""
     spelled = f"{case.prop}={qemu_value(case.old)}"
     for boot, how in ((base, "as probed"), (toggled, f"with {spelled}")):
         if boot.status != OK:
             return entry(case, NOT_LEARNED, None, error=f"{how}: {boot.error}")
+    regs = changed(Dump(base.dump), Dump(toggled.dump))
+    if regs:
+        return entry(case, TOGGLED, True, regs)
     took = toggled.values.get(case.prop)
     if took != case.old:
-        # -cpu took it, but realize (or a later setting) decided another value.
         return entry(case, NOT_LEARNED, None, error=f"with {spelled}: QEMU reads {took}")
     if base.values.get(case.prop) == case.old:
         return entry(case, NOT_LEARNED, None, error=f"as probed: QEMU reads {case.old} already")
-    regs = changed(Dump(base.dump), Dump(toggled.dump))
-    return entry(case, TOGGLED, bool(regs), regs)
+    return entry(case, TOGGLED, False)
+
+
+def combined(tried: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One property's verdict from its candidates' (furthest-reaching first): the first
+    that the guest sees, else the first it does not see, else the first not learned; with
+    the models tried."""
+    ranked = sorted(tried, key=lambda v: {True: 0, False: 1, None: 2}[v["visible"]])
+    return {**ranked[0], "tried": [v["model"] for v in tried]}
 
 
 def toggled_launch(launch: LaunchOptions, case: Case, qom_type: str) -> LaunchOptions:
@@ -292,8 +322,8 @@ class Learning:
 
     async def verdicts(self, cases: Sequence[Case], types: Mapping[str, str]) -> dict[Any, Boot]:
         """Boot each case's toggled combo, and once per (machine type, model) the combo as
-        probed (reading every property of its cases); `--jobs` at once. Keyed by property,
-        and by (machine, model) for the as-probed boots."""
+        probed (reading every property of its cases); `--jobs` at once. Keyed by case, and
+        by (machine, model) for the as-probed boots."""
         combos: dict[tuple[str, str], list[str]] = {}
         for c in cases:
             combos.setdefault((c.machine, c.model), []).append(c.prop)
@@ -304,7 +334,7 @@ class Learning:
 
         async def toggled(c: Case) -> None:
             launch = toggled_launch(self.launch, c, types.get(c.model, ""))
-            boots[c.prop] = await self.boot(launch, c.machine, c.model, (c.prop,))
+            boots[c] = await self.boot(launch, c.machine, c.model, (c.prop,))
 
         work = [partial(as_probed, k) for k in combos] + [partial(toggled, c) for c in cases]
         queue = list(reversed(work))
@@ -328,30 +358,45 @@ async def learn(
     learning: Learning,
     types: Mapping[str, str],
     use_cache: bool,
-) -> dict[str, dict[str, Any]]:
-    """The verdict of each case without a CPUID bit: from the shared cache, else booted."""
+) -> dict[Case, dict[str, Any]]:
+    """The verdict of each case: from the shared cache, else booted (and then cached)."""
     try:
         image = guest.image()
     except InputError as e:  # no nasm: nothing learned, and said so; the run stands
-        return {c.prop: entry(c, NOT_LEARNED, None, error=str(e)) for c in cases}
+        return {c: entry(c, NOT_LEARNED, None, error=str(e)) for c in cases}
     learning.launch = replace(learning.launch, firmware=image)
     firmware = Path(image).name
-    keys = {c.prop: cache_key(manifest, firmware, c) for c in cases}
-    found: dict[str, dict[str, Any]] = {}
+    keys = {c: cache_key(manifest, firmware, c) for c in cases}
+    found: dict[Case, dict[str, Any]] = {}
     for c in cases:
-        known = cache.load(KIND, keys[c.prop]) if use_cache else None
+        known = cache.load(KIND, keys[c]) if use_cache else None
         if isinstance(known, dict) and ENTRY(known) is None:
-            found[c.prop] = known
-    todo = [c for c in cases if c.prop not in found]
-    learning.from_cache = len(found)
+            found[c] = known
+    todo = [c for c in cases if c not in found]
+    learning.from_cache += len(found)
     boots = await learning.verdicts(todo, types)
     for c in todo:
-        base, toggled = boots[(c.machine, c.model)], boots[c.prop]
-        found[c.prop] = verdict(c, base, toggled)
+        base, toggled = boots[(c.machine, c.model)], boots[c]
+        found[c] = verdict(c, base, toggled)
         # What the machine caused (a timeout, a kill from outside) is asked again next time.
         if not (base.passing or toggled.passing):
-            cache.save(KIND, keys[c.prop], found[c.prop])
+            cache.save(KIND, keys[c], found[c])
     return found
+
+
+async def toggled_verdicts(
+    by_prop: Mapping[str, Sequence[Case]],
+    manifest: Mapping[str, Any],
+    learning: Learning,
+    types: Mapping[str, str],
+    use_cache: bool,
+) -> dict[str, dict[str, Any]]:
+    """Each property's verdict: its first candidate for all at once, then the others of the
+    properties the guest did not see there (most are seen on the first)."""
+    first = await learn([c[0] for c in by_prop.values()], manifest, learning, types, use_cache)
+    unseen = [c for cs in by_prop.values() if first[cs[0]]["visible"] is not True for c in cs[1:]]
+    found = {**first, **await learn(unseen, manifest, learning, types, use_cache)}
+    return {p: combined([found[c] for c in cs if c in found]) for p, cs in by_prop.items()}
 
 
 async def step(
@@ -365,16 +410,18 @@ async def step(
     visibility.json. Interrupted, it writes nothing (the run stays complete, its report
     writable) and what it learned stays in the cache."""
     started = time.monotonic()
-    trans, m = transitions(folder)
+    trans, reach, m = transitions(folder)
     aliases = {k: list(v) for k, v in m.feature_aliases.items()}
     bits = spelled_bits(dict(m.feature_bits), aliases)
-    cases = representatives(trans, m.machines)
-    props = {c.prop: bit_entry(c, b) for c in cases if (b := bit_of(c.prop, bits)) is not None}
-    toggles = [c for c in cases if c.prop not in props]
+    by_prop = candidates(trans, reach, m.machines)
+    props = {
+        p: bit_entry(cs[0], b) for p, cs in by_prop.items() if (b := bit_of(p, bits)) is not None
+    }
+    toggles = {p: cs for p, cs in by_prop.items() if p not in props}
     types = {str(x["name"]): str(x["typename"]) for x in m.models}
     learning = Learning(launch, options.jobs, options.timeout, options.retries, env)
     try:
-        props.update(await learn(toggles, manifest, learning, types, options.cache))
+        props.update(await toggled_verdicts(toggles, manifest, learning, types, options.cache))
     except asyncio.CancelledError:
         raise Interrupted(
             f"interrupted while learning what the guest sees: {folder.path} is complete "

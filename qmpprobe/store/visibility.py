@@ -45,7 +45,7 @@ ENTRY: Check = obj(
         "changed": NAMES,
         "error": STR,
     },
-    {"bit": STR, "new": STR},
+    {"bit": STR, "new": STR, "tried": NAMES},
 )
 #: The file: its entries are checked one by one (a bad one is left out, not the file).
 SHAPE: Check = obj(
