@@ -57,8 +57,10 @@ SHAPE: Check = obj(
 def read_visibility(path: str | Path) -> dict[str, dict[str, Any]]:
     """The verdicts of a run folder's visibility.json by property; {} when the file is
     missing, unreadable, of another schema or not its shape; malformed entries left out."""
+    where = Path(path) / VISIBILITY
     try:
-        doc = json.loads((Path(path) / VISIBILITY).read_bytes())
+        # Only a regular file: a FIFO or a device in its place would block the reader.
+        doc: Any = json.loads(where.read_bytes()) if where.is_file() else None
     except (OSError, ValueError, RecursionError):
         return {}
     if SHAPE(doc) is not None or doc["schema"] != VISIBILITY_SCHEMA:
