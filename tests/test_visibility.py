@@ -22,6 +22,10 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from qmpprobe.probe import guest
+from qmpprobe.probe.qemu import LaunchOptions
+from qmpprobe.run import lifecycle
+from qmpprobe.run import visibility as v
 from qmpprobe.store.visibility import ENTRY, SHAPE, VISIBILITY, read_visibility
 
 from conftest import REPO, cli, owned_pids, qemu_path, qom_read_all, signals_at_default
@@ -276,3 +280,26 @@ def test_a_malformed_entry_is_left_out_not_the_file(
     got = read_visibility(tmp_path)
     assert set(got) == set(doc["props"]) - {"check", "l3-cache"}
     assert got["model-id"] == doc["props"]["model-id"]
+
+
+def test_a_value_with_a_comma_is_set_as_a_global_and_seen() -> None:
+    """`-cpu` cannot spell a comma (QEMU 7.2 splits on it even doubled): such a value goes
+    as a `-global` of the model's type, which QEMU takes verbatim (qom-get reads it back)."""
+    launch = LaunchOptions(qemu_path(), "tcg", firmware=guest.image())
+    new = qom_read_all("pc-q35-7.2", "qemu64")["model-id"]
+    case = v.Case("model-id", "pc-q35-7.2", "qemu64", json.dumps("a,b c"), json.dumps(new))
+    toggled = v.toggled_launch(launch, case, "qemu64-x86_64-cpu")
+    argv = toggled.argv(case.machine, case.model)
+    assert argv[argv.index("-cpu") + 1] == "qemu64"
+    assert argv[argv.index("-global") + 1] == "qemu64-x86_64-cpu.model-id=a,b c"
+
+    async def both() -> tuple[v.Boot, v.Boot]:
+        env = dict(os.environ)
+        base = await v.boot(launch, case.machine, case.model, [case.prop], 60, env)
+        return base, await v.boot(toggled, case.machine, case.model, [case.prop], 60, env)
+
+    base, got = lifecycle.run_sync(both)
+    assert (base.values, got.values) == ({"model-id": case.new}, {"model-id": case.old})
+    e = v.verdict(case, base, got)
+    assert (e["how"], e["visible"]) == ("toggled", True)
+    assert {c.split(":")[2] for c in e["changed"]} <= {"0x80000002", "0x80000003", "0x80000004"}
