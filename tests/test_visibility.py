@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from qmpprobe.core.host import kvm_usable
 from qmpprobe.probe import guest
 from qmpprobe.probe.qemu import LaunchOptions
 from qmpprobe.run import lifecycle
@@ -169,6 +170,18 @@ def test_guest_visible_properties_name_the_registers_the_guest_reads_otherwise(
     assert want and e["changed"] == want
     if prop == "model-id":  # the brand string, leaves 0x80000002-4
         assert {c.split(":")[2] for c in want} <= {"0x80000002", "0x80000003", "0x80000004"}
+
+
+@pytest.mark.skipif(kvm_usable() is not None, reason=f"no KVM: {kvm_usable()}")
+def test_under_kvm_the_answer_is_the_accelerators(learned: dict[str, Any], tmp_path: Path) -> None:
+    """tcg-cpuid is TCG's own signature leaf (0x40000000): seen under TCG, not under KVM."""
+    assert read_visibility(learned["run"])["tcg-cpuid"]["visible"] is True
+    out = tmp_path / "run"
+    done = run(learned["qemu"], out, tmp_path / "cache", *PLAN, "--accel", "kvm")
+    assert done.returncode == 0, done.stderr
+    vis = read_visibility(out)
+    assert (vis["tcg-cpuid"]["how"], vis["tcg-cpuid"]["visible"]) == ("toggled", False)
+    assert vis["model-id"]["visible"] is True and vis["x-migrate-smi-count"]["visible"] is False
 
 
 # -- the cache ------------------------------------------------------------------------------
