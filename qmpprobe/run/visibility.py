@@ -36,6 +36,7 @@ tests/test_visibility.py: 15 boots, 1.0 s.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import tempfile
 import time
@@ -224,6 +225,12 @@ def combined(tried: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {**ranked[0], "tried": [v["model"] for v in tried]}
 
 
+def spellable(value: str) -> bool:
+    """Whether a value (JSON text) can be given to QEMU as a property's text: a scalar, not
+    null, a list or an object."""
+    return isinstance(json.loads(value), bool | int | float | str)
+
+
 def toggled_launch(launch: LaunchOptions, case: Case, qom_type: str) -> LaunchOptions:
     """The run's launch with the property at its older value: appended to `-cpu` (last wins),
     or, for a value with a comma (which `-cpu` cannot spell before QEMU 10), as a `-global`
@@ -371,14 +378,19 @@ async def learn(
         return {c: entry(c, NOT_LEARNED, None, error=str(e)) for c in cases}
     learning.launch = replace(learning.launch, firmware=image)
     firmware = Path(image).name
+    found = {
+        c: entry(c, NOT_LEARNED, None, error=f"{c.old} cannot be given to -cpu")
+        for c in cases
+        if not spellable(c.old)
+    }
+    cases = [c for c in cases if c not in found]
     keys = {c: cache_key(manifest, firmware, c) for c in cases}
-    found: dict[Case, dict[str, Any]] = {}
     for c in cases:
         known = cache.load(KIND, keys[c]) if use_cache else None
         if isinstance(known, dict) and ENTRY(known) is None:
             found[c] = known
     todo = [c for c in cases if c not in found]
-    learning.from_cache += len(found)
+    learning.from_cache += len(cases) - len(todo)
     boots = await learning.verdicts(todo, types)
     for c in todo:
         base, toggled = boots[(c.machine, c.model)], boots[c]
