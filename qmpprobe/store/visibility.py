@@ -70,5 +70,6 @@ def read_visibility(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def write_visibility(path: str | Path, doc: dict[str, Any]) -> None:
     """Write a run folder's visibility.json atomically (a reader never sees half of it)."""
-    text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+    # ASCII: a name QEMU spelled with a lone surrogate (\ud800 in its JSON) still writes.
+    text = json.dumps(doc, indent=1) + "\n"
     atomic_write(Path(path) / VISIBILITY, text.encode())
