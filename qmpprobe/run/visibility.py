@@ -82,9 +82,11 @@ log = logging.getLogger(__name__)
 METHOD = (
     "CPUID as the guest reads it (qmpprobe's firmware, at reset and in long mode): a feature "
     "flag with a CPUID bit learned by discovery is guest-visible by that bit; every other "
-    "drifting property is set back to its older value with -cpu on one machine type and model "
-    "where it changed, and the two guests' CPUID dumps compared. MSRs, timing and other guest "
-    "state are not compared: a property that changes no CPUID may still change those."
+    "drifting property is set back to its older value with -cpu on the newest machine type it "
+    "changed on, for one model per vendor (the one with the highest level, xlevel) until one "
+    "guest reads otherwise, and the guest's CPUID dumps compared with the run's own. MSRs, "
+    "timing and other guest state are not compared: a property that changes no CPUID may "
+    "still change those."
 )
 #: Cache kind of the verdicts (`store.cache`).
 KIND = "visibility"
@@ -111,7 +113,7 @@ class Boot:
     dump: str
     values: Mapping[str, str | None]
     #: The machine caused the failure (a timeout, a kill): not kept in the cache.
-    passing: bool = False
+    machine_caused: bool = False
 
 
 # -- which properties, which transitions (pure) ----------------------------------------------
@@ -303,7 +305,7 @@ async def boot(
 
 def _retried(boots: list[Boot], retries: int) -> bool:
     """Whether to boot once more: the last one failed because of the machine."""
-    return boots[-1].passing and len(boots) <= retries
+    return boots[-1].machine_caused and len(boots) <= retries
 
 
 @dataclass
@@ -396,7 +398,7 @@ async def learn(
         base, toggled = boots[(c.machine, c.model)], boots[c]
         found[c] = verdict(c, base, toggled)
         # What the machine caused (a timeout, a kill from outside) is asked again next time.
-        if not (base.passing or toggled.passing):
+        if not (base.machine_caused or toggled.machine_caused):
             cache.save(KIND, keys[c], found[c])
     return found
 
