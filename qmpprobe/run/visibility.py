@@ -235,8 +235,8 @@ def spellable(value: str) -> bool:
 
 def toggled_launch(launch: LaunchOptions, case: Case, qom_type: str) -> LaunchOptions:
     """The run's launch with the property at its older value: appended to `-cpu` (last wins),
-    or, for a value with a comma (which `-cpu` cannot spell before QEMU 10), as a `-global`
-    of the model's type, which takes the rest of the argument verbatim."""
+    or, for a value with a comma (which `-cpu` cannot spell: 7.2 and 11.1 split on it, doubled
+    or not), as a `-global` of the model's type, which takes the rest verbatim (both)."""
     value = qemu_value(case.old)
     if "," not in value:
         flags = ",".join(f for f in (launch.cpu_flags, f"{case.prop}={value}") if f)
@@ -443,8 +443,8 @@ async def step(
         props.update(await toggled_verdicts(toggles, manifest, learning, types, options.cache))
     except asyncio.CancelledError:
         raise Interrupted(
-            f"interrupted while learning what the guest sees: {folder.path} is complete "
-            f"without {VISIBILITY}; its report: qmpprobe report {folder.path} "
+            f"interrupted while learning what the guest sees: {folder.path} is complete, "
+            f"{VISIBILITY} not written; its report: qmpprobe report {folder.path} "
             f"(qmpprobe run --resume {folder.path} learns it)"
         ) from None
     finally:
