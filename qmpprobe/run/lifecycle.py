@@ -30,7 +30,7 @@ from qmpprobe.probe.qemu import (
     pidfd_reaping,
     record_traffic,
 )
-from qmpprobe.run import preflight
+from qmpprobe.run import preflight, visibility
 from qmpprobe.run.manifest import folder_name, new_manifest, options_from_manifest
 from qmpprobe.run.options import RunOptions
 from qmpprobe.run.progress import Progress
@@ -103,6 +103,8 @@ async def _execute(runner: Runner, options: RunOptions, started: float) -> Outco
             f"interrupted: {runner.folder.path} saved with pending combos; "
             f"resume with: qmpprobe run --resume {runner.folder.path}"
         )
+    if outcome.complete:  # before the report, which marks what the guest does not see
+        await visibility.step(runner.folder, runner.manifest, runner.launch, options, runner.env)
     return outcome
 
 
