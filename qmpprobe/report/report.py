@@ -28,6 +28,7 @@ from qmpprobe.report import escape, runs
 from qmpprobe.store import csvfile
 from qmpprobe.store.folder import RunFolder, atomic_write
 from qmpprobe.store.manifest import Manifest
+from qmpprobe.store.visibility import read_visibility
 
 
 def hex_text(value: str) -> str:
@@ -331,7 +332,7 @@ def write_report(path: str | Path) -> list[Path]:
     atomic_write(out / "runnability.csv", csv(d.runnability))
     atomic_write(out / "matrix.csv", csv(d.matrix))
     _write_compat(out, manifest, d)
-    ctx = context(manifest, combos, d)
+    ctx = context(manifest, combos, d, read_visibility(out))
     png = heatmap_png(d.distance, ctx["title"])
     atomic_write(out / "heatmap.png", png)
     ctx["heatmap"] = "data:image/png;base64," + base64.b64encode(png).decode()
