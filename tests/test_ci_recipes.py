@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -287,3 +288,42 @@ def test_gate_args_are_words_never_code(platform: str, tmp_path: Path) -> None:
     done = run_gate(platform, tmp_path / "open", {**env, "QMPPROBE_ARGS": "--models 'Haswell"})
     assert done.returncode == 2
     assert "QMPPROBE_ARGS cannot be split into words" in done.stderr
+
+
+# --- the README's variant: QEMU built at the merge base and at HEAD ----------------------------
+
+
+class GitLabLoader(yaml.SafeLoader):
+    """YAML as GitLab reads it: `!reference [job, key]` kept as the list it names."""
+
+
+GitLabLoader.add_constructor(
+    "!reference", lambda loader, node: ["!reference", *loader.construct_sequence(node)]
+)
+
+
+def readme_variants() -> list[Any]:
+    """The YAML blocks of the README's "CI recipes" section, parsed."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## CI recipes\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    return [yaml.load(textwrap.dedent(b), Loader=GitLabLoader) for b in blocks]
+
+
+def test_readme_variant_builds_both_qemus() -> None:
+    github, gitlab = readme_variants()
+    for env, commands in (
+        (github["env"], "\n".join(s.get("run", "") for s in github["steps"])),
+        (gitlab[JOB]["variables"], "\n".join(map(str, gitlab[JOB]["before_script"]))),
+    ):
+        assert env["BASELINE"] == "../qemu-base/build/qemu-system-x86_64"
+        assert env["CANDIDATE"] == "build/qemu-system-x86_64"
+        assert "git worktree add --detach ../qemu-base" in commands
+        assert commands.count("./configure --target-list=x86_64-softmmu && make") == 2
+    assert any(s.get("with", {}).get("fetch-depth") == 0 for s in github["steps"])
+    assert gitlab["include"] == [{"local": "ci/gitlab-ci.yml"}]
+    assert gitlab[JOB]["variables"]["GIT_DEPTH"] == 0
+    # The setup it takes back is the recipe's own.
+    setup = gitlab[JOB]["before_script"][0]
+    assert setup == ["!reference", ".qmpprobe-setup", "before_script"]
+    assert gitlab_config()[".qmpprobe-setup"]["before_script"]
