@@ -232,8 +232,14 @@ def test_gate_fails_on_the_ht_break_only(platform: str, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_gate_default_baseline_is_fetched_10_0(platform: str, tmp_path: Path) -> None:
-    q10()  # fetched already: `qmpprobe fetch-qemu 10.0` re-uses it
-    done = run_gate(platform, tmp_path, {"CANDIDATE": qemu_path(), "QMPPROBE_ARGS": PLAN})
+    q10()
+    # `qmpprobe fetch-qemu` keeps releases in $XDG_CACHE_HOME/qmpprobe-qemu: pointed at the
+    # checkout's .cache/qemu, where 10.0 is fetched already, it re-uses that (verified) copy.
+    xdg = tmp_path / "xdg"
+    xdg.mkdir()
+    (xdg / "qmpprobe-qemu").symlink_to(Q10.parent.parent)
+    env = {"CANDIDATE": qemu_path(), "QMPPROBE_ARGS": PLAN, "XDG_CACHE_HOME": str(xdg)}
+    done = run_gate(platform, tmp_path, env)
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "job" / "check" / "baseline" / "manifest.json").read_text())
     assert manifest["qemu"]["version"].startswith("10.0.")
