@@ -416,6 +416,24 @@ def test_published_reference_statuses_come_from_its_counts(dataset: Path) -> Non
     assert dict(got) == {k: v for k, v in ref["counts"].items() if v}
 
 
+def test_reference_of_today_with_machine_order_is_taken(tmp_path: Path) -> None:
+    """A reference published from a run of this version (runnability.csv with machine_order)
+    goes in as the ones before it did."""
+    run = tmp_path / "run"
+    cli("run", "-q", "--machines", "pc-q35-7.1,pc-q35-7.2", "--models", "qemu64,Haswell",
+        "--out", str(run), check=True)  # fmt: skip
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for name in ("manifest.json", "runnability.csv"):  # what publish-reference keeps of it
+        shutil.copy2(run / name, ref / name)
+    assert "machine_order" in (ref / "runnability.csv").read_text().splitlines()[0]
+    cli("fleet", "add", str(tmp_path / "ds"), str(ref), "--host", "today", check=True)
+    done = cli("fleet", "runnable", str(tmp_path / "ds"), "--machine", "pc-q35-7.2", "--json",
+               check=True)  # fmt: skip
+    got = {r["model"]: r["everywhere"] for r in json.loads(done.stdout)["runnable"]}
+    assert got == {"qemu64": True, "Haswell": False}, got
+
+
 # --- refused -----------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 
 from qmpprobe.analysis.diff import Run
 from qmpprobe.analysis.drift import canonical_names, runnability
+from qmpprobe.core.machines import ORDER
 from qmpprobe.core.vocab import ERROR, GUEST_PREFIX, OK, SKIPPED, TIMEOUT
 from qmpprobe.errors import InputError
 from qmpprobe.store.csvfile import read_csv
@@ -168,6 +169,11 @@ def from_reference(path: Path, host: str | None) -> Entry:
         df = read_csv(where)
     except (OSError, ValueError) as e:
         raise InputError(f"corrupted reference: {where}: {e}") from None
+    # runnability.csv carries machine_order after machine since qmpprobe 0.3 (issue 18).
+    if list(df.columns[1:3]) == ["machine", ORDER]:
+        if not df[ORDER].astype(str).str.fullmatch(r"-?[0-9]+").all():
+            raise InputError(f"corrupted reference: {where}: {ORDER} is not an integer")
+        df = df.drop(columns=[ORDER])
     if list(df.columns) != REFERENCE_COLUMNS:
         raise InputError(f"corrupted reference: {where}: columns are not {REFERENCE_COLUMNS}")
     df = df.astype(str)

@@ -257,12 +257,13 @@ def _facts(manifest: Manifest) -> list[tuple[str, str]]:
 
 def _headline(d: Drift, combos: pd.DataFrame) -> list[tuple[str, Any]]:
     t = d.transitions
-    families = runs.probed(d, combos).groupby("family", sort=False).size()
+    probed = runs.probed(d, combos)
+    families = probed[probed["versioned"]].groupby("family", sort=False).size()
     return [
-        ("machine types probed", len(runs.probed(d, combos))),
+        ("machine types probed", len(probed)),
         (
             "versioned families probed (machine types)",
-            ", ".join(f"{f} ({n})" for f, n in families.items() if n > 1 or "-" in f),
+            ", ".join(f"{f} ({n})" for f, n in families.items()),
         ),
         ("CPU models probed", combos["model"].nunique()),
         ("transition rows (one per model)", len(t)),
