@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
+import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -439,7 +441,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from qmpprobe.report.report import write_report
 
     for path in write_report(args.run):
-        print(path)
+        console.note(str(path))
     return EXIT_OK
 
 
@@ -461,14 +463,22 @@ def _diff_and_write(
     if args.json:
         print(json.dumps(printed_doc(result, files, list(probed)), indent=1, ensure_ascii=False))
     else:
-        print(diff.summary(result))
+        console.note(diff.summary(result))
         for line in diff.change_lines(result):
-            print(f"  {line}")
-        print(f"diff: {files[0]}")
+            console.note(f"  {line}")
+        console.note(f"diff: {files[0]}")
     return EXIT_CHANGED if len(result.breaks) else EXIT_OK
 
 
+def _check_junit(args: argparse.Namespace) -> None:
+    """`--junit FILE` is refused before anything is probed or written when its folder is
+    not there (after a whole check, a lost verdict)."""
+    if args.junit and not Path(args.junit).absolute().parent.is_dir():
+        raise InputError(f"--junit {args.junit}: {Path(args.junit).parent} is not a folder")
+
+
 def _cmd_diff(args: argparse.Namespace) -> int:
+    _check_junit(args)
     out = args.out or f"results/diff-{Path(args.run_a).name}--{Path(args.run_b).name}"
     return _diff_and_write(args.run_a, args.run_b, args, out)
 
@@ -485,8 +495,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     baseline = _options(args, qemu=args.baseline, out=str(out / "baseline"), progress=progress)
     candidate = _options(args, qemu=args.candidate, out=str(out / "candidate"), progress=progress)
     # With --json, stdout is one JSON document: the runs' lines go into it.
+    _check_junit(args)
     probed: list[str] = []
-    say = probed.append if args.json else print
+    say = probed.append if args.json else console.note
     lifecycle.check([baseline, candidate], lambda outcome: say(lifecycle.summary(outcome)))
     return _diff_and_write(str(out / "baseline"), str(out / "candidate"), args, str(out), probed)
 
@@ -495,15 +506,18 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from qmpprobe.analysis import explain
     from qmpprobe.run import lifecycle
     from qmpprobe.run.preflight import capped_jobs
-    from qmpprobe.run.verify import verify
+    from qmpprobe.run.verify import records, verify
     from qmpprobe.store.folder import RunFolder
 
     # Checked as every probing command's options are, before any QEMU starts (also with
     # --run: --as-globals probes).
     out = args.out or f"results/explain-{_stamp()}"
     options = _options(args, machines=args.machine, models=args.model, out=out, progress=_drawn())
+    probed = []
     if not args.run:
-        console.note(lifecycle.summary(lifecycle.explain_run(options, args.machine)))
+        probed.append(lifecycle.summary(lifecycle.explain_run(options, args.machine)))
+        if not args.json:  # --json: one document on stdout, the line inside it
+            console.note(probed[0])
     folder = RunFolder(args.run or out)
     manifest = folder.manifest(require_complete=True)
     newest = explain.pair(folder.path, manifest, folder.read_combos(), args.machine)
@@ -522,7 +536,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     code = EXIT_CHANGED if failed else EXIT_OK
     if args.json:
         doc = explain.document(manifest, args.machine, newest, diffs)
-        doc["round_trips"] = None if not args.as_globals else [t.record() for t in trips]
+        doc["probed"] = probed
+        doc["round_trips"] = records(trips) if args.as_globals else None
         print(json.dumps(doc, indent=1))
         return code
     print(
@@ -787,48 +802,78 @@ def attach_dash_values(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `qmpprobe` console script."""
     given = list(sys.argv[1:] if argv is None else argv)
-    if isinstance(sys.stdout, PipeSafe) is False:
+    if sys.stdout is not None and not isinstance(sys.stdout, PipeSafe):
         sys.stdout = PipeSafe(sys.stdout)
-    words = [a for a in given if not a.startswith("-")]
-    if words[:1] == ["nightly"]:  # its own options, parsed by qmpprobe.nightly
+    # Commands that start no QEMU (report, diff, export) stop on SIGTERM and SIGHUP as on
+    # Ctrl-C; those that do replace these with their own handlers while QEMUs run.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup` keeps SIGHUP ignored
+            signal.signal(sig, _stop)
+    at = _nightly_at(given)
+    if at is not None:  # its own options, parsed by qmpprobe.nightly
         from qmpprobe import nightly
 
-        at = given.index("nightly")
-        console.configure(_verbosity(given[:at]))
-        return nightly.main(given[at + 1 :])
+        rest = given[at + 1 :]
+        console.configure(_verbosity([*given[:at], *_leading_verbosity(rest)]))
+        return _guarded(lambda: nightly.main(_without_verbosity(rest)))
     parser = build_parser()
     args, extra = parser.parse_known_args(attach_dash_values(given))
     if extra:
         getattr(args, "parser_of_command", parser).error(
             f"unrecognized arguments: {' '.join(extra)}"
         )
-    console.configure(-1 if getattr(args, "quiet", False) else getattr(args, "verbose", 0))
+    console.configure(_verbosity(given))
     if console.verbosity() >= 2:
         from qmpprobe.run import lifecycle
 
         lifecycle.keep_traffic()
-    # Commands that start no QEMU (report, diff, export) stop on SIGTERM and SIGHUP as on
-    # Ctrl-C; those that do replace these with their own handlers while QEMUs run.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup` keeps SIGHUP ignored
-            signal.signal(sig, _stop)
     code = _command(args)
     # -v: the whole command, from the process's start (Python and imports included).
     console.log.info("%s took %.1f s in all", args.command, console.seconds_since_start())
     return code
 
 
-def _verbosity(options: Sequence[str]) -> int:
-    """-v/-vv/-q given before `nightly`."""
-    if "-q" in options or "--quiet" in options:
+#: -v, -vv, -q as a token (`-qv` and `-vq` too); what argparse takes them as.
+_VERBOSITY = re.compile(r"-[vq]+|--verbose|--quiet")
+
+
+def _verbosity(tokens: Sequence[str]) -> int:
+    """-1 for -q; else how many -v, given before and after the command alike (argparse keeps
+    only the last place's count); tokens after `--` are not qmpprobe's."""
+    mine = list(itertools.takewhile(lambda t: t != "--", tokens))
+    flags = [t for t in mine if _VERBOSITY.fullmatch(t)]
+    if any("q" in t and not t.startswith("--v") for t in flags):
         return -1
-    return sum(a.count("v") for a in options if a.startswith("-v")) + options.count("--verbose")
+    return sum(t.count("v") if not t.startswith("--") else 1 for t in flags)
 
 
-def _command(args: argparse.Namespace) -> int:
-    """Run the parsed command; every way it can end is an exit code (see EPILOG)."""
+def _nightly_at(given: Sequence[str]) -> int | None:
+    """Where `nightly` is the command: only -v/-q may come before it (`qmpprobe -h nightly`
+    is the help, `qmpprobe --models nightly` no command at all)."""
+    for i, token in enumerate(given):
+        if token == "nightly":
+            return i
+        if not _VERBOSITY.fullmatch(token):
+            return None
+    return None
+
+
+def _leading_verbosity(rest: Sequence[str]) -> list[str]:
+    """-v/-q given after `nightly` (before its `--`): qmpprobe's, as for every command."""
+    mine = itertools.takewhile(lambda t: t != "--", rest)
+    return [t for t in mine if _VERBOSITY.fullmatch(t)]
+
+
+def _without_verbosity(rest: Sequence[str]) -> list[str]:
+    """The nightly's own arguments: -v/-q before its `--` taken out."""
+    before = list(itertools.takewhile(lambda t: t != "--", rest))
+    return [t for t in before if not _VERBOSITY.fullmatch(t)] + list(rest[len(before) :])
+
+
+def _guarded(command: Callable[[], int]) -> int:
+    """Every way a command can end as an exit code and one line (see EPILOG)."""
     try:
-        return COMMANDS[args.command](args)
+        return command()
     except KeyboardInterrupt:
         return _say("interrupted (each file is written whole or not at all)", EXIT_INTERRUPTED)
     except InputError as e:
@@ -843,6 +888,11 @@ def _command(args: argparse.Namespace) -> int:
         return _say(error_text(e), EXIT_INPUT)
     except Exception as e:  # a bug of qmpprobe's: one line here, the traceback in a file
         return _internal(e)
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Run the parsed command."""
+    return _guarded(lambda: COMMANDS[args.command](args))
 
 
 def _stop(signum: int, _frame: object) -> None:
@@ -861,9 +911,11 @@ def error_text(error: BaseException) -> str:
 
 def _say(line: str, code: int) -> int:
     """The command's last line, on stderr; its exit code."""
-    # stderr may be gone (a hung-up terminal): the exit code still says it.
-    with contextlib.suppress(OSError):
-        console.warn(line)
+    # Even under -q: the one line of a failure is never left out. stderr may be gone (a
+    # hung-up terminal, `2>&-`): the exit code still says it, and stdout stays the data's.
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError):
+            print(f"qmpprobe: {line}", file=sys.stderr)
     return code
 
 

@@ -49,8 +49,9 @@ def note(line: str) -> None:
 
 
 def warn(line: str) -> None:
-    """An informational line on stderr (`qmpprobe: ...`), left out under `-q`."""
-    if not quiet():
+    """An informational line on stderr (`qmpprobe: ...`), left out under `-q` (and when there
+    is no stderr: never onto stdout, which is the data's)."""
+    if not quiet() and sys.stderr is not None:
         with contextlib.suppress(OSError):
             print(f"qmpprobe: {line}", file=sys.stderr)
 
@@ -59,10 +60,11 @@ class _StderrNow:
     """Whatever `sys.stderr` is when a record is written (tests swap it)."""
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        return sys.stderr.write(text) if sys.stderr is not None else len(text)
 
     def flush(self) -> None:
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
 
 
 class PipeSafe:

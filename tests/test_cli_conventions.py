@@ -123,3 +123,60 @@ def test_fetch_qemu_subcommand_runs_the_packaged_script(tmp_path: Path) -> None:
     bad = cli("fetch-qemu", "10.0", "--into", str(tmp_path / "a:b"), timeout=900)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "fetch-qemu 10.0: the folder path" in bad.stderr and "--library-path" in bad.stderr
+
+
+def test_quiet_keeps_the_line_of_a_failure(tmp_path: Path) -> None:
+    done = cli("-q", "report", str(tmp_path / "none"))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("qmpprobe: not a run folder:"), done.stderr
+
+
+def test_nightly_ends_as_every_command(tmp_path: Path) -> None:
+    """Its errors are one line and an exit code of qmpprobe's (2 here, never a traceback or
+    a 1, which says a shipped machine type changed); `-h nightly` is the help."""
+    (tmp_path / "f").write_text("")
+    done = cli("nightly", "--root", str(tmp_path / "f"), "--qemu", qemu_path())
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    helped = cli("-h", "nightly")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: qmpprobe [-h]")
+    quiet = cli("nightly", "-q", "--keep", "0")
+    assert quiet.returncode == 2 and "--keep" in quiet.stderr
+
+
+def test_closed_stdout_and_stderr(tmp_path: Path) -> None:
+    """No stdout at all (`>&-`): the command still ends with its own code; no stderr
+    (`2>&-`): the failure's line never lands on stdout."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = [sys.executable, "-m", "qmpprobe"]
+    closed = subprocess.run(
+        ["bash", "-c", '"$@" >&-; echo $? >&2', "_", *run, "-h"], capture_output=True,
+        text=True, env=env,
+    )  # fmt: skip
+    # (argparse writes the help to stderr when there is no stdout.)
+    assert closed.stderr.strip().splitlines()[-1] == "0", closed.stderr
+    no_err = subprocess.run(
+        ["bash", "-c", '"$@" 2>&-; echo "rc=$?"', "_", *run, "report", str(tmp_path / "x")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert no_err.stdout.strip() == "rc=2", no_err.stdout
+
+
+def test_junit_into_a_missing_folder_is_refused_before_probing(tmp_path: Path) -> None:
+    done = cli(
+        "check", "--baseline", qemu_path(), "--candidate", qemu_path(), "--out",
+        str(tmp_path / "ck"), "--junit", str(tmp_path / "no" / "junit.xml"),
+    )  # fmt: skip
+    assert done.returncode == 2 and "--junit" in done.stderr and "is not a folder" in done.stderr
+    assert not (tmp_path / "ck").exists(), "nothing probed, nothing written"
+
+
+def test_explain_json_is_one_document(tmp_path: Path) -> None:
+    done = cli(
+        "explain", "pc-q35-7.1", "--qemu", qemu_path(), "--models", "qemu64", "--json",
+        "--out", str(tmp_path / "x"), check=True,
+    )  # fmt: skip
+    doc = json.loads(done.stdout)
+    assert doc["machine"] == "pc-q35-7.1" and doc["newest"] == "pc-q35-7.2"
+    assert doc["probed"] and doc["probed"][0].startswith(str(tmp_path / "x"))
+    assert doc["round_trips"] is None

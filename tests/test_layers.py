@@ -54,6 +54,9 @@ CLI_STDLIB = {
     "__future__",
     # `qmpprobe completion`: the completion script generated from the parser itself.
     "shtab",
+    # Reading -v/-q and `nightly` out of argv.
+    "itertools",
+    "re",
 }
 
 

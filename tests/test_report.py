@@ -198,7 +198,8 @@ def test_what_runs_here_answers_each_combo(reported: Path) -> None:
             else f"{row.model} on {row.machine}: blocked by {row.unavailable}"
         )
         mark = "✓" if row.runnable else "✗"
-        assert f'title="{title}">{mark}</td>' in html, title
+        cell = f'title="{title}" data-model="{row.model}" data-machine="{row.machine}">{mark}</td>'
+        assert cell in html, title
     md = (reported / "report.md").read_text()
     section = md.split("## What runs here")[1].split("## Drift by machine-type pair")[0]
     haswell = next(line for line in section.splitlines() if line.startswith("| `Haswell` |"))
@@ -243,7 +244,9 @@ def test_filter_box_finds_one_combo(reported: Path, tmp_path: Path) -> None:
     ).stdout  # fmt: skip
     assert 'data-filtered="yes"' in dom, "the filter script did not run (CSP or error)"
     count = re.search(r'<span id="filter-count">(.*?)</span>', dom)
+    # The exact names win: Haswell on pc-q35-7.2 alone, not Haswell-v1 (a substring) too.
     assert count and "Haswell on pc-q35-7.2: blocked by" in count.group(1), count
+    assert "Haswell-v1 on" not in count.group(1), count
     q35 = dom.split('id="runs-pc-q35"')[1].split("</table>")[0]
     rows = re.findall(r'<tr data-filter=""( hidden="")?><td class="model mono">(.*?)</td>', q35)
     # Words match as substrings: Haswell-v1 holds "haswell" too.

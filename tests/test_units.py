@@ -188,3 +188,24 @@ def test_names_from_qemu_are_one_file_name_each() -> None:
     assert machine_part("calibration") == "%calibration"
     assert machine_part("discovery.json.gz") == "%discovery.json.gz"
     assert machine_part("pc") == "pc"
+
+
+def test_machine_order_is_the_version_in_any_build() -> None:
+    """The same number for a machine type whatever else the build has (issue 18)."""
+    import pandas as pd
+
+    from qmpprobe.core.machines import ranks, with_order
+
+    old = [{"name": n} for n in ("pc-q35-2.9", "pc-q35-2.10", "pc-q35-4.0", "pc-q35-4.0.1")]
+    new = [{"name": n} for n in ("pc-q35-4.0.1", "pc-q35-11.1", "isapc")]
+    assert ranks(old) == {
+        "pc-q35-2.9": 20900, "pc-q35-2.10": 21000, "pc-q35-4.0": 40000, "pc-q35-4.0.1": 40001
+    }  # fmt: skip
+    assert ranks(new) == {"pc-q35-4.0.1": 40001, "pc-q35-11.1": 110100, "isapc": -1}
+    frame = pd.DataFrame(
+        {"machine": ["pc-q35-2.10", "gone-1.0"], "from_machine": ["x", "pc-q35-2.9"]}
+    )
+    out = with_order(frame, old)
+    assert list(out.columns) == ["machine", "machine_order", "from_machine", "from_machine_order"]
+    assert out["machine_order"].tolist() == [21000, -1]
+    assert out["from_machine_order"].tolist() == [-1, 20900]

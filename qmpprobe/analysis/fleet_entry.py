@@ -169,7 +169,7 @@ def from_reference(path: Path, host: str | None) -> Entry:
         df = read_csv(where)
     except (OSError, ValueError) as e:
         raise InputError(f"corrupted reference: {where}: {e}") from None
-    # runnability.csv carries machine_order after machine since qmpprobe 0.3 (issue 18).
+    # runnability.csv carries machine_order after machine since qmpprobe 0.4 (issue 18).
     if list(df.columns[1:3]) == ["machine", ORDER]:
         if not df[ORDER].astype(str).str.fullmatch(r"-?[0-9]+").all():
             raise InputError(f"corrupted reference: {where}: {ORDER} is not an integer")

@@ -12,7 +12,10 @@ import pandas as pd
 
 VERSIONED = re.compile(r"^(?P<prefix>.+?)-(?P<version>\d+(?:\.\d+)+)$")
 #: The column every CSV and cells.parquet carries beside `machine`: the machine type's
-#: position in its family (0 the oldest; 0 for a machine type outside any family).
+#: version as a number that sorts as QEMU's versions do, the same in every build (QEMU 11.1
+#: no longer has pc-q35-2.4, so a position in each build's list would differ between runs):
+#: `X.Y.Z` → X*10000 + Y*100 + Z (2.9 → 20900 before 2.10 → 21000; 4.0.1 → 40001); -1 for a
+#: machine type without a version (isapc, microvm, none).
 ORDER = "machine_order"
 
 
@@ -38,19 +41,28 @@ def machine_order(machines: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def version_key(version: Sequence[int]) -> int:
+    """(2, 10) → 21000, (4, 0, 1) → 40001; () → -1 (`ORDER`)."""
+    if not version:
+        return -1
+    parts = [*version, 0, 0][:3]
+    return parts[0] * 10000 + min(parts[1], 99) * 100 + min(parts[2], 99)
+
+
 def ranks(machines: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """machine type → its position in its family."""
+    """machine type → its `ORDER` value."""
     order = machine_order(machines)
-    return dict(zip(order["machine"], order["rank"].astype(int), strict=True))
+    return {m: version_key(v) for m, v in zip(order["machine"], order["version"], strict=True)}
 
 
 def with_order(frame: pd.DataFrame, machines: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """`frame` with each machine type's position in its family right after the column that
-    names it: `machine` → `machine_order`, `from_machine` → `from_machine_order` (-1: a
-    machine type the build does not have)."""
+    """`frame` with each machine type's `ORDER` value right after the column that names it:
+    `machine` → `machine_order`, `from_machine` → `from_machine_order`, `up_to` →
+    `up_to_order` (-1: none, or a machine type the build does not have)."""
     rank = ranks(machines)
     out = frame
-    for name in [c for c in frame.columns if c == "machine" or str(c).endswith("_machine")]:
+    named = [c for c in frame.columns if c in ("machine", "up_to") or str(c).endswith("_machine")]
+    for name in named:
         if f"{name}_order" in frame.columns:
             continue
         col = frame[name]
@@ -58,9 +70,9 @@ def with_order(frame: pd.DataFrame, machines: Sequence[Mapping[str, Any]]) -> pd
             # Millions of cells, a few dozen machine types: the categories are looked up.
             per = pd.Series(col.cat.categories.astype(str)).map(rank).fillna(-1).to_numpy()
             codes = col.cat.codes.to_numpy()
-            values = np.where(codes >= 0, per[codes], -1).astype(np.int16)
+            values = np.where(codes >= 0, per[codes], -1).astype(np.int32)
         else:
-            values = col.astype(str).map(rank).fillna(-1).to_numpy().astype(np.int16)
+            values = col.astype(str).map(rank).fillna(-1).to_numpy().astype(np.int32)
         out = out.copy(deep=False) if out is frame else out
         out.insert(list(out.columns).index(name) + 1, f"{name}_order", values)
     return out

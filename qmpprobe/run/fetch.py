@@ -3,7 +3,9 @@ beside the system one (`tools/fetch-qemu`), run with the folder the releases go 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -26,20 +28,36 @@ def fetch(version: str, into: str | None, verbose: bool) -> str:
     with the script's own line when it cannot be done here."""
     folder = Path(into).absolute() if into else default_folder()
     # apt's progress goes to stderr as it comes under -v; the wrapper's path is the
-    # script's last line on stdout.
-    done = subprocess.run(
+    # script's last line on stdout. Its own session: on Ctrl-C or SIGTERM, apt and dpkg go
+    # with it (they hold the release's lock), and its trap removes the half-built folder.
+    proc = subprocess.Popen(
         ["bash", str(SCRIPT), version],
         env={**os.environ, "QMPPROBE_QEMU_DIR": str(folder)},
         stdout=subprocess.PIPE,
         stderr=None if verbose else subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
-    if done.returncode < 0:  # the script was stopped by a signal (Ctrl-C reaches it too)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    if proc.returncode < 0:  # the script was stopped by a signal from outside
         raise KeyboardInterrupt
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        said = (done.stderr or "").strip().splitlines()
-        why = said[-1].removeprefix("fetch-qemu: ") if said else f"exit {done.returncode}"
+    lines = out.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        said = (err or "").strip().splitlines()
+        why = (
+            said[-1].removeprefix("fetch-qemu: ")
+            if said
+            else f"failed (exit {proc.returncode}; its messages are above)"
+        )
         # The script's 1 (apt or a check failed) and 3 (no mirror served it) are, for
         # qmpprobe's exit codes, what could not be done here: 2, with its line.
         raise InputError(f"fetch-qemu {version}: {why}")

@@ -41,6 +41,11 @@ class RoundTrip:
         }
 
 
+def records(trips: list[RoundTrip]) -> list[dict[str, Any]]:
+    """Each round trip as `explain --json` prints it."""
+    return [t.record() for t in trips]
+
+
 async def verify(
     manifest: Manifest,
     cells: pd.DataFrame,

@@ -40,7 +40,8 @@ from qmpprobe.core.vocab import (
 )
 
 CELL_COLUMNS = ("accel", "machine", "model", "prop", "value", "type", "source")
-#: cells.parquet's columns as written: `machine_order` (an int16) after `machine`, so that
+#: cells.parquet's columns as written: `machine_order` (an int32, `core.machines.ORDER`)
+#: after `machine`, so that
 #: SQL over the files sorts `pc-q35-2.10` after `pc-q35-2.9`. Readers take it off
 #: (`schema.cells_arrow`): the order is the manifest's machine types, computed again.
 TABLE_COLUMNS = ("accel", "machine", ORDER, "model", "prop", "value", "type", "source")
@@ -279,14 +280,14 @@ def cells_table(
     accel: str, blocks: Sequence[CellBlock], texts: Texts, ranks: Mapping[str, int]
 ) -> pa.Table:
     """cells.parquet's table from per-combo blocks of codes: dictionary-encoded columns, and
-    each machine type's position in its family (`ranks`) as `machine_order`.
+    each machine type's version order (`ranks`: `core.machines.ORDER`) as `machine_order`.
 
     Combos stay in plan order; within a combo, properties are ordered by name, however the
     combo was read.
     """
     if not blocks or not any(len(b.props) for b in blocks):
         empty = {c: pa.array([], pa.dictionary(pa.int32(), pa.string())) for c in CELL_COLUMNS}
-        return pa.table({**empty, ORDER: pa.array([], pa.int16())}).select(TABLE_COLUMNS)
+        return pa.table({**empty, ORDER: pa.array([], pa.int32())}).select(TABLE_COLUMNS)
     sizes = np.fromiter((len(b.props) for b in blocks), dtype=np.int64, count=len(blocks))
 
     def codes(attr: str) -> np.ndarray:
@@ -321,7 +322,7 @@ def cells_table(
             ),
             "machine": repeated([b.machine for b in blocks]),
             ORDER: pa.array(
-                np.repeat([ranks.get(b.machine, -1) for b in blocks], sizes).astype(np.int16)
+                np.repeat([ranks.get(b.machine, -1) for b in blocks], sizes).astype(np.int32)
             ),
             "model": repeated([b.model for b in blocks]),
             "prop": dictionary(props, texts.props),

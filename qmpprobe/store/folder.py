@@ -74,8 +74,9 @@ def write_atomically(path: Path, write: Callable[[str], object]) -> None:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:
-            # Say which file could not be written (a full disk names none).
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            # Say which file could not be written (a full disk names none; a missing folder
+            # names the temp file, which the user never asked for).
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
