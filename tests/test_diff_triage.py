@@ -84,8 +84,10 @@ def test_identical_changes_are_one_row(diffed: Path) -> None:
     rows, changes = read(diffed / "diff.csv"), read(diffed / "changes.csv")
     # diff.csv keeps its contract (one row per machine type, model, property), columns appended.
     assert list(rows.columns) == [
-        "kind", "accel", "machine", "model", "prop", "old", "new", "compat", "name", "note"
+        "kind", "accel", "machine", "model", "prop", "old", "new", "compat", "name", "note",
+        "machine_order",
     ]  # fmt: skip
+    assert set(rows.loc[rows["machine"] == "pc-q35-7.2", "machine_order"].astype(int)) <= {70200}
     # Every row of diff.csv is in exactly one change.
     assert changes["rows"].astype(int).sum() == len(rows)
     for kind, n in rows["kind"].value_counts().items():
