@@ -470,16 +470,22 @@ def _diff_and_write(
     return EXIT_CHANGED if len(result.breaks) else EXIT_OK
 
 
-def _check_junit(args: argparse.Namespace) -> None:
-    """`--junit FILE` is refused before anything is probed or written when its folder is
-    not there (after a whole check, a lost verdict)."""
-    if args.junit and not Path(args.junit).absolute().parent.is_dir():
-        raise InputError(f"--junit {args.junit}: {Path(args.junit).parent} is not a folder")
+def _check_outputs(args: argparse.Namespace, out: Path) -> None:
+    """Where a diff goes, refused before anything is probed or written (after a whole check,
+    a lost verdict): not into a run folder; `--junit FILE` a file it can write and replace,
+    none of the diff's own (its folder may be `out`, which the diff makes)."""
+    from qmpprobe.report.report import DIFF_FILES
+    from qmpprobe.store.folder import MANIFEST, file_target
+
+    if (out / MANIFEST).exists():
+        raise InputError(f"--out {out}: is a run folder (a diff goes into a folder of its own)")
+    if args.junit:
+        file_target(args.junit, "--junit", out, [out / f for f in DIFF_FILES])
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    _check_junit(args)
     out = args.out or f"results/diff-{Path(args.run_a).name}--{Path(args.run_b).name}"
+    _check_outputs(args, Path(out))
     return _diff_and_write(args.run_a, args.run_b, args, out)
 
 
@@ -495,7 +501,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     baseline = _options(args, qemu=args.baseline, out=str(out / "baseline"), progress=progress)
     candidate = _options(args, qemu=args.candidate, out=str(out / "candidate"), progress=progress)
     # With --json, stdout is one JSON document: the runs' lines go into it.
-    _check_junit(args)
+    _check_outputs(args, out)
     probed: list[str] = []
     say = probed.append if args.json else console.note
     lifecycle.check([baseline, candidate], lambda outcome: say(lifecycle.summary(outcome)))
@@ -627,8 +633,13 @@ def _pin_refusal(args: argparse.Namespace) -> str:
         return "pin --carried needs --verify-qemu PATH (the build it is carried to)"
     if args.format == "libvirt" and (args.carried or args.carry):
         return "the libvirt form is made on the source's build: not with --carried or --carry"
-    if args.out and not args.all and Path(args.out).is_dir():
-        return f"--out {args.out}: is a folder (pin writes one file; --all writes a folder)"
+    if args.out and not args.all:
+        from qmpprobe.store.folder import file_target
+
+        try:
+            file_target(args.out, "--out")
+        except InputError as e:  # a folder: pin writes one file (--all writes a folder)
+            return str(e)
     return ""
 
 

@@ -171,6 +171,45 @@ def test_junit_into_a_missing_folder_is_refused_before_probing(tmp_path: Path) -
     assert not (tmp_path / "ck").exists(), "nothing probed, nothing written"
 
 
+def _targets(tmp: Path) -> dict[str, Path]:
+    """File targets no command may replace: a FIFO, a link, a folder."""
+    fifo, link, folder = tmp / "fifo", tmp / "link", tmp / "folder"
+    os.mkfifo(fifo)
+    (tmp / "kept").write_text("kept\n")
+    link.symlink_to(tmp / "kept")
+    folder.mkdir()
+    return {"not a file": fifo, "a link": link, "a folder": folder}
+
+
+def test_file_targets_that_are_not_regular_files_are_refused_up_front(tmp_path: Path) -> None:
+    # The rename that writes a file atomically would replace the node itself (as root,
+    # --junit /dev/null would be /dev/null no more): refused before anything is probed.
+    for kind, target in _targets(tmp_path).items():
+        for argv in (
+            ["diff", "a", "b", "--out", str(tmp_path / "d"), "--junit", str(target)],
+            ["check", "--baseline", qemu_path(), "--candidate", qemu_path(),
+             "--out", str(tmp_path / "ck"), "--junit", str(target)],
+            ["pin", "pc-q35-7.2", "qemu64", "--qemu", qemu_path(), "--out", str(target)],
+        ):  # fmt: skip
+            done = cli(*argv)
+            assert done.returncode == 2, (argv, done.stderr)
+            said = f"qmpprobe: {argv[-2]} {target}: is {kind} (it writes one regular file)\n"
+            assert done.stderr == said, done.stderr
+    assert (tmp_path / "kept").read_text() == "kept\n" and (tmp_path / "link").is_symlink()
+    assert not (tmp_path / "d").exists() and not (tmp_path / "ck").exists()
+
+
+def test_a_diff_never_writes_over_its_own_files_or_into_a_run_folder(tmp_path: Path) -> None:
+    own = cli("diff", "a", "b", "--out", str(tmp_path), "--junit", str(tmp_path / "diff.csv"))
+    assert own.returncode == 2 and "one of the files the command writes" in own.stderr
+    (tmp_path / "manifest.json").write_text("{}")
+    done = cli(
+        "check", "--baseline", qemu_path(), "--candidate", qemu_path(), "--out", str(tmp_path)
+    )
+    assert done.returncode == 2 and "is a run folder" in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
 def test_explain_json_is_one_document(tmp_path: Path) -> None:
     done = cli(
         "explain", "pc-q35-7.1", "--qemu", qemu_path(), "--models", "qemu64", "--json",

@@ -48,7 +48,7 @@ def test_declared_compat_props_are_recorded_cpu_entries_only(run10: Path) -> Non
     assert "arm-cpu" not in types and "virtio-pci" not in types
     assert m["cpu_types"]["Haswell-x86_64-cpu"][0] == "x86_64-cpu"
     csv = pd.read_csv(run10 / "compat_props.csv")
-    assert list(csv.columns) == ["machine", "pos", "qom_type", "property", "value"]
+    assert list(csv.columns) == ["machine", "machine_order", "pos", "qom_type", "property", "value"]
 
 
 def test_every_transition_is_attributed_or_undeclared(run10: Path) -> None:

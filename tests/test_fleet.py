@@ -131,12 +131,15 @@ def test_runnable_is_what_every_run_says(
     dataset: Path, runs: dict[str, Path], machine: str
 ) -> None:
     got = runnable_csv(dataset, machine)
-    assert list(got.columns)[:7] == [
-        "machine", "model", "everywhere", "hosts", "runnable_hosts", "blocked_hosts",
-        "blocking_features",
+    assert list(got.columns)[:8] == [
+        "machine", "machine_order", "model", "everywhere", "hosts", "runnable_hosts",
+        "blocked_hosts", "blocking_features",
     ]  # fmt: skip
     want = expected(runs, machine)
     assert set(got["machine"]) == {machine}
+    # The version as one number (X*10000+Y*100+Z), so SQL and spreadsheets sort 2.10 after 2.9.
+    major, minor = machine.rsplit("-", 1)[1].split(".")
+    assert set(got["machine_order"]) == {str(int(major) * 10000 + int(minor) * 100)}
     assert list(got["model"]) == list(want["model"])
     assert list(got["everywhere"]) == ["true" if e else "false" for e in want["everywhere"]]
     assert list(got["blocked_hosts"]) == list(want["blocked_hosts"])

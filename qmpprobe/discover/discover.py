@@ -86,6 +86,15 @@ def _ret(answer: dict[str, Any], what: str) -> Any:
     return answer["return"]
 
 
+def version_of(qv: dict[str, Any]) -> str:
+    """`major.minor.micro` of a `query-version` answer; its parts are integers in QMP's
+    schema, and one that is not (a wrapper that lies) never reaches a folder name."""
+    parts = [qv["qemu"][k] for k in ("major", "minor", "micro")]
+    if not all(type(p) is int and p >= 0 for p in parts):
+        raise TypeError(f"query-version says {qv['qemu']!r}, not three numbers")
+    return ".".join(map(str, parts))
+
+
 def parse_machines(raw: list[dict[str, Any]]) -> list[Machine]:
     """Machines from `query-machines`, in QEMU's order."""
     return [
@@ -356,12 +365,11 @@ async def _ask(
     compat_props, cpu_types, compat_answers = await _compat(proc, models)
     answers.update(compat_answers)
     step.what = "qom-list-properties of device and of the base CPU type"
-    v = qv["qemu"]
     kvm = answers["query-kvm"].get("return", {})
     return Discovery(
         qemu=qemu_path,
         accel=accel,
-        version=f"{v['major']}.{v['minor']}.{v['micro']}",
+        version=version_of(qv),
         package=qv.get("package", "").strip(),
         query_version=qv,
         target=target,

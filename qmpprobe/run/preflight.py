@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from qmpprobe import console
 from qmpprobe.core.discovery import Discovery
 from qmpprobe.core.host import file_sha256
 from qmpprobe.errors import InputError
@@ -117,7 +117,7 @@ def capped_jobs(requested: int) -> int:
     """`cap_jobs`, saying on stderr when it capped (the run goes on with fewer)."""
     jobs, why = cap_jobs(requested)
     if jobs < requested:
-        print(f"qmpprobe: --jobs {requested} capped to {jobs}: {why}", file=sys.stderr)
+        console.warn(f"--jobs {requested} capped to {jobs}: {why}")
     return jobs
 
 

@@ -51,4 +51,5 @@ class Progress:
 
 def is_terminal() -> bool:
     """Whether progress can be drawn (stderr is a terminal)."""
-    return sys.stderr.isatty()
+    # No stderr at all (`2>&-`): nothing to draw on.
+    return sys.stderr is not None and sys.stderr.isatty()

@@ -81,6 +81,26 @@ def write_atomically(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
+def file_target(
+    path: str | Path, option: str, creates: Path | None = None, own: Sequence[Path] = ()
+) -> Path:
+    """`path` as a file a command may replace, checked before anything is done: a regular
+    file or nothing yet (never a folder, device, FIFO or symlink: the rename that writes it
+    would replace the node itself, /dev/null included), not one of the command's `own`
+    outputs, in a folder that exists or is the folder `creates` (made by the command)."""
+    target = Path(path)
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        kind = "a folder" if target.is_dir() else "a link" if target.is_symlink() else "not a file"
+        raise InputError(f"{option} {path}: is {kind} (it writes one regular file)")
+    where = target.absolute().parent
+    if any(os.path.abspath(target) == os.path.abspath(o) for o in own):
+        raise InputError(f"{option} {path}: is one of the files the command writes itself")
+    made = creates is not None and where == creates.absolute()  # check --out D --junit D/j.xml
+    if not (where.is_dir() or made):
+        raise InputError(f"{option} {path}: {target.parent} is not a folder")
+    return target
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically."""
 
