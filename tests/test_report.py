@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import subprocess
@@ -186,20 +187,32 @@ def test_headline_counts_what_was_probed(reported: Path) -> None:
         assert on["runnable"].sum() >= 1  # qemu64 runs under TCG everywhere
 
 
-def test_what_runs_here_answers_each_combo(reported: Path) -> None:
+def _dom(page: Path, profile: Path, fragment: str = "") -> str:
+    """The page's DOM after its scripts ran (headless Chromium)."""
+    return subprocess.run(
+        [chromium(), *HEADLESS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+         "--dump-dom", page.as_uri() + fragment],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+
+
+def test_what_runs_here_answers_each_combo(reported: Path, tmp_path: Path) -> None:
     """ "Is Haswell runnable here on pc-q35-7.2, and if not why?" from report.html and
-    report.md alone: each cell says it, the same as runnability.csv."""
-    html = (reported / "report.html").read_text()
+    report.md alone: each cell's hover says it, the same as runnability.csv."""
+    dom = _dom(reported / "report.html", tmp_path / "p")
+    cells = re.findall(
+        r'<td class="(?:runs|blocked)"(?: data-w="\d+")? title="([^"]*)">(.)</td>', dom
+    )
+    said = {html.unescape(title): mark for title, mark in cells}
     r = pd.read_csv(reported / "runnability.csv", keep_default_na=False)
-    for row in r.itertuples():
-        title = (
-            f"{row.model} runs on {row.machine}"
-            if row.runnable
-            else f"{row.model} on {row.machine}: blocked by {row.unavailable}"
-        )
-        mark = "✓" if row.runnable else "✗"
-        cell = f'title="{title}" data-model="{row.model}" data-machine="{row.machine}">{mark}</td>'
-        assert cell in html, title
+    want = {
+        f"{row.model} on {row.machine}: "
+        + ("runs" if row.runnable else f"blocked by {row.unavailable}"): "✓"
+        if row.runnable
+        else "✗"
+        for row in r.itertuples()
+    }
+    assert len(cells) == len(said) == len(r) and said == want
     md = (reported / "report.md").read_text()
     section = md.split("## What runs here")[1].split("## Drift by machine-type pair")[0]
     haswell = next(line for line in section.splitlines() if line.startswith("| `Haswell` |"))
@@ -235,19 +248,15 @@ def test_guest_sees_it_column(reported: Path) -> None:
 
 def test_filter_box_finds_one_combo(reported: Path, tmp_path: Path) -> None:
     """The page's filter (a link can carry it) answers one model on one machine type."""
-    browser = chromium()
-    url = (reported / "report.html").as_uri() + "#filter=Haswell%20pc-q35-7.2"
-    dom = subprocess.run(
-        [browser, *HEADLESS, f"--user-data-dir={tmp_path / 'p'}", "--virtual-time-budget=5000",
-         "--dump-dom", url],
-        capture_output=True, text=True, timeout=120,
-    ).stdout  # fmt: skip
+    dom = _dom(reported / "report.html", tmp_path / "p", "#filter=Haswell%20pc-q35-7.2")
     assert 'data-filtered="yes"' in dom, "the filter script did not run (CSP or error)"
     count = re.search(r'<span id="filter-count">(.*?)</span>', dom)
     # The exact names win: Haswell on pc-q35-7.2 alone, not Haswell-v1 (a substring) too.
     assert count and "Haswell on pc-q35-7.2: blocked by" in count.group(1), count
     assert "Haswell-v1 on" not in count.group(1), count
     q35 = dom.split('id="runs-pc-q35"')[1].split("</table>")[0]
-    rows = re.findall(r'<tr data-filter=""( hidden="")?><td class="model mono">(.*?)</td>', q35)
+    rows = re.findall(
+        r'<tr data-filter="" data-why="[^"]*"( hidden="")?><td class="model mono">(.*?)</td>', q35
+    )
     # Words match as substrings: Haswell-v1 holds "haswell" too.
     assert {model for hidden, model in rows if not hidden} == {"Haswell", "Haswell-v1"}

@@ -274,6 +274,12 @@ async def _end_everything(main: asyncio.Task[Any]) -> None:
     if others:
         # No time limit: their QEMUs are SIGKILLed, so each only has a dead child to reap.
         await asyncio.wait(others)
+    for t in others:
+        # A task may end with its QEMU's EOF instead of the cancellation: retrieved here, or
+        # asyncio prints "Task exception was never retrieved" and a traceback after the
+        # command's last line (seen once in CI, SIGTERM of a run under load).
+        if not t.cancelled() and (e := t.exception()) is not None:
+            log.debug("at the end, %s ended with %s: %s", t.get_name(), type(e).__name__, e)
 
 
 async def acceptable(options: RunOptions) -> None:
