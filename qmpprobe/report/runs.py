@@ -86,8 +86,8 @@ def _row(model: str, cells: list[dict[str, str]]) -> dict[str, Any]:
     Titles written out per cell made report.html 2.6 MB (7,159 blocked cells of 131 models
     under KVM repeating a row's few feature lists); a row has 1–3 distinct reasons."""
     why = list(dict.fromkeys(c["reason"] for c in cells))
-    cells = [{**c, "w": why.index(c["reason"])} for c in cells]
-    return {"model": model, "cells": cells, "why": json.dumps(why, ensure_ascii=False)}
+    pointed = [{**c, "w": why.index(c["reason"])} for c in cells]
+    return {"model": model, "cells": pointed, "why": json.dumps(why, ensure_ascii=False)}
 
 
 def _ranges(machines: list[str], rows: list[dict[str, Any]], family: str) -> list[dict[str, Any]]:
