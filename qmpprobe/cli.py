@@ -148,8 +148,11 @@ def _diff_args(p: argparse.ArgumentParser, default_out: str) -> None:
 JOBS_HELP = "QEMUs at once (default: cores + 1; capped by free memory and open files)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+def build_parser(
+    nightly_options: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (`nightly_options`: the nightly's own options
+    put on its subparser, for completion)."""
     parser = _Parser(
         prog="qmpprobe",
         description=DESCRIPTION,
@@ -320,8 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="probe the configured QEMUs, diff against the previous night, index the nights",
         add_help=False,
     )
-    # Its arguments are qmpprobe.nightly's own (main() hands them over unparsed).
-    ng.add_argument("nightly_args", nargs=argparse.REMAINDER, help="see qmpprobe nightly -h")
+    if nightly_options:
+        nightly_options(ng)
+    else:  # its arguments are qmpprobe.nightly's own (main() hands them over unparsed)
+        ng.add_argument("nightly_args", nargs=argparse.REMAINDER, help="see qmpprobe nightly -h")
     cp = sub.add_parser("completion", help="print a shell completion script")
     cp.add_argument(
         "shell", metavar="SHELL", choices=("bash", "zsh", "tcsh"), help="bash, zsh, tcsh"
@@ -763,7 +768,12 @@ def _cmd_fetch_qemu(args: argparse.Namespace) -> int:
 def _cmd_completion(args: argparse.Namespace) -> int:
     import shtab
 
-    print(shtab.complete(build_parser(), shell=args.shell))
+    from qmpprobe import nightly
+
+    # The nightly's own options too (build_parser leaves them to it: importing the nightly
+    # would cost every command its pandas).
+    parser = build_parser(nightly.add_arguments)
+    print(shtab.complete(parser, shell=args.shell))
     return EXIT_OK
 
 
@@ -926,7 +936,7 @@ def _say(line: str, code: int) -> int:
     # hung-up terminal, `2>&-`): the exit code still says it, and stdout stays the data's.
     if sys.stderr is not None:
         with contextlib.suppress(OSError):
-            print(f"qmpprobe: {line}", file=sys.stderr)
+            print(f"qmpprobe: {console.printable(line)}", file=sys.stderr)
     return code
 
 

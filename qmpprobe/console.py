@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -20,13 +21,27 @@ log = logging.getLogger("qmpprobe")
 #: 0 normal, -1 quiet (`-q`), 1 `-v`, 2 `-vv`.
 _level = 0
 
+#: C0 and C1 controls, DEL among them: an ESC from QEMU's message (or a name) must not drive
+#: the terminal a line lands on.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` for a terminal: every control character as its `\\xNN` escape."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class _Printable(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
 
 def configure(verbosity: int) -> None:
     """Set the verbosity of this process (see module docstring)."""
     global _level
     _level = verbosity
     handler = logging.StreamHandler(_StderrNow())
-    handler.setFormatter(logging.Formatter("qmpprobe: %(message)s"))
+    handler.setFormatter(_Printable("qmpprobe: %(message)s"))
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else 100)
@@ -45,7 +60,7 @@ def quiet() -> bool:
 def note(line: str) -> None:
     """An informational line on stdout (a summary, a file written), left out under `-q`."""
     if not quiet():
-        print(line)
+        print(printable(line))
 
 
 def warn(line: str) -> None:
@@ -53,7 +68,7 @@ def warn(line: str) -> None:
     is no stderr: never onto stdout, which is the data's)."""
     if not quiet() and sys.stderr is not None:
         with contextlib.suppress(OSError):
-            print(f"qmpprobe: {line}", file=sys.stderr)
+            print(f"qmpprobe: {printable(line)}", file=sys.stderr)
 
 
 class _StderrNow:

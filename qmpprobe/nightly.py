@@ -19,9 +19,11 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +33,7 @@ from urllib.parse import quote
 
 import pandas as pd
 
+from qmpprobe import console
 from qmpprobe.core.host import kvm_usable
 from qmpprobe.core.vocab import STATUSES
 from qmpprobe.errors import InputError
@@ -81,7 +84,13 @@ def run_one(
         "--no-progress",
         *extra,
     ]
+    console.log.info("%s %s smp%s: %s", name, accel, smp, shlex.join(cmd[2:]))
+    started = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True)
+    console.log.info(
+        "%s %s smp%s: exit %d after %.1f s", name, accel, smp, done.returncode,
+        time.monotonic() - started,
+    )  # fmt: skip
     new = sorted(p.name for p in results.iterdir() if p.name not in before and p.is_dir())
     entry: dict[str, Any] = {
         "name": name,
@@ -537,7 +546,7 @@ def prune(root: Path, night: Path, keep: int) -> list[Path]:
         try:
             shutil.rmtree(old)
         except OSError as e:
-            print(f"qmpprobe: nightly: could not remove {old}: {e}", file=sys.stderr)
+            console.warn(f"nightly: could not remove {old}: {e}")
             continue
         removed.append(old)
     return removed
@@ -570,6 +579,12 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The nightly's options on `p` (its own parser, and `qmpprobe completion`'s)."""
     p.add_argument(
         "--qemu",
         action="append",
@@ -577,11 +592,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="[NAME=]PATH",
         help="a QEMU binary or wrapper to probe (repeatable; default: the installed)",
     )
-    p.add_argument("--accel", help="comma-separated (default: tcg, and kvm where usable)")
+    p.add_argument("--accel", help="comma-separated: tcg, kvm (default: tcg, and kvm where usable)")
     p.add_argument("--smp", default="1,2", help="comma-separated topologies (default 1,2)")
     p.add_argument("--root", default="results/nightly", metavar="DIR", help="where nights are kept")
     p.add_argument(
         "--date",
+        type=date_value,
         default=datetime.now(UTC).strftime("%Y-%m-%d"),
         metavar="YYYY-MM-DD",
         help="the night's folder name (default: today, UTC)",
@@ -594,15 +610,54 @@ def parser() -> argparse.ArgumentParser:
         "(default: keep all)",
     )
     p.add_argument("run_args", nargs="*", help="passed to every qmpprobe run (after --)")
-    return p
+
+
+def date_value(text: str) -> str:
+    """`--date`: a calendar date, the night's folder name (and the index's order)."""
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").strftime("%Y-%m-%d")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+
+
+#: What the nightly gives every run itself: not a run argument.
+OWN = ("--qemu", "--accel", "--smp", "--results", "--out", "--resume", "--no-progress")
+
+
+def refusal(args: argparse.Namespace, qemus: list[tuple[str, str]], accels: list[str]) -> str:
+    """What the nightly refuses before any run: an empty --qemu, an accelerator or topology
+    qmpprobe run does not take, run arguments it would refuse or that the nightly sets."""
+    from qmpprobe.cli import attach_dash_values, build_parser
+    from qmpprobe.run.options import RunOptions
+
+    if empty := [n for n, path in qemus if not path.strip()]:
+        return f"--qemu {empty[0]}=: names no binary"
+    if bad := [a for a in accels if a not in ("tcg", "kvm")]:
+        return f"--accel {bad[0]!r}: tcg or kvm"
+    if own := [a for a in args.run_args if a.split("=")[0] in OWN]:
+        return f"{own[0]}: the nightly gives every run its own (use the nightly's option)"
+    for smp in args.smp.split(","):
+        # Parsed and checked as `qmpprobe run` does (its refusals), before any run.
+        given = attach_dash_values(["run", "--smp", smp, *args.run_args])
+        parsed, extra = build_parser().parse_known_args(given)
+        if extra:
+            return f"run arguments qmpprobe run does not take: {' '.join(extra)}"
+        try:
+            RunOptions.from_args(vars(parsed))
+        except InputError as e:
+            return str(e)
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one night; exit 1 when a shipped machine type changed since the previous night,
     else 2 when a run or a diff could not be done, else 0."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     qemus = parse_qemus(args.qemu or [os.environ.get("QMPPROBE_QEMU", "qemu-system-x86_64")])
     accels = args.accel.split(",") if args.accel else default_accels()
+    if why := refusal(args, qemus, accels):
+        p.error(why)
     root = Path(args.root)
     night = root / path_part(args.date)  # a --date is one folder name, never a path
     night.mkdir(parents=True, exist_ok=True)
@@ -616,18 +671,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = {"date": args.date, "runs": runs, "releases": releases}
     atomic_write(night / "night.json", json.dumps(record, indent=1).encode())
     removed = prune(root, night, args.keep) if args.keep else []
-    print(write_index(root))
+    console.note(str(write_index(root)))
     for old in removed:
-        print(f"removed {old} (--keep {args.keep})")
+        console.note(f"removed {old} (--keep {args.keep})")
     for r in runs:
         vs = r.get("previous", {}).get("summary", "")
-        print(
+        # A run that failed says why here too, not only in night.json.
+        why = r["said"][-1] if r["exit"] != 0 and r["said"] else ""
+        console.note(
             f"{r['name']} {r['accel']} smp{r['smp']}: exit {r['exit']} {r.get('run') or ''}"
             + (f"; vs previous night: {vs}" if vs else "")
+            + (f" ({why})" if why else "")
         )
     for d in releases:
         if d["exit"] not in (0, 1):
-            print(f"releases {d['from']} -> {d['to']} {d['accel']} smp{d['smp']}: {d['summary']}")
+            console.note(
+                f"releases {d['from']} -> {d['to']} {d['accel']} smp{d['smp']}: {d['summary']}"
+            )
     # A break shows on one night only (the next night diffs against this one): it wins. A diff
     # that ended otherwise than 0 or 1 (refused, crashed) gave no verdict, which is no pass.
     broken = any(r.get("previous", {}).get("exit") == 1 for r in runs)

@@ -113,6 +113,34 @@ def test_completion_scripts(shell: str) -> None:
         assert syntax.returncode == 0, syntax.stderr
 
 
+def test_completion_knows_the_nightlys_options() -> None:
+    done = cli("completion", "bash", check=True)
+    for option in ("--keep", "--date", "--root"):
+        assert option in done.stdout, option
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--date", "2026-13-01"], "argument --date: '2026-13-01' is not a date YYYY-MM-DD"),
+        (["--date", "../x"], "argument --date: '../x' is not a date YYYY-MM-DD"),
+        (["--qemu", "x="], "--qemu x=: names no binary"),
+        (["--accel", "hvf"], "--accel 'hvf': tcg or kvm"),
+        (["--smp", "0"], "--smp: not a CPU count or QEMU topology: '0'"),
+        (["--", "--results", "r"], "--results: the nightly gives every run its own"),
+        (["--", "--bogus"], "run arguments qmpprobe run does not take: --bogus"),
+        (["--", "--models", ","], "--models ',': no name or glob given"),
+    ],
+)
+def test_nightly_refuses_before_any_run(tmp_path: Path, argv: list[str], said: str) -> None:
+    """What every run would refuse is refused once, up front, with its reason (it used to be
+    a night of failed runs, the reason in night.json only)."""
+    done = cli("nightly", "--root", str(tmp_path / "n"), *argv)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"qmpprobe: {said}") and done.stderr.count("\n") == 1
+    assert not (tmp_path / "n").exists(), "no night made"
+
+
 @pytest.mark.slow
 def test_fetch_qemu_subcommand_runs_the_packaged_script(tmp_path: Path) -> None:
     """`qmpprobe fetch-qemu` runs the same script as scripts/fetch-qemu; a release already

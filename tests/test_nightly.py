@@ -66,6 +66,10 @@ def test_one_night(tmp_path: Path) -> None:
         assert (root / "2026-01-02" / ok["run"] / "report.html").exists()
         assert ok["run"].endswith(f"-tcg-smp{smp}")
         assert runs[("broken", smp)]["exit"] == 2 and runs[("broken", smp)]["run"] is None
+        # Why it failed is on the nightly's own output too, not only in night.json.
+        line = next(x for x in done.stdout.splitlines() if x.startswith(f"broken tcg smp{smp}:"))
+        assert line.endswith(f"({runs[('broken', smp)]['said'][-1]})"), line
+        assert "missing-qemu" in line
     index = (root / "index.html").read_text()
     assert index.count('href="2026-01-02/system/') == 2
     assert "not found" in index
