@@ -531,8 +531,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             console.note(probed[0])
     folder = RunFolder(args.run or out)
     manifest = folder.manifest(require_complete=True)
-    newest = explain.pair(folder.path, manifest, folder.read_combos(), args.machine)
-    cells = explain.select_models(folder.read_cells(), args.model)
+    combos = folder.read_combos()
+    newest = explain.pair(folder.path, manifest, combos, args.machine)
+    cells, unanswered = explain.select_models(
+        folder.read_cells(), combos, args.model, [args.machine, newest]
+    )
+    if unanswered and cells.empty:
+        # The model was asked for, but QEMU gave nothing to compare: say what it said.
+        raise InputError(f"nothing to explain: {'; '.join(unanswered[:3])}")
+    for line in unanswered:
+        console.warn(f"not compared: {line}")
     diffs = explain.causes(
         manifest, explain.differences(manifest, cells, args.machine, newest), args.machine, newest
     )

@@ -238,6 +238,18 @@ def test_a_diff_never_writes_over_its_own_files_or_into_a_run_folder(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
 
 
+def test_explain_of_a_model_qemu_did_not_answer_says_what_it_said(tmp_path: Path) -> None:
+    """`host` is skipped under TCG: explain names that (it used to say "nothing matches")."""
+    done = cli(
+        "explain", "pc-q35-7.1", "--qemu", qemu_path(), "--models", "host",
+        "--out", str(tmp_path / "x"),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip()
+    assert line.startswith("qmpprobe: nothing to explain: host on pc-q35-7.1: skipped: "), line
+    assert "under tcg" in line and "host on pc-q35-7.2: skipped" in line
+
+
 def test_explain_json_is_one_document(tmp_path: Path) -> None:
     done = cli(
         "explain", "pc-q35-7.1", "--qemu", qemu_path(), "--models", "qemu64", "--json",

@@ -144,11 +144,19 @@ def globals_plans(
     return plans
 
 
-def select_models(cells: pd.DataFrame, models: str | None) -> pd.DataFrame:
-    """The cells of the models `--model` names (names or globs; None: all), refused as any
-    pattern matching nothing is (with the close names)."""
-    if models is None:
-        return cells
-    names = [str(m) for m in cells["model"].cat.categories]
-    wanted = select(names, split_patterns(models), "model")
-    return cells[cells["model"].isin(wanted)]
+def select_models(
+    cells: pd.DataFrame, combos: pd.DataFrame, models: str | None, machines: list[str]
+) -> tuple[pd.DataFrame, list[str]]:
+    """The cells of the models `--model` names (names or globs of the run's models; None:
+    all), refused as any pattern matching nothing is (with the close names); and, for each
+    of them that has no answer on one of `machines`, "model on machine: status: error"."""
+    names = sorted(set(combos["model"].astype(str)))
+    wanted = names if models is None else select(names, split_patterns(models), "model")
+    at = combos[combos["machine"].astype(str).isin(machines) & combos["model"].isin(wanted)]
+    bad = at[at["status"].astype(str) != "ok"]
+    # Only a --model's own failures are news: the whole run's are in its report.
+    unanswered = [
+        f"{r.model} on {r.machine}: {r.status}" + (f": {r.error}" if r.error else "")
+        for r in bad.itertuples()
+    ] if models is not None else []  # fmt: skip
+    return cells[cells["model"].isin(wanted)], unanswered
