@@ -210,6 +210,12 @@ def build_parser(
         help="do not write the drift report at the end (qmpprobe report RUN later)",
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    r.add_argument(
+        "--no-visibility",
+        action="store_true",
+        help="do not learn what the guest sees of each drift (visibility.json: a few boots "
+        "per build, cached); the report says 'not measured'",
+    )
 
     d = sub.add_parser("discover", help="what the QEMU binary has: version, machines, models")
     _probe_args(d)
@@ -401,8 +407,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         outcome = lifecycle.run_sync(
             lambda: lifecycle.resume(
-                args.resume, args.jobs, args.timeout, progress, not args.no_cache
-            )
+                args.resume, args.jobs, args.timeout, progress, not args.no_cache,
+                not args.no_visibility,
+            )  # fmt: skip
         )
     else:
         options = _options(args, progress=progress)

@@ -199,6 +199,18 @@ def test_a_second_run_boots_nothing_for_it(learned: dict[str, Any]) -> None:
     assert second["props"] == first["props"]
 
 
+def test_no_visibility_boots_nothing_and_the_report_says_not_measured(tmp_path: Path) -> None:
+    qemu, log = wrapper(tmp_path)
+    out = tmp_path / "run"
+    done = run(qemu, out, tmp_path / "cache", *PLAN, "--no-visibility")
+    assert done.returncode == 0, done.stderr
+    assert boots(log) == [] and not (out / VISIBILITY).exists()
+    md = (out / "report.md").read_text()
+    # Flags keep the CPUID bit discovery learned; nothing toggled was measured.
+    assert "| not measured |" in md and "| CPUID bit |" in md
+    assert "| CPUID |" not in md and "| host-side |" not in md
+
+
 # -- without nasm, a hanging QEMU, Ctrl-C ---------------------------------------------------
 def test_without_nasm_every_toggled_property_is_not_learned_and_the_run_stands(
     learned: dict[str, Any], tmp_path: Path

@@ -103,7 +103,7 @@ async def _execute(runner: Runner, options: RunOptions, started: float) -> Outco
             f"interrupted: {runner.folder.path} saved with pending combos; "
             f"resume with: qmpprobe run --resume {runner.folder.path}"
         )
-    if outcome.complete:  # before the report, which marks what the guest does not see
+    if outcome.complete and options.visibility:  # before the report, which uses it
         await visibility.step(runner.folder, runner.manifest, runner.launch, options, runner.env)
     return outcome
 
@@ -182,7 +182,12 @@ async def run(options: RunOptions) -> Outcome:
 
 
 async def resume(
-    path: str, jobs: int | None, timeout: float | None, progress: bool, use_cache: bool = True
+    path: str,
+    jobs: int | None,
+    timeout: float | None,
+    progress: bool,
+    use_cache: bool = True,
+    visibility: bool = True,
 ) -> Outcome:
     """Finish an interrupted run: same QEMU (checked by fingerprint), only the missing combos."""
     started = time.monotonic()
@@ -197,8 +202,9 @@ async def resume(
             "start a new run"
         )
     options = options_from_manifest(
-        manifest, jobs=jobs, timeout=timeout, progress=progress, cache=use_cache
-    )
+        manifest, jobs=jobs, timeout=timeout, progress=progress, cache=use_cache,
+        visibility=visibility,
+    )  # fmt: skip
     # Before the binary the manifest names is started (discovery runs it): it must be the
     # very file the run used, or a foreign folder chooses what runs.
     preflight.recorded_qemu(manifest, path)

@@ -44,6 +44,8 @@ class RunOptions:
     read: str = READ_AUTO
     mode: str = EXACT
     guest_cpuid: bool = False
+    #: After a complete run, learn what the guest sees of each drift (visibility.json).
+    visibility: bool = True
     cache: bool = True
     out: str | None = None
     results: str = "results"
@@ -90,6 +92,8 @@ class RunOptions:
         values = {**args, **given}
         if "no_cache" in values and "cache" not in given:
             values["cache"] = not values["no_cache"]
+        if values.get("no_visibility") and "visibility" not in given:
+            values["visibility"] = False
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
