@@ -407,9 +407,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         outcome = lifecycle.run_sync(
             lambda: lifecycle.resume(
-                args.resume, args.jobs, args.timeout, progress, not args.no_cache,
+                args.resume,
+                args.jobs,
+                args.timeout,
+                progress,
+                not args.no_cache,
                 not args.no_visibility,
-            )  # fmt: skip
+            )
         )
     else:
         options = _options(args, progress=progress)
