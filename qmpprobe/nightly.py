@@ -704,11 +704,16 @@ def entry() -> int:
     try:
         return main()
     except KeyboardInterrupt:
-        print("nightly: interrupted", file=sys.stderr)
-        return 3
+        return _last_line("nightly: interrupted", 3)
     except Exception as e:  # a bug, or a night folder of another shape
-        print(f"nightly: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 4
+        return _last_line(f"nightly: internal error: {type(e).__name__}: {e}", 4)
+
+
+def _last_line(line: str, code: int) -> int:
+    """The failure's one line on stderr (when there is one), as every command's; `code`."""
+    if sys.stderr is not None:
+        print(f"qmpprobe: {console.printable(line)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
