@@ -486,17 +486,19 @@ def _diff_and_write(
     return EXIT_CHANGED if len(result.breaks) else EXIT_OK
 
 
-def _check_outputs(args: argparse.Namespace, out: Path) -> None:
+def _check_outputs(args: argparse.Namespace, out: Path, runs: Sequence[Path] = ()) -> None:
     """Where a diff goes, refused before anything is probed or written (after a whole check,
     a lost verdict): not into a run folder; `--junit FILE` a file it can write and replace,
-    none of the diff's own (its folder may be `out`, which the diff makes)."""
+    none of the diff's own, its inputs or the `runs` it makes (its folder may be `out`)."""
     from qmpprobe.report.report import DIFF_FILES
     from qmpprobe.store.folder import MANIFEST, file_target
 
     if (out / MANIFEST).exists():
         raise InputError(f"--out {out}: is a run folder (a diff goes into a folder of its own)")
     if args.junit:
-        file_target(args.junit, "--junit", out, [out / f for f in DIFF_FILES])
+        own = [out / f for f in DIFF_FILES] + list(runs)
+        own += [Path(args.accept)] if args.accept else []
+        file_target(args.junit, "--junit", out, own)
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
@@ -517,7 +519,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     baseline = _options(args, qemu=args.baseline, out=str(out / "baseline"), progress=progress)
     candidate = _options(args, qemu=args.candidate, out=str(out / "candidate"), progress=progress)
     # With --json, stdout is one JSON document: the runs' lines go into it.
-    _check_outputs(args, out)
+    _check_outputs(args, out, [out / "baseline", out / "candidate"])
     probed: list[str] = []
     say = probed.append if args.json else console.note
     lifecycle.check([baseline, candidate], lambda outcome: say(lifecycle.summary(outcome)))
@@ -662,8 +664,8 @@ def _pin_refusal(args: argparse.Namespace) -> str:
 
         try:
             file_target(args.out, "--out")
-        except InputError as e:  # a folder: pin writes one file (--all writes a folder)
-            return str(e)
+        except InputError as e:
+            return f"{e}; pin --all writes a folder" if Path(args.out).is_dir() else str(e)
     return ""
 
 

@@ -634,6 +634,8 @@ def refusal(args: argparse.Namespace, qemus: list[tuple[str, str]], accels: list
         return f"--qemu {empty[0]}=: names no binary"
     if bad := [a for a in accels if a not in ("tcg", "kvm")]:
         return f"--accel {bad[0]!r}: tcg or kvm"
+    if asked := [a for a in args.run_args if a in ("-h", "--help")]:
+        return f"{asked[0]} among the run arguments: see qmpprobe run -h"
     if own := [a for a in args.run_args if a.split("=")[0] in OWN]:
         return f"{own[0]}: the nightly gives every run its own (use the nightly's option)"
     for smp in args.smp.split(","):
@@ -695,6 +697,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     undone = any(r["exit"] != 0 or not r.get("complete") for r in runs) or any(
         d["exit"] not in (0, 1) for d in diffs
     )
+    failed = sum(r["exit"] != 0 or not r.get("complete") for r in runs)
+    # The verdict's one line on stderr, also under -q (the lines above are informational).
+    if broken:
+        _last_line("nightly: a shipped machine type changed since the previous night", 0)
+    elif undone:
+        what = f"{failed} run(s)" if failed else "a diff"
+        _last_line(f"nightly: {what} gave no verdict (why: above and in {night / 'night.json'})", 0)
     return 1 if broken else 2 if undone else 0
 
 

@@ -478,6 +478,10 @@ def test_nightly_without_a_verdict_is_not_a_pass(tmp_path: Path) -> None:
     assert entry["exit"] == 0 and entry["previous"]["exit"] == 2
     said = entry["previous"]["summary"]
     assert said.startswith("no verdict (diff exit 2): qmpprobe: corrupted run folder: "), said
+    # Its one line on stderr says so, as every command's last line does (also under -q).
+    assert (
+        done.stderr.strip().splitlines()[-1].startswith("qmpprobe: nightly: a diff gave no verdict")
+    )
 
 
 @pytest.mark.parametrize("text", ["[]", '{"runs": 3}', '{"runs": [1, {"run": 3}]}', "{"])

@@ -70,6 +70,11 @@ def test_one_night(tmp_path: Path) -> None:
         line = next(x for x in done.stdout.splitlines() if x.startswith(f"broken tcg smp{smp}:"))
         assert line.endswith(f"({runs[('broken', smp)]['said'][-1]})"), line
         assert "missing-qemu" in line
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("qmpprobe: nightly: 2 run(s) gave no verdict")
+    )
     index = (root / "index.html").read_text()
     assert index.count('href="2026-01-02/system/') == 2
     assert "not found" in index

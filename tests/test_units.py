@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from qmpprobe.core.cpuflags import globals_for, metric_size, split
@@ -209,3 +211,46 @@ def test_machine_order_is_the_version_in_any_build() -> None:
     assert list(out.columns) == ["machine", "machine_order", "from_machine", "from_machine_order"]
     assert out["machine_order"].tolist() == [21000, -1]
     assert out["from_machine_order"].tolist() == [-1, 20900]
+
+
+# -- file targets (--junit, pin --out) and terminal text ---------------------------------------
+def test_file_target_refuses_what_a_rename_would_destroy_or_the_command_needs(
+    tmp_path: Path,
+) -> None:
+    from qmpprobe.store.folder import file_target
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "diff.md").write_text("x")
+    (tmp_path / "lnk").symlink_to(out)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text("{}")
+    accept = tmp_path / "accept.csv"
+    accept.write_text("")
+    refused = {
+        str(tmp_path / "lnk" / "diff.md"): "one of the files",  # through a linked folder
+        str(run / "j.xml"): "is in a run folder",
+        str(accept): "one of the files",
+        str(tmp_path / "ck" / "baseline"): "one of the files",
+        str(tmp_path / "none" / "j.xml"): "is not a folder",
+    }
+    own = [out / "diff.md", accept, tmp_path / "ck" / "baseline"]
+    for path, said in refused.items():
+        with pytest.raises(InputError, match=said):
+            file_target(path, "--junit", tmp_path / "ck", own)
+    # Folders the command makes on the way to its own are fine, as are unnormalised paths.
+    made = tmp_path / "a" / "b" / "ck"
+    assert file_target(tmp_path / "a" / "j.xml", "--junit", made, own)
+    assert file_target(tmp_path / "x" / ".." / "ck" / "j.xml", "--junit", tmp_path / "ck", own)
+    assert file_target(out / "j.xml", "--junit", None, own)
+
+
+def test_terminal_and_markdown_text_show_control_characters_as_escapes() -> None:
+    from qmpprobe.console import printable
+    from qmpprobe.report.escape import md_text
+
+    said = "qemu: \x1b[2J\x1b]0;pwned\x07 é\x9b"
+    assert printable(said) == "qemu: \\x1b[2J\\x1b]0;pwned\\x07 é\\x9b"
+    assert "\x1b" not in md_text(said) and "\x9b" not in md_text(said)
+    assert md_text("a\x1bb") == "a\\\\x1bb"  # renders as a\x1bb

@@ -87,16 +87,22 @@ def file_target(
     """`path` as a file a command may replace, checked before anything is done: a regular
     file or nothing yet (never a folder, device, FIFO or symlink: the rename that writes it
     would replace the node itself, /dev/null included), not one of the command's `own`
-    outputs, in a folder that exists or is the folder `creates` (made by the command)."""
+    files (outputs and inputs, compared after links), not in a run folder, in a folder that
+    exists or that the command makes (`creates`, or a folder on the way to it)."""
     target = Path(path)
     if target.is_symlink() or (target.exists() and not target.is_file()):
         kind = "a folder" if target.is_dir() else "a link" if target.is_symlink() else "not a file"
         raise InputError(f"{option} {path}: is {kind} (it writes one regular file)")
-    where = target.absolute().parent
-    if any(os.path.abspath(target) == os.path.abspath(o) for o in own):
-        raise InputError(f"{option} {path}: is one of the files the command writes itself")
-    made = creates is not None and where == creates.absolute()  # check --out D --junit D/j.xml
-    if not (where.is_dir() or made):
+    real = Path(os.path.realpath(target))
+    if any(real == Path(os.path.realpath(o)) for o in own):
+        raise InputError(f"{option} {path}: is one of the files the command reads or writes")
+    if (real.parent / MANIFEST).exists():
+        raise InputError(f"{option} {path}: is in a run folder (its files are the run's)")
+    made = creates is not None and (
+        real.parent == Path(os.path.realpath(creates))
+        or Path(os.path.realpath(creates)).is_relative_to(real.parent)
+    )
+    if not (real.parent.is_dir() or made):
         raise InputError(f"{option} {path}: {target.parent} is not a folder")
     return target
 
