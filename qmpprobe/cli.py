@@ -857,7 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rest = given[at + 1 :]
         console.configure(_verbosity([*given[:at], *_leading_verbosity(rest)]))
-        return _guarded(lambda: nightly.main(_without_verbosity(rest)))
+        return _guarded(lambda: nightly.main(_without_verbosity(rest), _run_refusal))
     parser = build_parser()
     args, extra = parser.parse_known_args(attach_dash_values(given))
     if extra:
@@ -887,6 +887,22 @@ def _verbosity(tokens: Sequence[str]) -> int:
     if any("q" in t and not t.startswith("--v") for t in flags):
         return -1
     return sum(t.count("v") if not t.startswith("--") else 1 for t in flags)
+
+
+def _run_refusal(smp: str, run_args: Sequence[str]) -> str:
+    """What `qmpprobe run --smp SMP RUN_ARGS` refuses before probing ("" when nothing): the
+    nightly asks before its first run, not once per run."""
+    from qmpprobe.run.options import RunOptions
+
+    given = attach_dash_values(["run", "--smp", smp, *run_args])
+    parsed, extra = build_parser().parse_known_args(given)
+    if extra:
+        return f"run arguments qmpprobe run does not take: {' '.join(extra)}"
+    try:
+        RunOptions.from_args(vars(parsed))
+    except InputError as e:
+        return str(e)
+    return ""
 
 
 def _nightly_at(given: Sequence[str]) -> int | None:

@@ -9,7 +9,7 @@ changes per kind, the nights each model changed), also written as `trends.csv` a
 `timeline.csv`. `--keep N` removes the oldest nights beyond N. One failing binary does not stop
 the others. Exit code: 1 when a binary changed a shipped machine type since the previous night;
 else 2 when a run or a diff could not be done (no verdict is never a pass); else 0.
-`scripts/nightly` sets up and calls `python -m qmpprobe.nightly`; `qmpprobe nightly` calls `main`.
+`scripts/nightly` sets up and calls `qmpprobe nightly`, which calls `main`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -573,7 +573,7 @@ def keep_value(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    """`qmpprobe nightly` arguments (also those of `scripts/nightly` and `-m qmpprobe.nightly`)."""
+    """`qmpprobe nightly` arguments (also those of `scripts/nightly`)."""
     p = _Parser(
         prog="qmpprobe nightly",
         description=__doc__,
@@ -624,12 +624,20 @@ def date_value(text: str) -> str:
 OWN = ("--qemu", "--accel", "--smp", "--results", "--out", "--resume", "--no-progress")
 
 
-def refusal(args: argparse.Namespace, qemus: list[tuple[str, str]], accels: list[str]) -> str:
-    """What the nightly refuses before any run: an empty --qemu, an accelerator or topology
-    qmpprobe run does not take, run arguments it would refuse or that the nightly sets."""
-    from qmpprobe.cli import attach_dash_values, build_parser
-    from qmpprobe.run.options import RunOptions
+#: `qmpprobe run`'s own refusal of one topology and the run arguments ("" when it takes them):
+#: the command line's parser and options, handed in by `qmpprobe nightly`.
+RunRefusal = Callable[[str, Sequence[str]], str]
 
+
+def refusal(
+    args: argparse.Namespace,
+    qemus: list[tuple[str, str]],
+    accels: list[str],
+    run_refusal: RunRefusal | None = None,
+) -> str:
+    """What the nightly refuses before any run: an empty --qemu, an accelerator qmpprobe
+    run does not take, run arguments that are the nightly's own, and what `run_refusal`
+    says of each topology with the run arguments."""
     if empty := [n for n, path in qemus if not path.strip()]:
         return f"--qemu {empty[0]}=: names no binary"
     if bad := [a for a in accels if a not in ("tcg", "kvm")]:
@@ -638,27 +646,19 @@ def refusal(args: argparse.Namespace, qemus: list[tuple[str, str]], accels: list
         return f"{asked[0]} among the run arguments: see qmpprobe run -h"
     if own := [a for a in args.run_args if a.split("=")[0] in OWN]:
         return f"{own[0]}: the nightly gives every run its own (use the nightly's option)"
-    for smp in args.smp.split(","):
-        # Parsed and checked as `qmpprobe run` does (its refusals), before any run.
-        given = attach_dash_values(["run", "--smp", smp, *args.run_args])
-        parsed, extra = build_parser().parse_known_args(given)
-        if extra:
-            return f"run arguments qmpprobe run does not take: {' '.join(extra)}"
-        try:
-            RunOptions.from_args(vars(parsed))
-        except InputError as e:
-            return str(e)
-    return ""
+    if run_refusal is None:
+        return ""
+    return next((w for smp in args.smp.split(",") if (w := run_refusal(smp, args.run_args))), "")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, run_refusal: RunRefusal | None = None) -> int:
     """Run one night; exit 1 when a shipped machine type changed since the previous night,
     else 2 when a run or a diff could not be done, else 0."""
     p = parser()
     args = p.parse_args(argv)
     qemus = parse_qemus(args.qemu or [os.environ.get("QMPPROBE_QEMU", "qemu-system-x86_64")])
     accels = args.accel.split(",") if args.accel else default_accels()
-    if why := refusal(args, qemus, accels):
+    if why := refusal(args, qemus, accels, run_refusal):
         p.error(why)
     root = Path(args.root)
     night = root / path_part(args.date)  # a --date is one folder name, never a path
@@ -707,23 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if broken else 2 if undone else 0
 
 
-def entry() -> int:
-    """`main`, ending with one line and exit 4 on an error of the nightly itself (never 1,
-    which means a shipped machine type changed)."""
-    try:
-        return main()
-    except KeyboardInterrupt:
-        return _last_line("nightly: interrupted", 3)
-    except Exception as e:  # a bug, or a night folder of another shape
-        return _last_line(f"nightly: internal error: {type(e).__name__}: {e}", 4)
-
-
 def _last_line(line: str, code: int) -> int:
     """The failure's one line on stderr (when there is one), as every command's; `code`."""
     if sys.stderr is not None:
         print(f"qmpprobe: {console.printable(line)}", file=sys.stderr)
     return code
-
-
-if __name__ == "__main__":
-    raise SystemExit(entry())

@@ -374,11 +374,11 @@ def assert_combos_equal_qom_get(run: Path, combos: list[tuple[str, str]]) -> Non
 
 
 def nightly(root: Path, date: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m qmpprobe.nightly` on the system QEMU (TCG, one CPU); `args` as given, run
+    """`qmpprobe nightly` on the system QEMU (TCG, one CPU); `args` as given, run
     arguments after `--`."""
     return subprocess.run(
         [
-            *(sys.executable, "-m", "qmpprobe.nightly", "--qemu", f"system={qemu_path()}"),
+            *(sys.executable, "-m", "qmpprobe", "nightly", "--qemu", f"system={qemu_path()}"),
             *("--accel", "tcg", "--smp", "1", "--root", str(root), "--date", date, *args),
         ],
         cwd=REPO,

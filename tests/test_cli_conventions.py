@@ -230,7 +230,7 @@ def test_file_targets_that_are_not_regular_files_are_refused_up_front(tmp_path: 
 
 def test_a_diff_never_writes_over_its_own_files_or_into_a_run_folder(tmp_path: Path) -> None:
     own = cli("diff", "a", "b", "--out", str(tmp_path), "--junit", str(tmp_path / "diff.csv"))
-    assert own.returncode == 2 and "one of the files the command writes" in own.stderr
+    assert own.returncode == 2 and "one of the files the command reads or writes" in own.stderr
     (tmp_path / "manifest.json").write_text("{}")
     done = cli(
         "check", "--baseline", qemu_path(), "--candidate", qemu_path(), "--out", str(tmp_path)

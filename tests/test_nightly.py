@@ -32,7 +32,8 @@ def test_one_night(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "qmpprobe.nightly",
+            "qmpprobe",
+            "nightly",
             "--qemu",
             f"system={qemu_path()}",
             "--qemu",
@@ -86,7 +87,8 @@ def night(root: Path, date: str, *qemus: str, env: dict[str, str] | None = None)
         [
             sys.executable,
             "-m",
-            "qmpprobe.nightly",
+            "qmpprobe",
+            "nightly",
             *args,
             "--accel",
             "tcg",

@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from qmpprobe import console
 from qmpprobe.core.discovery import Discovery
 from qmpprobe.core.host import file_sha256
 from qmpprobe.errors import InputError
@@ -116,8 +116,9 @@ def cap_jobs(requested: int) -> tuple[int, str]:
 def capped_jobs(requested: int) -> int:
     """`cap_jobs`, saying on stderr when it capped (the run goes on with fewer)."""
     jobs, why = cap_jobs(requested)
-    if jobs < requested:
-        console.warn(f"--jobs {requested} capped to {jobs}: {why}")
+    # No stderr (`2>&-`): print() would write the line to stdout, the data's.
+    if jobs < requested and sys.stderr is not None:
+        print(f"qmpprobe: --jobs {requested} capped to {jobs}: {why}", file=sys.stderr)
     return jobs
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
-from qmpprobe import console
 from qmpprobe.core.host import digest
 from qmpprobe.store.folder import RunFolder, atomic_write
 from qmpprobe.store.schema import CACHE_SHAPES
@@ -69,10 +69,12 @@ def _private(folder: Path) -> bool:
     if st.st_mode & 0o022:
         why.append(f"writable by {'group and others' if st.st_mode & 0o002 else 'group'} "
                    f"(mode {stat.S_IMODE(st.st_mode):04o})")  # fmt: skip
-    if why:
-        console.warn(
-            f"warning: cache {folder} is not private ({'; '.join(why)}): not used "
-            "(chmod 700 it, or set QMPPROBE_CACHE)"
+    # No stderr (`2>&-`): print() would write the line to stdout, the data's.
+    if why and sys.stderr is not None:
+        print(
+            f"qmpprobe: warning: cache {folder} is not private ({'; '.join(why)}): not used "
+            "(chmod 700 it, or set QMPPROBE_CACHE)",
+            file=sys.stderr,
         )
     return not why
 
