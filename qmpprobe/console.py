@@ -11,24 +11,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
 import time
 from typing import Any, TextIO
+
+from qmpprobe.core.values import visible_controls
 
 log = logging.getLogger("qmpprobe")
 
 #: 0 normal, -1 quiet (`-q`), 1 `-v`, 2 `-vv`.
 _level = 0
 
-#: C0 and C1 controls, DEL among them, but for tab and newline (a summary may be lines): an
-#: ESC from QEMU's message (or a name) must not drive the terminal a line lands on.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
 
 def printable(text: str) -> str:
     """`text` for a terminal: every control character but tab and newline as `\\xNN`."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return visible_controls(text)
 
 
 class _Printable(logging.Formatter):

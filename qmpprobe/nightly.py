@@ -694,21 +694,18 @@ def main(argv: Sequence[str] | None = None, run_refusal: RunRefusal | None = Non
     # that ended otherwise than 0 or 1 (refused, crashed) gave no verdict, which is no pass.
     broken = any(r.get("previous", {}).get("exit") == 1 for r in runs)
     diffs = [r["previous"] for r in runs if "previous" in r] + releases
-    undone = any(r["exit"] != 0 or not r.get("complete") for r in runs) or any(
-        d["exit"] not in (0, 1) for d in diffs
-    )
     failed = sum(r["exit"] != 0 or not r.get("complete") for r in runs)
+    undone = failed > 0 or any(d["exit"] not in (0, 1) for d in diffs)
     # The verdict's one line on stderr, also under -q (the lines above are informational).
     if broken:
-        _last_line("nightly: a shipped machine type changed since the previous night", 0)
+        _last_line("nightly: a shipped machine type changed since the previous night")
     elif undone:
         what = f"{failed} run(s)" if failed else "a diff"
-        _last_line(f"nightly: {what} gave no verdict (why: above and in {night / 'night.json'})", 0)
+        _last_line(f"nightly: {what} gave no verdict (why: above and in {night / 'night.json'})")
     return 1 if broken else 2 if undone else 0
 
 
-def _last_line(line: str, code: int) -> int:
-    """The failure's one line on stderr (when there is one), as every command's; `code`."""
+def _last_line(line: str) -> None:
+    """The verdict's one line on stderr (when there is one), as every command's last line."""
     if sys.stderr is not None:
         print(f"qmpprobe: {console.printable(line)}", file=sys.stderr)
-    return code

@@ -36,7 +36,7 @@ ALLOWED = {
     "qmpprobe": set(),
     "errors": set(),
     # The command line's edge: verbosity, a stdout that survives a closed pipe.
-    "console": set(),
+    "console": {"core"},
 }
 #: Imports the command line may make at all: it parses and prints.
 CLI_STDLIB = {

@@ -150,13 +150,13 @@ def select_models(
     """The cells of the models `--model` names (names or globs of the run's models; None:
     all), refused as any pattern matching nothing is (with the close names); and, for each
     of them that has no answer on one of `machines`, "model on machine: status: error"."""
+    if models is None:  # only a --model's own failures are news: the run's are in its report
+        return cells, []
     names = sorted(set(combos["model"].astype(str)))
-    wanted = names if models is None else select(names, split_patterns(models), "model")
+    wanted = select(names, split_patterns(models), "model")
     at = combos[combos["machine"].astype(str).isin(machines) & combos["model"].isin(wanted)]
-    bad = at[at["status"].astype(str) != "ok"]
-    # Only a --model's own failures are news: the whole run's are in its report.
     unanswered = [
         f"{r.model} on {r.machine}: {r.status}" + (f": {r.error}" if r.error else "")
-        for r in bad.itertuples()
-    ] if models is not None else []  # fmt: skip
+        for r in at[at["status"].astype(str) != "ok"].itertuples()
+    ]
     return cells[cells["model"].isin(wanted)], unanswered

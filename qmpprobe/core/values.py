@@ -1,8 +1,10 @@
-"""QMP values as cell text: canonical JSON text and JSON type names (shared vocabulary)."""
+"""QMP values as cell text: canonical JSON text and JSON type names (shared vocabulary); text
+from QEMU with its control characters made visible."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -38,3 +40,13 @@ def json_type(value: Any) -> str:
     if isinstance(value, dict):
         return "object"
     return "null"
+
+
+#: C0 and C1 controls, DEL among them, but for tab and newline: an ESC from QEMU's message
+#: (or a name) must not drive the terminal that shows a line, or `cat report.md`.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible_controls(text: str) -> str:
+    """`text` with every control character but tab and newline as its `\\xNN` escape."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

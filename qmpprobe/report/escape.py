@@ -15,6 +15,8 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader
 
+from qmpprobe.core.values import visible_controls
+
 # -- Markdown ----------------------------------------------------------------------------------
 
 
@@ -34,14 +36,13 @@ _MD_UNDERSCORE = re.compile(r"(?<![^\W_])_|_(?![^\W_])")
 #: thematic break.
 _MD_LEADING = re.compile(r"^(\s*)([-+](?=\s|$)|-(?=[\s-]*-[\s-]*$)|\d{1,9}(?=[.)](?:\s|$)))")
 _MD_NEWLINE = re.compile(r"\r\n|[\r\n]")
-_MD_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def md_text(value: Any) -> MdText:
     """Text as a Markdown inline: literal, no raw HTML, no table split, on one line."""
     text = _MD_NEWLINE.sub(" ", str(value))
     # Other controls (an ESC read by `cat report.md`) as their visible `\xNN`.
-    text = _MD_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    text = visible_controls(text)
     text = _MD_SPECIAL.sub(r"\\\1", text)
     text = _MD_UNDERSCORE.sub(r"\\_", text)
     # An ordered list marker is escaped at its `.`/`)`, the others at the marker itself.

@@ -98,10 +98,7 @@ def file_target(
         raise InputError(f"{option} {path}: is one of the files the command reads or writes")
     if (real.parent / MANIFEST).exists():
         raise InputError(f"{option} {path}: is in a run folder (its files are the run's)")
-    made = creates is not None and (
-        real.parent == Path(os.path.realpath(creates))
-        or Path(os.path.realpath(creates)).is_relative_to(real.parent)
-    )
+    made = creates is not None and Path(os.path.realpath(creates)).is_relative_to(real.parent)
     if not (real.parent.is_dir() or made):
         raise InputError(f"{option} {path}: {target.parent} is not a folder")
     return target
