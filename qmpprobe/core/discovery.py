@@ -54,6 +54,8 @@ class Discovery:
     feature_bits: dict[str, str]
     feature_aliases: dict[str, list[str]]
     fingerprint: dict[str, Any]
+    #: The architecture (`core.arch`: x86, s390x, aarch64) of `target`.
+    arch: str = "x86"
     #: Per machine type, its declared compat props on x86 CPU types and their ancestors, as
     #: `[qom-type, property, value]` in QEMU's order (QEMU >= 9.1; None when not declared).
     compat_props: dict[str, list[list[str]]] | None = None

@@ -51,3 +51,5 @@ class Record(TypedDict, total=False):
     #: Expand mode: what realize decides, and which calibration said so.
     realize_decided: list[str]
     decided_by: dict[str, list[str]]
+    #: Read from its expansion because QEMU refused to realize it: QEMU's refusal.
+    unrealized: str

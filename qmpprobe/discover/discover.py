@@ -19,6 +19,7 @@ from typing import Any
 from qemu.qmp import QMPError
 
 from qmpprobe import __version__
+from qmpprobe.core.arch import ARCHES, Arch, arch_of
 from qmpprobe.core.cpuid import feature_bits
 from qmpprobe.core.discovery import Discovery, Machine, Model
 from qmpprobe.core.host import kvm_usable, qemu_fingerprint
@@ -48,9 +49,6 @@ def greeting_timeout() -> float:
     except ValueError:
         return 15.0
     return value if math.isfinite(value) and value > 0 else 15.0
-
-
-X86_TARGETS = {"x86_64", "i386"}
 
 
 @dataclass(frozen=True)
@@ -127,8 +125,10 @@ def parse_models(raw: list[dict[str, Any]]) -> list[Model]:
     ]
 
 
-#: A static expansion names each CPUID feature once, by QEMU's canonical name.
-STATIC_BASE = {"type": "static", "model": {"name": "base"}}
+def _static(arch: Arch) -> dict[str, Any]:
+    """A static expansion of the architecture's base model: it names each CPUID feature once,
+    by QEMU's canonical name."""
+    return {"type": "static", "model": {"name": arch.base_model}}
 
 
 def _features(static: dict[str, Any]) -> list[str]:
@@ -327,21 +327,26 @@ async def _ask(
     step.within = DISCOVERY_TIMEOUT
     answers = dict(zip(names, first, strict=True))
     target = _ret(answers["query-target"], "query-target")["arch"]
-    if target not in X86_TARGETS:
+    arch = arch_of(str(target))
+    if arch is None:
+        known_here = ", ".join(a.qemu for a in ARCHES)
         raise InputError(
-            f"{qemu_path} emulates {target}, not x86: qmpprobe needs qemu-system-x86_64"
+            f"{qemu_path} emulates {target}: qmpprobe knows {known_here}"
         )
     qv = _ret(answers["query-version"], "query-version")
     fingerprint = qemu_fingerprint(qemu_path, proc.pid or 0)
-    step.what = "query-cpu-model-expansion of base"
-    static = (await proc.answers([("query-cpu-model-expansion", STATIC_BASE)]))[0]
-    answers["static-base"] = static
-    features = _features(static)
     machines = parse_machines(_ret(answers["query-machines"], "query-machines"))
     models = parse_models(_ret(answers["query-cpu-definitions"], "query-cpu-definitions"))
-    key = f"{fingerprint['id']}-{accel}-{__version__}"
-    # Missing, damaged or of another shape (cache.load checks it): learned again.
-    known = learned.load(key) if learned else None
+    features: list[str] = []
+    known: dict[str, Any] | None = {"aliases": {}, "bits": {}, "crashed": {}, "answers": {}}
+    if arch.cpuid:
+        step.what = f"query-cpu-model-expansion of {arch.base_model}"
+        static = (await proc.answers([("query-cpu-model-expansion", _static(arch))]))[0]
+        answers["static-base"] = static
+        features = _features(static)
+        key = f"{fingerprint['id']}-{accel}-{__version__}"
+        # Missing, damaged or of another shape (cache.load checks it): learned again.
+        known = learned.load(key) if learned else None
     if known is None:
         base_type = next((m.typename for m in models if m.name == "base"), "")
         # Independent QEMUs: both learn at once.
@@ -357,7 +362,7 @@ async def _ask(
         known = {"aliases": aliases, "bits": bits, "crashed": crashed, "answers": alias_answers}
         if learned:
             learned.save(key, known)
-    else:
+    elif arch.cpuid:
         known["answers"]["cached"] = key
     answers["aliases"] = known["answers"]
     answers["feature-bits"] = {"bits": known["bits"], "crashed": known["crashed"]}
@@ -369,6 +374,7 @@ async def _ask(
     return Discovery(
         qemu=qemu_path,
         accel=accel,
+        arch=arch.name,
         version=version_of(qv),
         package=qv.get("package", "").strip(),
         query_version=qv,

@@ -13,7 +13,7 @@ from qmpprobe.core.record import Record
 from qmpprobe.core.values import json_text
 from qmpprobe.core.vocab import ERROR, EXPAND, NO_CPU, OK, READ_EXPAND_CALIBRATION, cpus_of
 from qmpprobe.probe.qemu import LaunchOptions, QemuProcess
-from qmpprobe.probe.read import expansion_args, qom_gets, read_all
+from qmpprobe.probe.read import expansion_args, qom_gets, read_all, static_args
 from qmpprobe.probe.session import QMP_FAILED, connect, qmp_failed, session
 
 
@@ -29,6 +29,8 @@ class MachineRead:
     #: Properties of the own CPU not read (feature flags, which expand mode takes as
     #: requested, and plumbing); flags with a learned bit come from its feature words.
     skip: frozenset[str] = frozenset()
+    #: Also ask each model's static expansion (`Arch.static_base`).
+    static: bool = False
 
     def argv(self, options: LaunchOptions, machine: str, model: str) -> list[str]:
         """The command line: `-cpu MODEL,FLAGS`, the run's globals, then these."""
@@ -49,6 +51,7 @@ async def probe_machine(
     of its own realized CPU beside that CPU's expansion (`own-cpu`).
     """
     expansions: list[dict[str, Any]] = []
+    statics: list[dict[str, Any]] = []
 
     async def work(qemu: QemuProcess, record: Record) -> None:
         if not await connect(qemu, record):
@@ -57,7 +60,9 @@ async def probe_machine(
             cpus, defs, *got = await qemu.answers(
                 [("query-cpus-fast", None), ("query-cpu-definitions", None)]
                 + [("query-cpu-model-expansion", expansion_args(m)) for m in models]
+                + [("query-cpu-model-expansion", static_args(m)) for m in models if own.static]
             )
+            got, static = got[: len(models)], got[len(models) :]
             record["answers"] = {"query-cpus-fast": cpus, "query-cpu-definitions": defs}
             if not cpus.get("return"):
                 record["error"] = NO_CPU
@@ -77,11 +82,12 @@ async def probe_machine(
             **every,
         }
         expansions.extend(got)
+        statics.extend(static)
         record["status"] = OK
 
     argv = own.argv(options, machine, own.own_model)
     machine_record = await session(argv, env, timeout, machine, work)
-    return split_machine_record(machine_record, machine, models, expansions)
+    return split_machine_record(machine_record, machine, models, expansions, statics)
 
 
 async def probe_model(
@@ -142,7 +148,11 @@ def _differing(
 
 
 def split_machine_record(
-    record: Record, machine: str, models: Sequence[str], expansions: list[dict[str, Any]]
+    record: Record,
+    machine: str,
+    models: Sequence[str],
+    expansions: list[dict[str, Any]],
+    statics: Sequence[dict[str, Any]] = (),
 ) -> list[Record]:
     """One record per model out of an expand-mode machine record (machine-wide answers first)."""
     defs = record["answers"].get("query-cpu-definitions", {})
@@ -163,8 +173,50 @@ def split_machine_record(
             answers.update(record["answers"])
         if record["status"] == OK:
             answers["query-cpu-model-expansion"] = expansions[i]
+            if statics:
+                answers["static-expansion"] = statics[i]
             if "error" in expansions[i]:
                 rec.update({"status": ERROR, "error": expansions[i]["error"].get("desc", "")})
         rec["answers"] = answers
         out.append(rec)
     return out
+
+
+async def probe_unrealized(
+    options: LaunchOptions,
+    machine: str,
+    model: str,
+    own: MachineRead,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> Record:
+    """Exact mode, a model QEMU refused to realize (`Arch.expand_unrealizable`): its full
+    expansion (and static one, with `own.static`) in a QEMU of the same machine type started
+    with the machine type's own CPU, and the machine type's `query-cpu-definitions` entry."""
+
+    async def work(qemu: QemuProcess, record: Record) -> None:
+        if not await connect(qemu, record):
+            return
+        asked = [
+            ("query-cpu-definitions", None),
+            ("query-cpu-model-expansion", expansion_args(model)),
+            *([("query-cpu-model-expansion", static_args(model))] if own.static else []),
+        ]
+        try:
+            defs, full, *static = await qemu.answers(asked)
+        except QMP_FAILED as e:
+            await qmp_failed(qemu, record, e)
+            return
+        entries = {d["name"]: d for d in defs.get("return", [])}
+        record["answers"] = {"definition": entries.get(model), "query-cpu-model-expansion": full}
+        if static:
+            record["answers"]["static-expansion"] = static[0]
+        if "error" in full:
+            record["error"] = full["error"].get("desc", "")
+            return
+        record["status"] = OK
+
+    record = await session(
+        own.argv(options, machine, own.own_model), env, timeout, f"{machine}/{model}", work
+    )
+    return {"machine": machine, "model": model, "read": EXPAND, **record}

@@ -60,11 +60,19 @@ class ReadPlan:
     ignore: frozenset[str] = frozenset()
     #: Also ask `query-cpu-definitions` (alias-of and unavailable features per machine type).
     definitions: bool = False
+    #: Also ask the model's static expansion in the probed process (`Arch.static_base`).
+    static: bool = False
     #: Recorded with the combo, so that a journal entry says how it was read: the digest of
     #: the feature-bit map (`words`), the calibration combos and the digest of this plan.
     words: str = ""
     calibration: tuple[tuple[str, str], ...] = ()
     digest: str = ""
+
+
+def static_args(model: str) -> dict[str, Any]:
+    """`query-cpu-model-expansion` (static) of a model: its static base model and the
+    properties that differ from it, in the process whose `-cpu` flags apply."""
+    return {"type": "static", "model": {"name": model}}
 
 
 def expansion_args(model: str) -> dict[str, Any]:
@@ -256,6 +264,10 @@ async def _run(qemu: QemuProcess, model: str, read: ReadPlan, record: Record) ->
         return
     try:
         answers = await _read_cpu(qemu, model, read)
+        if read.static and cpus_of(answers):
+            (answers["static-expansion"],) = await qemu.answers(
+                [("query-cpu-model-expansion", static_args(model))]
+            )
     except QMP_FAILED as e:  # QEMU died or broke the protocol mid-probe
         await qmp_failed(qemu, record, e)
         return

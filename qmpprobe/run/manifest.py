@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qmpprobe import __version__
+from qmpprobe.core.arch import arch_named
 from qmpprobe.core.discovery import Discovery
 from qmpprobe.core.host import host_facts
 from qmpprobe.core.vocab import EXACT, EXPAND, READ_AUTO
@@ -95,6 +96,8 @@ def new_manifest(
             "accelerators": discovery.accelerators,
             "kvm": discovery.kvm,
         },
+        # What this architecture's runs cannot show (`core.arch`), said where the data is.
+        "arch": {"name": discovery.arch, "cannot_show": list(arch_named(discovery.arch).cannot_show)},
         "accel": launch.accel,
         "mode": options.mode,
         "guest_cpuid": options.guest_cpuid,

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from qmpprobe.core import cpuflags
+from qmpprobe.core.arch import arch_named
 from qmpprobe.core.cpuid import spelled_bits
 from qmpprobe.core.discovery import Discovery
 from qmpprobe.core.host import digest
@@ -44,7 +45,7 @@ from qmpprobe.core.vocab import (
     STATUSES,
 )
 from qmpprobe.plan.plan import Combo, calibration, natural_key
-from qmpprobe.probe.expand import MachineRead, probe_machine, probe_model
+from qmpprobe.probe.expand import MachineRead, probe_machine, probe_model, probe_unrealized
 from qmpprobe.probe.qemu import OWNER_ENV, LaunchOptions, together, traffic_recorded
 from qmpprobe.probe.read import ReadPlan, definitions_of, probe
 from qmpprobe.probe.session import MALFORMED, malformed
@@ -68,6 +69,7 @@ from qmpprobe.store.cells import (
     cells_table,
     guest_cells,
     record_cells,
+    static_cells,
 )
 from qmpprobe.store.folder import RunFolder, combos_frame
 
@@ -99,6 +101,11 @@ class Runner:
         self.records: dict[tuple[str, str], dict[str, Any]] = {}
         self.blocks: dict[tuple[str, str], CellBlock] = {}
         self.guest_blocks: dict[tuple[str, str], CellBlock] = {}
+        #: `static-base` cells (`Arch.static_base`), source expansion.
+        self.static_blocks: dict[tuple[str, str], CellBlock] = {}
+        self.arch = arch_named(discovery.arch)
+        #: Expand mode: models QEMU refused to realize on the default machine type.
+        self.refused: set[str] = set()
         self.definitions: dict[str, dict[str, str | None]] = {}
         self.env = {**os.environ, OWNER_ENV: manifest["run_id"], "LC_ALL": "C"}
         self.counts: Counter[str] = Counter()
@@ -252,7 +259,8 @@ class Runner:
         self.counts[record["status"]] += 1
 
     def _cells(self, combo: tuple[str, str], record: Record) -> None:
-        source = SOURCE_EXPANSION if self.options.mode == EXPAND else SOURCE_REALIZED
+        # An exact run's model QEMU refused to realize is read from its expansion.
+        source = SOURCE_EXPANSION if record["read"] == EXPAND else SOURCE_REALIZED
         self.blocks[combo] = record_cells(
             record,
             self.discovery.feature_aliases,
@@ -263,6 +271,8 @@ class Runner:
         )
         if "guest-cpuid" in record["answers"]:
             self.guest_blocks[combo] = guest_cells(record, self.texts)
+        if "static-expansion" in record["answers"]:
+            self.static_blocks[combo] = static_cells(record, self.texts)
 
     def _calibrated(self, combo: tuple[str, str], record: Record) -> None:
         """Learn from a finished calibration combo (whatever its status) and wake its waiters."""
@@ -344,6 +354,7 @@ class Runner:
                 self.discovery.plumbing,
                 self._wants_definitions(combo.machine),
             )
+        read = replace(read, static=self.arch.static_base)
         try:
             tries = await self._retrying(
                 lambda: probe(
@@ -357,9 +368,31 @@ class Runner:
         record = tries[-1]
         record["attempts"] = len(tries)
         record["seconds"] = round(sum(r["seconds"] for r in tries), 4)
+        if self.arch.expand_unrealizable and refused(record):
+            record = await self._expand_unrealized(combo, record)
         self._keep(record)
         if key in self.planned:
             bar.advance(self.counts)
+
+    async def _expand_unrealized(self, combo: Combo, refusal: Record) -> Record:
+        """A combo whose model QEMU refused to realize, read from its expansion in a QEMU of
+        its machine type (`Arch.expand_unrealizable`); the refusal when that fails too."""
+        own = replace(
+            self._machine_read(combo.machine, [combo.model]), static=self.arch.static_base
+        )
+        tries = await self._retrying(
+            lambda: probe_unrealized(
+                self.launch, combo.machine, combo.model, own, self.options.timeout, self.env
+            ),
+            lambda r: r,
+        )
+        record = tries[-1]
+        if record["status"] != OK and not record.get("environment"):
+            return refusal  # QEMU expands it no more than it realizes it: its refusal stands
+        record["unrealized"] = refusal["error"]
+        record["attempts"] = refusal["attempts"] + len(tries)
+        record["seconds"] = round(refusal["seconds"] + sum(r["seconds"] for r in tries), 4)
+        return record
 
     def _take_candidate(self, record: Record, data: bytes | None) -> bool:
         if not self._keep(record, journal=False):
@@ -385,7 +418,11 @@ class Runner:
             status, error, mine = self.model_state.get(
                 rec["model"], (ERROR, "QEMU has no machine type to realize it on", [])
             )
-            if rec["status"] == OK and status != OK:
+            if rec["status"] == OK and rec["model"] in self.refused:
+                # QEMU refuses to realize it (`Arch.expand_unrealizable`): its expansion
+                # stands, without what realize would decide for it, which is unknown.
+                rec["unrealized"] = error
+            elif rec["status"] == OK and status != OK:
                 # What realize decides for this model is unknown: no values that might be.
                 model_machine = self.calibration.model_machine
                 rec.update(
@@ -434,6 +471,8 @@ class Runner:
         record = tries[-1]
         self.journal.write_calibration(record)
         self.ref_status[(machine, model)] = record["status"]
+        if self.arch.expand_unrealizable and refused(record):
+            self.refused.add(model)
         decided = realize_decided(record["answers"], self.flags) if record["status"] == OK else []
         return record["status"], record.get("error", ""), decided
 
@@ -445,6 +484,7 @@ class Runner:
         own = self._own_model(machine)
         types = {m.name: m.typename for m in self.discovery.models}
         return MachineRead(
+            static=self.arch.static_base,
             own_model=own,
             globals=tuple(
                 cpuflags.globals_for(
@@ -585,7 +625,12 @@ class Runner:
         self.folder.write_cells(
             cells_table(
                 self.launch.accel,
-                [b for k in order for b in (self.blocks[k], self.guest_blocks.get(k)) if b],
+                [
+                    b
+                    for k in order
+                    for b in (self.blocks[k], self.static_blocks.get(k), self.guest_blocks.get(k))
+                    if b
+                ],
                 self.texts,
                 ranks(machines),
             )
@@ -600,6 +645,18 @@ class Runner:
             read=self._read_summary(),
         )
         self.folder.write_manifest(self.manifest)
+
+
+def refused(record: Record) -> bool:
+    """Whether QEMU refused to start with the combo (it exited on its own before any answer:
+    `Some features requested in the CPU model are not available`), not crashed or stalled."""
+    return (
+        record["status"] == ERROR
+        and not record.get("environment")
+        and not record.get("answers")
+        and record.get("exit") is not None
+        and record.get("signal") is None
+    )
 
 
 def _by_prop(decided: dict[str, list[str]]) -> dict[str, list[str]]:

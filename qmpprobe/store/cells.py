@@ -34,6 +34,7 @@ from qmpprobe.core.vocab import (
     OK,
     READ_LIST_GET,
     READ_QOM_GET,
+    SOURCE_EXPANSION,
     SOURCE_GUEST,
     cpus_of,
     is_edge,
@@ -246,6 +247,22 @@ def guest_cells(record: Mapping[str, Any], texts: Texts) -> CellBlock:
     """The guest CPUID cells of one `ok` record (`source` guest; empty for any other status)."""
     found = Dump(record["answers"]["guest-cpuid"]).values if record["status"] == OK else {}
     return _block(record, found, SOURCE_GUEST, texts)
+
+
+#: The cell of a model's static base model (`Arch.static_base`): the `name` its static
+#: expansion answers with, in the combo's own QEMU.
+STATIC_BASE = "static-base"
+
+
+def static_cells(record: Mapping[str, Any], texts: Texts) -> CellBlock:
+    """The `static-base` cell of one `ok` record (source expansion; empty without one)."""
+    static = record["answers"].get("static-expansion", {})
+    found = (
+        {STATIC_BASE: static["return"]["model"]["name"]}
+        if record["status"] == OK and "return" in static
+        else {}
+    )
+    return _block(record, found, SOURCE_EXPANSION, texts)
 
 
 def _block(

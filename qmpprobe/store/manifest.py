@@ -66,6 +66,9 @@ class Manifest:
     read: Mapping[str, Any] = field(default_factory=dict)
     qmp_limits: str = ""
     expand_limits: str = ""
+    #: The architecture (`core.arch`; runs before 0.5 are x86) and what its runs cannot show.
+    arch: str = "x86"
+    cannot_show: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, raw: Mapping[str, Any]) -> Manifest:
@@ -102,6 +105,8 @@ class Manifest:
             read=raw.get("read", {}),
             qmp_limits=raw.get("qmp_limits", ""),
             expand_limits=raw.get("expand_limits", ""),
+            arch=raw.get("arch", {}).get("name", "x86"),
+            cannot_show=tuple(raw.get("arch", {}).get("cannot_show", ())),
         )
 
     @property

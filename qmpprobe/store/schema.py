@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from qmpprobe.core.arch import arch_named
 from qmpprobe.core.cpuid import Dump
 from qmpprobe.core.machines import ORDER
 from qmpprobe.core.values import json_type
@@ -273,6 +274,7 @@ MANIFEST_SHAPE = obj(
         "qmp_limits": STR,
         "expand_limits": STR,
         "from_cache": COUNT,
+        "arch": obj({"name": NAME}, {"cannot_show": NAMES}),
         "read": obj(
             {},
             {
@@ -470,6 +472,9 @@ def check_cells(
         return [str(v) for v in names[col][used(col, suspect)]]
 
     sources = {SOURCE_EXPANSION} if manifest["mode"] == EXPAND else {SOURCE_REALIZED}
+    arch = arch_named(manifest.get("arch", {}).get("name", ""))
+    if arch.static_base or arch.expand_unrealizable:
+        sources.add(SOURCE_EXPANSION)  # `static-base`, and models QEMU does not realize
     if manifest.get("guest_cpuid"):
         sources.add(SOURCE_GUEST)
     accel = manifest["accel"]
@@ -608,6 +613,7 @@ ANSWERS = obj(
             list_of(obj({"qom-path": NAME}, {"cpu-index": INT, "props": dict_of(ANY)}))
         ),
         "query-cpu-model-expansion": answer(obj({"model": obj({"props": dict_of(ANY)})})),
+        "static-expansion": answer(obj({"model": obj({"name": NAME}, {"props": dict_of(ANY)})})),
         "qom-list": answer(PROPERTIES),
         "qom-get": _qom_gets,
         "qom-list-get": answer(list_of(obj({"properties": PROPERTIES}), length=1)),
@@ -638,6 +644,7 @@ RECORD_SHAPE = obj(
         "mapped": dict_of(ANY),
         "realize_decided": NAMES,
         "decided_by": obj({"machine": NAMES, "model": NAMES}),
+        "unrealized": STR,
         "stalled": BOOL,
         "environment": STR,
         "malformed": BOOL,
