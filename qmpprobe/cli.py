@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from qmpprobe import __version__, console
 from qmpprobe.console import PipeSafe
 from qmpprobe.errors import InputError, Interrupted
-from qmpprobe.run.fetch import RELEASES
+from qmpprobe.run.fetch import RELEASES, TARGETS
 from qmpprobe.run.options import RunOptions, check_patterns, jobs_value, seconds_value
 from qmpprobe.run.progress import is_terminal
 
@@ -319,6 +319,14 @@ def build_parser(
         "fetch-qemu", help="put a Debian build of another QEMU release beside the system one"
     )
     fq.add_argument("version", metavar="VERSION", choices=RELEASES, help=", ".join(RELEASES))
+    fq.add_argument(
+        "target",
+        metavar="TARGET",
+        nargs="?",
+        default="x86_64",
+        choices=TARGETS,
+        help=f"{', '.join(TARGETS)} (default x86_64; another goes to DIR/VERSION-TARGET)",
+    )
     fq.add_argument(
         "--into",
         metavar="DIR",
@@ -782,7 +790,7 @@ def _fleet_baseline(args: argparse.Namespace, f: Any) -> int:
 def _cmd_fetch_qemu(args: argparse.Namespace) -> int:
     from qmpprobe.run.fetch import fetch
 
-    print(fetch(args.version, args.into, console.verbosity() > 0))
+    print(fetch(args.version, args.into, console.verbosity() > 0, args.target))
     return EXIT_OK
 
 

@@ -136,6 +136,8 @@ def _seen(manifest: Manifest, learned: Mapping[str, Any]) -> Callable[[str], dic
     titles = runs.seen_titles(learned)
 
     def seen(prop: str) -> dict[str, str]:
+        if manifest.arch != "x86":
+            return {"seen": "x86-only", "seen_title": "what the guest sees is measured in CPUID"}
         kind = runs.seen_by_guest(prop, bits, learned)
         title = {
             runs.SEEN_BIT: f"CPUID bit {bits[prop]} (learned by discovery)"
@@ -252,6 +254,8 @@ def _facts(manifest: Manifest) -> list[tuple[str, str]]:
     ]
     if manifest.accel == "kvm":
         facts.insert(3, ("host fingerprint (KVM results describe this host)", host["fingerprint"]))
+    facts.insert(2, ("architecture", manifest.arch))
+    facts[3:3] = [("not shown on this architecture", why) for why in manifest.cannot_show]
     return facts
 
 

@@ -13,6 +13,8 @@ from qmpprobe.errors import InputError
 
 #: The releases the script knows a Debian suite of (it says which suite).
 RELEASES = ("5.2", "7.2", "10.0", "11.1")
+#: The targets it fetches (`core.arch`'s binaries: qemu-system-TARGET).
+TARGETS = ("x86_64", "s390x", "aarch64")
 #: Installed with the package (pyproject's package-data), as the firmware is.
 SCRIPT = Path(__file__).parents[1] / "tools" / "fetch-qemu"
 
@@ -23,15 +25,15 @@ def default_folder() -> Path:
     return Path(base) / "qmpprobe-qemu"
 
 
-def fetch(version: str, into: str | None, verbose: bool) -> str:
-    """The wrapper of QEMU `version` under `into` (fetched when missing); raises InputError
-    with the script's own line when it cannot be done here."""
+def fetch(version: str, into: str | None, verbose: bool, target: str = "x86_64") -> str:
+    """The wrapper of QEMU `version` (`qemu-system-TARGET`) under `into` (fetched when
+    missing); raises InputError with the script's own line when it cannot be done here."""
     folder = Path(into).absolute() if into else default_folder()
     # apt's progress goes to stderr as it comes under -v; the wrapper's path is the
     # script's last line on stdout. Its own session: on Ctrl-C or SIGTERM, apt and dpkg go
     # with it (they hold the release's lock), and its trap removes the half-built folder.
     proc = subprocess.Popen(
-        ["bash", str(SCRIPT), version],
+        ["bash", str(SCRIPT), version, target],
         env={**os.environ, "QMPPROBE_QEMU_DIR": str(folder)},
         stdout=subprocess.PIPE,
         stderr=None if verbose else subprocess.PIPE,
@@ -60,5 +62,5 @@ def fetch(version: str, into: str | None, verbose: bool) -> str:
         )
         # The script's 1 (apt or a check failed) and 3 (no mirror served it) are, for
         # qmpprobe's exit codes, what could not be done here: 2, with its line.
-        raise InputError(f"fetch-qemu {version}: {why}")
+        raise InputError(f"fetch-qemu {version} {target}: {why}")
     return lines[-1]

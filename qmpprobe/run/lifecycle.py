@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from qmpprobe import __version__
 from qmpprobe.analysis.explain import newest_of_family
+from qmpprobe.core.arch import arch_named
 from qmpprobe.core.discovery import Discovery
 from qmpprobe.discover.discover import Learned, discover
 from qmpprobe.errors import InputError, Interrupted
@@ -103,7 +104,8 @@ async def _execute(runner: Runner, options: RunOptions, started: float) -> Outco
             f"interrupted: {runner.folder.path} saved with pending combos; "
             f"resume with: qmpprobe run --resume {runner.folder.path}"
         )
-    if outcome.complete and options.visibility:  # before the report, which uses it
+    # Before the report, which uses it; what the guest sees is measured in CPUID (x86).
+    if outcome.complete and options.visibility and arch_named(runner.discovery.arch).cpuid:
         await visibility.step(runner.folder, runner.manifest, runner.launch, options, runner.env)
     return outcome
 
@@ -137,6 +139,15 @@ def _claim_new(path: Path) -> RunFolder:
     return folder
 
 
+def x86_only(options: RunOptions, discovery: Discovery) -> None:
+    """Refuse what only an architecture with CPUID can do (`Arch.cpuid`), in one line."""
+    if options.guest_cpuid and not arch_named(discovery.arch).cpuid:
+        raise InputError(
+            f"--guest-cpuid is x86-only (the guest reads CPUID): {discovery.qemu} emulates "
+            f"{discovery.target}"
+        )
+
+
 async def run(options: RunOptions) -> Outcome:
     """Discover, plan and probe a new run; returns where it went and what came of it."""
     started = time.monotonic()
@@ -152,6 +163,7 @@ async def run(options: RunOptions) -> Outcome:
         len(discovery.models),
         ", ".join(discovery.accelerators),
     )
+    x86_only(options, discovery)
     combos = plan(discovery, options.machines, options.models, launch.topology)
     log.info(
         "plan: %d combos (%s mode, -smp %s, %d at once)",
