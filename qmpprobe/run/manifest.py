@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qmpprobe import __version__
-from qmpprobe.core.arch import arch_named
+from qmpprobe.core.arch import X86, arch_named
 from qmpprobe.core.discovery import Discovery
 from qmpprobe.core.host import host_facts
 from qmpprobe.core.vocab import EXACT, EXPAND, READ_AUTO
@@ -43,6 +43,13 @@ QMP_LIMITS = (
     "cache descriptors under l3-cache/legacy-cache, XSAVE layout, vendor-only leaves) and "
     "code changes with no property behind them are invisible here."
 )
+#: The same on an architecture without CPUID (`core.arch`: s390x, aarch64).
+QOM_LIMITS = (
+    "Cells are QEMU's QOM properties of the CPU object (its description of the CPU), not the "
+    "registers a guest reads. What QEMU computes only when the guest asks (system and ID "
+    "registers, the facility list a guest stores) and code changes with no property behind "
+    "them are invisible here."
+)
 GUEST_LIMITS = (
     "Cells are QEMU's QOM properties of the CPU object and, from --guest-cpuid, the CPUID "
     "values the guest read at reset (real mode) and in long mode with OSXSAVE, XCR0 and PKE "
@@ -53,10 +60,14 @@ GUEST_LIMITS = (
 def folder_name(
     started: datetime, discovery: Discovery, accel: str, topology: str, mode: str
 ) -> str:
-    """`<UTC timestamp>-<qemu version>-<accel>-smp<N>[-expand]`."""
+    """`<UTC timestamp>-<qemu version>[-<arch>]-<accel>-smp<N>[-expand]` (the architecture
+    when it is not x86)."""
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    arch = "" if discovery.arch == X86.name else f"-{discovery.arch}"
     # The version is QEMU's text: one file name, never a path (`22/../../x` stays inside).
-    name = path_part(f"{stamp}-{discovery.version}-{accel}-smp{topology_cpus(topology)}")
+    name = path_part(
+        f"{stamp}-{discovery.version}{arch}-{accel}-smp{topology_cpus(topology)}"
+    )
     return name + ("-expand" if mode == EXPAND else "")
 
 
@@ -114,7 +125,11 @@ def new_manifest(
         "timeout": options.timeout,
         "retries": options.retries,
         "host": host_facts(),
-        "qmp_limits": GUEST_LIMITS if options.guest_cpuid else QMP_LIMITS,
+        "qmp_limits": GUEST_LIMITS
+        if options.guest_cpuid
+        else QMP_LIMITS
+        if arch_named(discovery.arch).cpuid
+        else QOM_LIMITS,
         **({"expand_limits": EXPAND_LIMITS} if options.mode == EXPAND else {}),
         "machines": [asdict(m) for m in discovery.machines],
         "models": [asdict(m) for m in discovery.models],
