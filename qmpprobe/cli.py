@@ -259,6 +259,11 @@ def build_parser(
         action="store_true",
         help="print the -globals that make the newest machine type's CPU equal, and verify",
     )
+    x.add_argument(
+        "--qemu-compare",
+        action="store_true",
+        help="also ask QEMU's own query-cpu-model-comparison (s390x) and check it against the cells",
+    )
     x.add_argument("--out", help="run folder when probing (default: results/explain-<stamp>)")
     x.add_argument("--jobs", type=jobs_value, help=JOBS_HELP)
     x.add_argument("--timeout", type=seconds_value, help="seconds per QEMU (30)")
@@ -572,12 +577,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         trips = lifecycle.run_sync(
             lambda: verify(manifest, cells, args.machine, newest, plans, jobs, options.timeout)
         )
+    compared = _qemu_compare(args, manifest, cells, newest, options.timeout)
     failed = sum(t.status != "ok" or bool(t.left) for t in trips)
-    code = EXIT_CHANGED if failed else EXIT_OK
+    code = EXIT_CHANGED if failed or not all(c.agrees for c in compared) else EXIT_OK
     if args.json:
         doc = explain.document(manifest, args.machine, newest, diffs)
         doc["probed"] = probed
         doc["round_trips"] = records(trips) if args.as_globals else None
+        doc["qemu_compare"] = [c.record() for c in compared] if args.qemu_compare else None
         print(json.dumps(doc, indent=1))
         return code
     print(
@@ -603,7 +610,38 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             print(f"  round trip: equal to {args.machine}")
     if args.as_globals:
         print(f"round trip: {len(trips) - failed}/{len(trips)} model(s) equal")
+    for c in compared:
+        print(_compared_line(c, args.machine, newest))
     return code
+
+
+def _qemu_compare(
+    args: argparse.Namespace, manifest: Any, cells: Any, newest: str, timeout: float
+) -> list[Any]:
+    """`explain --qemu-compare`: QEMU's comparison per model explained (none without it); a
+    QEMU that compares no model at all is refused (exit 2) with what it said."""
+    if not args.qemu_compare:
+        return []
+    from qmpprobe.run import lifecycle
+    from qmpprobe.run.compare import compare
+
+    models = sorted({str(m) for m in cells["model"]})
+    found = lifecycle.run_sync(
+        lambda: compare(manifest, cells, args.machine, newest, models, timeout)
+    )
+    if found and all(c.error.startswith("QEMU does not compare") for c in found):
+        raise InputError(f"--qemu-compare: {manifest.qemu.path}: {found[0].error}")
+    return found
+
+
+def _compared_line(c: Any, machine: str, newest: str) -> str:
+    """One model's QEMU comparison beside the cells' verdict."""
+    head = f"{c.model}: QEMU compares {machine} with {newest}: "
+    if c.error:
+        return head + f"not compared ({c.error})"
+    named = " ".join(p for p in c.responsible) or "none"
+    cells = "agree" if c.agrees else f"say {c.cells} on {' '.join(c.differ) or 'nothing'}"
+    return head + f"{c.qemu} (responsible: {named}); the cells {cells}"
 
 
 def _cmd_pin(args: argparse.Namespace) -> int:

@@ -16,12 +16,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+
 from conftest import (
     assert_combos_equal_qom_get,
     cli,
@@ -127,8 +128,12 @@ def test_s390x_realized_cells_are_qom_get(s390_run: Path) -> None:
     realized = cells[cells.source == "realized"]
     assert set(realized.model) == {"qemu", "max", "z900"}
     assert_combos_equal_qom_get(
-        s390_run, [("s390-ccw-virtio-2.4", "qemu"), ("s390-ccw-virtio-7.2", "max"),
-                   ("s390-ccw-virtio-4.1", "z900")]  # fmt: skip
+        s390_run,
+        [
+            ("s390-ccw-virtio-2.4", "qemu"),
+            ("s390-ccw-virtio-7.2", "max"),
+            ("s390-ccw-virtio-4.1", "z900"),
+        ],
     )
 
 
@@ -204,7 +209,8 @@ def test_s390x_qemu_comparison_agrees_with_cells(s390_run: Path) -> None:
     assert set(compared["responsible-properties"]) - {"type"} == differ
     # The baseline of the two runs nowhere a facility both do not have.
     (base,) = plain(
-        S390X, ["-machine", "s390-ccw-virtio-7.2"],
+        S390X,
+        ["-machine", "s390-ccw-virtio-7.2"],
         [expansion(baseline["model"]["name"], "full", baseline["model"].get("props"))],
     )
     both = {p for p in a.index.intersection(b.index) if a[p] == "true" and b[p] == "true"}
@@ -239,7 +245,9 @@ def test_aarch64_realized_drift_the_expansion_does_not_show(arm_run: Path) -> No
     assert ("max", "lpa2", "virt-6.2", "virt-7.0") in pairs
     # What plain query-cpu-model-expansion says in the virt-2.6 / virt-6.2 processes.
     assert AARCH64
-    (a57,) = plain(AARCH64, ["-machine", "virt-2.6", "-cpu", "cortex-a57"], [expansion("cortex-a57")])
+    (a57,) = plain(
+        AARCH64, ["-machine", "virt-2.6", "-cpu", "cortex-a57"], [expansion("cortex-a57")]
+    )
     (mx,) = plain(AARCH64, ["-machine", "virt-6.2", "-cpu", "max"], [expansion("max")])
     assert a57["model"]["props"]["pmu"] is True and "lpa2" not in mx["model"]["props"]
 
@@ -314,7 +322,9 @@ def test_aarch64_check_across_releases(tmp_path: Path) -> None:
     # machine types); none of the shipped machine types' CPUs changed.
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert verdict["breaks"] == 0
-    added = dict(zip(diff[diff.kind == "new-prop"].prop, diff[diff.kind == "new-prop"].new, strict=True))
+    added = dict(
+        zip(diff[diff.kind == "new-prop"].prop, diff[diff.kind == "new-prop"].new, strict=True)
+    )
     assert added.get("backcompat-cntfrq") is True or added.get("backcompat-cntfrq") == "true"
 
 
@@ -333,5 +343,3 @@ def test_fetch_qemu_refuses_an_unknown_target(tmp_path: Path) -> None:
     proc = cli("fetch-qemu", "10.0", "riscv64", "--into", str(tmp_path))
     assert proc.returncode == 2
     assert "riscv64" in proc.stderr and "Traceback" not in proc.stderr
-
-

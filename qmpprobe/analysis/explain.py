@@ -160,3 +160,20 @@ def select_models(
         for r in at[at["status"].astype(str) != "ok"].itertuples()
     ]
     return cells[cells["model"].isin(wanted)], unanswered
+
+
+def relation(cells: pd.DataFrame, machine: str, newest: str, model: str) -> tuple[str, set[str]]:
+    """How `model` on `machine` compares with it on `newest` by its boolean cells, in the words
+    of QEMU's `query-cpu-model-comparison` (identical, subset, superset, incompatible), and
+    the properties that differ (both machine types have them)."""
+    mine = cells[(cells["model"] == model) & (cells["type"] == "boolean")]
+    a = mine[mine["machine"] == machine].set_index("prop")["value"].astype(str)
+    b = mine[mine["machine"] == newest].set_index("prop")["value"].astype(str)
+    both = a.index.intersection(b.index)
+    moved = both[(a[both] != b[both]).to_numpy()]
+    if moved.empty:
+        return "identical", set()
+    gained = bool((a[moved] == "false").all())
+    lost = bool((a[moved] == "true").all())
+    verdict = "subset" if gained else "superset" if lost else "incompatible"
+    return verdict, {str(p) for p in moved}

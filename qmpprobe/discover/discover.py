@@ -330,9 +330,7 @@ async def _ask(
     arch = arch_of(str(target))
     if arch is None:
         known_here = ", ".join(a.qemu for a in ARCHES)
-        raise InputError(
-            f"{qemu_path} emulates {target}: qmpprobe knows {known_here}"
-        )
+        raise InputError(f"{qemu_path} emulates {target}: qmpprobe knows {known_here}")
     qv = _ret(answers["query-version"], "query-version")
     fingerprint = qemu_fingerprint(qemu_path, proc.pid or 0)
     machines = parse_machines(_ret(answers["query-machines"], "query-machines"))

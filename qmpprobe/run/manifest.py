@@ -65,9 +65,7 @@ def folder_name(
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     arch = "" if discovery.arch == X86.name else f"-{discovery.arch}"
     # The version is QEMU's text: one file name, never a path (`22/../../x` stays inside).
-    name = path_part(
-        f"{stamp}-{discovery.version}{arch}-{accel}-smp{topology_cpus(topology)}"
-    )
+    name = path_part(f"{stamp}-{discovery.version}{arch}-{accel}-smp{topology_cpus(topology)}")
     return name + ("-expand" if mode == EXPAND else "")
 
 
@@ -108,7 +106,10 @@ def new_manifest(
             "kvm": discovery.kvm,
         },
         # What this architecture's runs cannot show (`core.arch`), said where the data is.
-        "arch": {"name": discovery.arch, "cannot_show": list(arch_named(discovery.arch).cannot_show)},
+        "arch": {
+            "name": discovery.arch,
+            "cannot_show": list(arch_named(discovery.arch).cannot_show),
+        },
         "accel": launch.accel,
         "mode": options.mode,
         "guest_cpuid": options.guest_cpuid,

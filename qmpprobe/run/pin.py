@@ -18,6 +18,7 @@ from qmpprobe.analysis import pin
 from qmpprobe.analysis.drift import machine_order
 from qmpprobe.analysis.explain import NOT_COMPARED
 from qmpprobe.core import cpuflags
+from qmpprobe.core.arch import arch_named
 from qmpprobe.core.cpuid import Dump, spelled_bits
 from qmpprobe.core.discovery import Discovery
 from qmpprobe.core.record import Record
@@ -33,7 +34,7 @@ from qmpprobe.probe.read import probe
 from qmpprobe.probe.session import MALFORMED, environment_caused
 from qmpprobe.run import preflight
 from qmpprobe.run.calibrate import reference_plan
-from qmpprobe.run.lifecycle import discover_qemu, launch_options
+from qmpprobe.run.lifecycle import discover_qemu, launch_options, x86_only
 from qmpprobe.run.manifest import options_from_manifest
 from qmpprobe.run.options import RunOptions, check_patterns
 from qmpprobe.store.cells import FlagReader, realized_values
@@ -480,6 +481,18 @@ def _pinner(launch: LaunchOptions, discovery: Discovery, options: RunOptions, fo
     return Pinner(launch, discovery, options.timeout, gate, form)
 
 
+def _x86_only(req: Request, discovery: Discovery) -> None:
+    """Refuse what only x86 has (`Arch.cpuid`): libvirt's x86 CPU map, the guest's CPUID."""
+    if arch_named(discovery.arch).cpuid:
+        return
+    if req.form == "libvirt":
+        raise InputError(
+            f"pin --format libvirt is x86-only (libvirt's x86 CPU map): {discovery.qemu} "
+            f"emulates {discovery.target}; use cmdline, readconfig or json"
+        )
+    x86_only(req.options, discovery)
+
+
 async def make(req: Request) -> pin.Pinned:
     """Probe the source, choose the base, verify on every machine type asked."""
     cmap = libvirt.cpu_map() if req.form == "libvirt" else None  # refused before any QEMU
@@ -489,6 +502,7 @@ async def make(req: Request) -> pin.Pinned:
         options, run_machines = run.options, sorted(set(run.combos["machine"].astype(str)))
     launch = launch_options(options)
     discovery = await _discover(launch, run, options.cache)
+    _x86_only(req, discovery)
     machine, model = _machine(discovery, req.machine), _model(discovery, req.model)
     if run is not None:
         run.status(machine, model)
@@ -645,6 +659,7 @@ async def make_all(req: Request) -> pin.AllPins:
         raise InputError(f"{req.run} has no ok combo to pin")
     launch = launch_options(run.options)
     discovery = await _discover(launch, run, run.options.cache)
+    _x86_only(req, discovery)
     p = _pinner(launch, discovery, run.options, req.form)
     per_machine = {
         m: sorted(g.astype(str))

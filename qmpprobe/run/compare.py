@@ -1,0 +1,121 @@
+"""`explain --qemu-compare`: QEMU's own verdict on a model between two machine types
+(`query-cpu-model-comparison`, which s390x's QEMU answers), beside the cells' own.
+
+The model as it is on the machine type explained is its static expansion in a QEMU of that
+machine type (QEMU's definition of it there); QEMU of the newest machine type compares that
+with the model as it is there. The cells' verdict (`explain.relation`) must name the same
+properties, or qmpprobe and QEMU disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from qmpprobe.analysis.explain import relation
+from qmpprobe.core.record import Record
+from qmpprobe.core.vocab import OK
+from qmpprobe.probe.qemu import LaunchOptions, QemuProcess
+from qmpprobe.probe.read import static_args
+from qmpprobe.probe.session import QMP_FAILED, connect, qmp_failed, session
+from qmpprobe.store.manifest import Manifest
+
+#: QEMU's marker, among the responsible properties, that the CPU generation differs.
+GENERATION = "type"
+
+
+@dataclass
+class Comparison:
+    """One model: QEMU's comparison and the cells' verdict."""
+
+    model: str
+    qemu: str = ""
+    responsible: list[str] = field(default_factory=list)
+    cells: str = ""
+    differ: list[str] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def agrees(self) -> bool:
+        """QEMU and the cells name the same properties and the same verdict (QEMU's `type`
+        alone, a generation the boolean cells cannot show, may make `identical` a subset)."""
+        named = set(self.responsible) - {GENERATION}
+        same = self.qemu == self.cells or (
+            self.cells == "identical" and GENERATION in self.responsible
+        )
+        return not self.error and named == set(self.differ) and same
+
+    def record(self) -> dict[str, Any]:
+        """As `explain --json` prints it."""
+        return {**asdict(self), "agrees": self.agrees}
+
+
+async def _answers(
+    launch: LaunchOptions, machine: str, asked: list[tuple[str, Any]], timeout: float
+) -> tuple[list[dict[str, Any]], str]:
+    """QEMU's answers in a QEMU of `machine` (its own CPU), or why there are none."""
+    got: list[dict[str, Any]] = []
+
+    async def work(qemu: QemuProcess, record: Record) -> None:
+        if not await connect(qemu, record):
+            return
+        try:
+            got.extend(await qemu.answers(asked))
+        except QMP_FAILED as e:
+            await qmp_failed(qemu, record, e)
+            return
+        record["status"] = OK
+
+    record = await session(launch.argv(machine), None, timeout, machine, work)
+    return got, "" if record["status"] == OK else f"{machine}: {record.get('error', '')}"
+
+
+async def compare(
+    manifest: Manifest,
+    cells: pd.DataFrame,
+    machine: str,
+    newest: str,
+    models: Sequence[str],
+    timeout: float,
+) -> list[Comparison]:
+    """Each model of `machine` compared by QEMU with itself on `newest`, and by its cells."""
+    launch = LaunchOptions(
+        qemu=manifest.qemu.path,
+        accel=manifest.accel,
+        cpu_flags=manifest.cpu_flags,
+        globals=tuple(manifest.globals),
+    )
+    statics, failed = await _answers(
+        launch, machine, [("query-cpu-model-expansion", static_args(m)) for m in models], timeout
+    )
+    if failed:
+        return [Comparison(m, error=failed) for m in models]
+    out: dict[str, Comparison] = {}
+    asked: list[tuple[str, Any]] = []
+    for model, static in zip(models, statics, strict=True):
+        verdict, differ = relation(cells, machine, newest, model)
+        out[model] = Comparison(model, cells=verdict, differ=sorted(differ))
+        if "error" in static:
+            out[model].error = f"static expansion on {machine}: {static['error'].get('desc')}"
+            continue
+        definition = static["return"]["model"]
+        asked.append(
+            ("query-cpu-model-comparison", {"modela": definition, "modelb": {"name": model}})
+        )
+    waiting = [m for m in models if not out[m].error]
+    answers, failed = await _answers(launch, newest, asked, timeout) if asked else ([], "")
+    for model in waiting:
+        c = out[model]
+        if failed:
+            c.error = failed
+            continue
+        answer = answers.pop(0)
+        if "error" in answer:
+            c.error = f"QEMU does not compare: {answer['error'].get('desc')}"
+            continue
+        c.qemu = str(answer["return"]["result"])
+        c.responsible = sorted(map(str, answer["return"].get("responsible-properties", [])))
+    return list(out.values())
