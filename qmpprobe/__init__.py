@@ -1,3 +1,3 @@
-"""qmpprobe: ask QEMU over QMP what every x86 CPU model is on every machine type."""
+"""qmpprobe: ask QEMU over QMP what every CPU model is on every machine type."""
 
 __version__ = "0.5.0"

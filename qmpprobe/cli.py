@@ -25,11 +25,13 @@ EXIT_OK, EXIT_CHANGED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_INTERNAL = 0, 1, 2, 3,
 
 
 DESCRIPTION = """\
-Ask QEMU over QMP what every x86 CPU model is on every machine type, and show the drift."""
+Ask QEMU over QMP what every CPU model is on every machine type (x86, s390x, aarch64), and show
+the drift."""
 
 EPILOG = """\
 examples:
   qmpprobe run --machines 'pc-q35-7.*' --models 'Haswell*'    probe a small plan (TCG)
+  qmpprobe run --qemu qemu-system-s390x                        every s390x model x machine type
   qmpprobe run --accel kvm --mode expand                       the whole matrix, fast, KVM
   qmpprobe report RUN                                          the report again
   qmpprobe check --baseline "$(qmpprobe fetch-qemu 10.0)" --candidate qemu-system-x86_64
@@ -262,7 +264,7 @@ def build_parser(
     x.add_argument(
         "--qemu-compare",
         action="store_true",
-        help="also ask QEMU's own query-cpu-model-comparison (s390x) and check it against the cells",
+        help="also ask QEMU's query-cpu-model-comparison (s390x), checked against the cells",
     )
     x.add_argument("--out", help="run folder when probing (default: results/explain-<stamp>)")
     x.add_argument("--jobs", type=jobs_value, help=JOBS_HELP)

@@ -218,6 +218,31 @@ def test_s390x_qemu_comparison_agrees_with_cells(s390_run: Path) -> None:
 
 
 @needs_s390x
+def test_explain_qemu_compare(s390_run: Path) -> None:
+    """explain --qemu-compare: QEMU's own comparison of each model between 2.12 and the
+    run's newest (7.2), beside the cells' verdict: they agree, exit 0."""
+    proc = cli("explain", "s390-ccw-virtio-2.12", "--run", str(s390_run), "--qemu-compare",
+               "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    found = {c["model"]: c for c in json.loads(proc.stdout)["qemu_compare"]}
+    assert set(found) == {"qemu", "max", "z13", "z900"}
+    assert all(c["agrees"] for c in found.values()), found
+    assert found["qemu"]["qemu"] == "subset" and "type" in found["qemu"]["responsible"]
+    assert found["z13"]["qemu"] == "subset" and found["z13"]["differ"] == ["bpb", "ppa15"]
+    assert found["z900"]["qemu"] == "identical"
+
+
+@needs_aarch64
+def test_explain_qemu_compare_needs_a_qemu_that_compares(tmp_path: Path) -> None:
+    assert AARCH64
+    proc = cli("explain", "virt-6.2", "--qemu", AARCH64, "--models", "max", "--qemu-compare",
+               "--out", str(tmp_path / "ex"))  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "--qemu-compare" in line and "QEMU does not compare" in line
+
+
+@needs_s390x
 def test_s390x_expand_mode(tmp_path: Path, s390_run: Path) -> None:
     """Expand mode keeps the models TCG cannot realize (their expansion) and the static base."""
     assert S390X

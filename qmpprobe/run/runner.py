@@ -106,6 +106,9 @@ class Runner:
         self.arch = arch_named(discovery.arch)
         #: Expand mode: models QEMU refused to realize on the default machine type.
         self.refused: set[str] = set()
+        #: Exact mode: per machine type, the combos QEMU refused to realize (and the
+        #: refusal), read from their expansions once every combo was tried.
+        self.unrealized: dict[str, list[tuple[Combo, Record]]] = {}
         self.definitions: dict[str, dict[str, str | None]] = {}
         self.env = {**os.environ, OWNER_ENV: manifest["run_id"], "LC_ALL": "C"}
         self.counts: Counter[str] = Counter()
@@ -369,30 +372,40 @@ class Runner:
         record["attempts"] = len(tries)
         record["seconds"] = round(sum(r["seconds"] for r in tries), 4)
         if self.arch.expand_unrealizable and refused(record):
-            record = await self._expand_unrealized(combo, record)
+            # Read from its expansion, with its machine type's others (`_expand_unrealized`);
+            # a calibration combo's waiters learn now that it has no facts.
+            self.unrealized.setdefault(combo.machine, []).append((combo, record))
+            if key in self.ref_set:
+                self._calibrated(key, record)
+            return
         self._keep(record)
         if key in self.planned:
             bar.advance(self.counts)
 
-    async def _expand_unrealized(self, combo: Combo, refusal: Record) -> Record:
-        """A combo whose model QEMU refused to realize, read from its expansion in a QEMU of
-        its machine type (`Arch.expand_unrealizable`); the refusal when that fails too."""
-        own = replace(
-            self._machine_read(combo.machine, [combo.model]), static=self.arch.static_base
-        )
+    async def _expand_unrealized(
+        self, machine: str, refusals: list[tuple[Combo, Record]], bar: Progress
+    ) -> None:
+        """Combos whose model QEMU refused to realize, read from their expansions in one QEMU
+        of their machine type (`Arch.expand_unrealizable`); a refusal stands when QEMU does
+        not expand the model either."""
+        models = [c.model for c, _ in refusals]
+        own = replace(self._machine_read(machine, models), static=self.arch.static_base)
         tries = await self._retrying(
             lambda: probe_unrealized(
-                self.launch, combo.machine, combo.model, own, self.options.timeout, self.env
+                self.launch, machine, models, own, self.options.timeout, self.env
             ),
-            lambda r: r,
+            lambda records: records[0],
         )
-        record = tries[-1]
-        if record["status"] != OK and not record.get("environment"):
-            return refusal  # QEMU expands it no more than it realizes it: its refusal stands
-        record["unrealized"] = refusal["error"]
-        record["attempts"] = refusal["attempts"] + len(tries)
-        record["seconds"] = round(refusal["seconds"] + sum(r["seconds"] for r in tries), 4)
-        return record
+        for (combo, refusal), record in zip(refusals, tries[-1], strict=True):
+            if record["status"] != OK and not record.get("environment"):
+                record = refusal  # QEMU expands it no more than it realizes it
+            else:
+                record["unrealized"] = refusal["error"]
+                record["attempts"] = refusal["attempts"] + len(tries)
+                record["seconds"] = round(refusal["seconds"] + record["seconds"], 4)
+            self._keep(record)
+            if (combo.machine, combo.model) in self.planned:
+                bar.advance(self.counts)
 
     def _take_candidate(self, record: Record, data: bytes | None) -> bool:
         if not self._keep(record, journal=False):
@@ -521,6 +534,11 @@ class Runner:
             await self._probe_machines(todo, bar)
         else:
             await self._probe_combos(todo, bar)
+            await self._pool(
+                sorted(self.unrealized.items()),
+                lambda item: self._expand_unrealized(item[0], item[1], bar),
+            )
+            self.unrealized.clear()
         await self._pool(sorted(self.machines - self.definitions.keys()), self._ask_definitions)
 
     async def _probe_combos(self, todo: list[Combo], bar: Progress) -> None:
