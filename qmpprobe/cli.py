@@ -631,8 +631,10 @@ def _qemu_compare(
     found = lifecycle.run_sync(
         lambda: compare(manifest, cells, args.machine, newest, models, timeout)
     )
-    if found and all(c.error.startswith("QEMU does not compare") for c in found):
-        raise InputError(f"--qemu-compare: {manifest.qemu.path}: {found[0].error}")
+    if found and all(c.error for c in found):
+        raise InputError(
+            f"--qemu-compare: {manifest.qemu.path} compares no model: {found[0].error}"
+        )
     return found
 
 

@@ -135,7 +135,9 @@ def _features(static: dict[str, Any]) -> list[str]:
     """Canonical CPUID feature-flag names: the boolean properties of a static expansion."""
     if "return" not in static:
         return []
-    return sorted(p for p, v in static["return"]["model"]["props"].items() if isinstance(v, bool))
+    return sorted(
+        p for p, v in static["return"]["model"].get("props", {}).items() if isinstance(v, bool)
+    )
 
 
 async def _learn_bits(

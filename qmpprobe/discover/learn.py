@@ -35,7 +35,7 @@ def _expansion(props: dict[str, bool]) -> tuple[str, dict[str, Any]]:
 def _on(answer: dict[str, Any], flags: list[str]) -> set[str] | None:
     if "return" not in answer:
         return None
-    props = answer["return"]["model"]["props"]
+    props = answer["return"]["model"].get("props", {})
     return {q for q in flags if props.get(q) is True}
 
 
@@ -54,7 +54,7 @@ async def learn_aliases(
     base_answer = (await qemu.answers([_expansion({})]))[0]
     if "error" in base_answer:
         return {}, {"base": base_answer}
-    base = base_answer["return"]["model"]["props"]
+    base = base_answer["return"]["model"].get("props", {})
     flags = sorted(p for p, v in base.items() if v is False)
     pass1 = await qemu.answers([_expansion({p: True}) for p in flags])
     turned_on = {

@@ -140,7 +140,7 @@ def _differing(
 ) -> list[str]:
     """What to read of a realized model: every property (but `skip`) whose expansion value
     differs from the machine type's own model's, and the feature words."""
-    a, b = mine["return"]["model"]["props"], theirs["return"]["model"]["props"]
+    a, b = mine["return"]["model"].get("props", {}), theirs["return"]["model"].get("props", {})
     asked = [
         p for p, v in a.items() if p not in skip and (p not in b or json_text(b[p]) != json_text(v))
     ]

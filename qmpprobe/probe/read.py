@@ -144,7 +144,7 @@ async def _read_expansion(
     named = path.rsplit("/", 1)[-1] == read.cpu_name
     again = [p for p in read.gets if not named or "error" in qom[p]]
     again += [p for p in read.topology if p not in slot]
-    expanded = got[1]["return"]["model"]["props"]
+    expanded = got[1]["return"]["model"].get("props", {})
     mapped = {
         p: w for p, (v, w) in read.mapped.items() if p in expanded and json_text(expanded[p]) == v
     }

@@ -74,7 +74,7 @@ def facts(
     if record["read"] != READ_QOM_GET or "return" not in expansion or not complete:
         return None
     truth = realized_values(record, aliases, plumbing, flags)
-    expanded = expansion["return"]["model"]["props"]
+    expanded = expansion["return"]["model"].get("props", {})
     rebuilt = dict(expanded)
     clear_unavailable(rebuilt, truth.get("unavailable-features", []), aliases)
     changed, seen, mapped = set(), {}, {}
@@ -196,7 +196,7 @@ def realize_decided(own: Mapping[str, Any], flags: FlagReader) -> list[str]:
     expansion = own.get("query-cpu-model-expansion", {})
     if "return" not in expansion or "qom-get" not in own:
         return []
-    expanded = expansion["return"]["model"]["props"]
+    expanded = expansion["return"]["model"].get("props", {})
     got = {p: a["return"] for p, a in own["qom-get"].items() if "return" in a}
     decided = {
         p for p, v in got.items() if p in expanded and json_text(v) != json_text(expanded[p])

@@ -92,7 +92,7 @@ def expansion_values(
 ) -> dict[str, Any]:
     """The realized CPU from the expansion, filtered features, feature words and qom-gets."""
     answers = record["answers"]
-    values = dict(answers["query-cpu-model-expansion"]["return"]["model"]["props"])
+    values = dict(answers["query-cpu-model-expansion"]["return"]["model"].get("props", {}))
     asked = answers.get("qom-get", {})
     got = _returned(asked)
     clear_unavailable(values, got.get("unavailable-features", []), aliases)
@@ -159,7 +159,9 @@ def expanded_values(record: Mapping[str, Any]) -> dict[str, Any]:
     """Expand mode: the CPU the machine type asks for, before realize, without the values
     realize decides on this machine type (`realize_decided`, from its own realized CPU);
     `unavailable-features` as this machine type's `query-cpu-definitions` has it."""
-    values = dict(record["answers"]["query-cpu-model-expansion"]["return"]["model"]["props"])
+    values = dict(
+        record["answers"]["query-cpu-model-expansion"]["return"]["model"].get("props", {})
+    )
     for p in record.get("realize_decided", ()):
         values.pop(p, None)
     definition = record["answers"].get("definition") or {}
