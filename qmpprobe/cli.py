@@ -627,7 +627,9 @@ def _qemu_compare(
     from qmpprobe.run import lifecycle
     from qmpprobe.run.compare import compare
 
-    models = sorted({str(m) for m in cells["model"]})
+    # Models with cells on both machine types: the others have nothing to compare with.
+    on = cells.groupby(cells["model"].astype(str), observed=True)["machine"].nunique()
+    models = sorted(str(m) for m, n in on.items() if n == 2)
     found = lifecycle.run_sync(
         lambda: compare(manifest, cells, args.machine, newest, models, timeout)
     )

@@ -135,6 +135,8 @@ def check_comparable(a: Run, b: Run, cross_host: bool) -> None:
     ma, mb = a.manifest, b.manifest
     if ma.accel != mb.accel:
         raise InputError(f"cannot compare a {ma.accel} run with a {mb.accel} run")
+    if ma.arch != mb.arch:
+        raise InputError(f"cannot compare an {ma.arch} run with an {mb.arch} run")
     if ma.topology != mb.topology:
         raise InputError(f"cannot compare -smp {ma.topology} with -smp {mb.topology}")
     if ma.mode != mb.mode:

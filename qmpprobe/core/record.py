@@ -53,3 +53,5 @@ class Record(TypedDict, total=False):
     decided_by: dict[str, list[str]]
     #: Read from its expansion because QEMU refused to realize it: QEMU's refusal.
     unrealized: str
+    #: QEMU ended before its QMP greeting (it refused the command line).
+    ungreeted: bool

@@ -153,15 +153,16 @@ class Calibration:
 
 
 def calibration(discovery: Discovery, topology: str) -> Calibration:
-    """M0: QEMU's default machine type (if it takes the topology, else the first with an
-    alias that does, else the first that does);
+    """M0: QEMU's default machine type (if it takes the topology, else the first that does;
+    when QEMU has no default, the first with an alias);
     X0 of each machine type: its `default-cpu-type`, else M0's, else the first model."""
     cpus = topology_cpus(topology)
     accelerators = discovery.accelerators
     fits = [m for m in discovery.machines if m.cpu_max >= cpus]
     # No default (qemu-system-aarch64 has none): a machine type QEMU names by an alias (`virt`
     # → virt-7.2), the one it keeps current, rather than the first board by name (akita).
-    fits.sort(key=lambda m: (not m.is_default, not m.alias, natural_key(m.name)))
+    aliased = not any(m.is_default for m in discovery.machines)
+    fits.sort(key=lambda m: (not m.is_default, aliased and not m.alias, natural_key(m.name)))
     m0 = fits[0] if fits else None
     by_type = {m.typename: m for m in discovery.models}
     models = sorted(discovery.models, key=lambda m: natural_key(m.name))

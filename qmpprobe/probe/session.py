@@ -81,6 +81,7 @@ async def connect(qemu: QemuProcess, record: Record) -> bool:
     except QMP_FAILED as e:
         # Most often QEMU refused the combo and exited: its message is in its output.
         await qmp_failed(qemu, record, e, "QMP greeting")
+        record["ungreeted"] = True
         return False
     return True
 

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from qmpprobe.analysis.explain import relation
+from qmpprobe.core import cpuflags
 from qmpprobe.core.record import Record
 from qmpprobe.core.vocab import OK
 from qmpprobe.probe.qemu import LaunchOptions, QemuProcess
@@ -40,13 +41,16 @@ class Comparison:
 
     @property
     def agrees(self) -> bool:
-        """QEMU and the cells name the same properties and the same verdict (QEMU's `type`
-        alone, a generation the boolean cells cannot show, may make `identical` a subset)."""
+        """QEMU and the cells name the same properties and the same verdict. QEMU's `type`, a
+        CPU generation the boolean cells cannot show, may turn `identical` into a subset or
+        superset, and a subset or superset into `incompatible`. Not compared: no verdict."""
+        if self.error:
+            return True
         named = set(self.responsible) - {GENERATION}
-        same = self.qemu == self.cells or (
-            self.cells == "identical" and GENERATION in self.responsible
+        generation = GENERATION in self.responsible and (
+            self.cells == "identical" or self.qemu == "incompatible"
         )
-        return not self.error and named == set(self.differ) and same
+        return named == set(self.differ) and (self.qemu == self.cells or generation)
 
     def record(self) -> dict[str, Any]:
         """As `explain --json` prints it."""
@@ -81,12 +85,17 @@ async def compare(
     models: Sequence[str],
     timeout: float,
 ) -> list[Comparison]:
-    """Each model of `machine` compared by QEMU with itself on `newest`, and by its cells."""
+    """Each model of `machine` compared by QEMU with itself on `newest`, and by its cells.
+
+    Both QEMUs start with the machine type's own CPU; the run's `f=v` flags go to every
+    model's type as `-global`s (as expand mode gives them), so the definitions compared are
+    the ones the cells are of."""
+    types = {str(m["name"]): str(m["typename"]) for m in manifest.models}
+    flags = cpuflags.globals_for(cpuflags.split(manifest.cpu_flags), [types[m] for m in models])
     launch = LaunchOptions(
         qemu=manifest.qemu.path,
         accel=manifest.accel,
-        cpu_flags=manifest.cpu_flags,
-        globals=tuple(manifest.globals),
+        globals=(*manifest.globals, *flags),
     )
     statics, failed = await _answers(
         launch, machine, [("query-cpu-model-expansion", static_args(m)) for m in models], timeout

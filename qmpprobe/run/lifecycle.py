@@ -300,15 +300,17 @@ async def _end_everything(main: asyncio.Task[Any]) -> None:
             log.debug("at the end, %s ended with %s: %s", t.get_name(), type(e).__name__, e)
 
 
-async def acceptable(options: RunOptions) -> None:
+async def acceptable(options: RunOptions) -> Discovery:
     """What `run(options)` would refuse before writing anything, asked now (`check` asks for
-    its candidate before it probes the baseline)."""
+    its candidate before it probes the baseline); returns what discovery found."""
     launch = launch_options(options, firmware=False)
     discovery = await discover_qemu(launch, options.cache)
+    x86_only(options, discovery)
     combos = plan(discovery, options.machines, options.models, launch.topology)
     await preflight.preflight(
         discovery, launch, combos, options.timeout, preflight.capped_jobs(options.jobs)
     )
+    return discovery
 
 
 def keep_traffic() -> None:
@@ -333,8 +335,14 @@ def check(sides: Sequence[RunOptions], done: Callable[[Outcome], None]) -> None:
     """`qmpprobe check`: a run of each side, `done` told as each ends; the later sides' bad
     input is refused before the first side probes anything (a refusal must not come after a
     whole baseline run)."""
-    for later in sides[1:]:
-        run_sync(partial(acceptable, later))
+    later = [run_sync(partial(acceptable, s)) for s in sides[1:]]
+    if later:
+        first = run_sync(partial(discover_qemu, launch_options(sides[0], False), sides[0].cache))
+        other = next((d for d in later if d.arch != first.arch), None)
+        if other is not None:
+            raise InputError(
+                f"cannot compare {first.qemu} ({first.target}) with {other.qemu} ({other.target})"
+            )
     for options in sides:
         done(run_sync(partial(run, options)))
 

@@ -386,8 +386,9 @@ class Runner:
         self, machine: str, refusals: list[tuple[Combo, Record]], bar: Progress
     ) -> None:
         """Combos whose model QEMU refused to realize, read from their expansions in one QEMU
-        of their machine type (`Arch.expand_unrealizable`); a refusal stands when QEMU does
-        not expand the model either."""
+        of their machine type (`Arch.expand_unrealizable`). A refusal stands only when QEMU
+        does not expand that model either; when the QEMU itself fails, each model is tried in
+        a QEMU of its own, so that no combo's answer depends on the others."""
         models = [c.model for c, _ in refusals]
         own = replace(self._machine_read(machine, models), static=self.arch.static_base)
         tries = await self._retrying(
@@ -396,6 +397,11 @@ class Runner:
             ),
             lambda records: records[0],
         )
+        expanded = tries[-1][0]["status"] == OK or tries[-1][0].get("environment")
+        if not expanded and len(refusals) > 1:
+            for one in refusals:
+                await self._expand_unrealized(machine, [one], bar)
+            return
         for (combo, refusal), record in zip(refusals, tries[-1], strict=True):
             if record["status"] != OK and not record.get("environment"):
                 record = refusal  # QEMU expands it no more than it realizes it
@@ -403,8 +409,11 @@ class Runner:
                 record["unrealized"] = refusal["error"]
                 record["attempts"] = refusal["attempts"] + len(tries)
                 record["seconds"] = round(refusal["seconds"] + record["seconds"], 4)
+            key = (combo.machine, combo.model)
             self._keep(record)
-            if (combo.machine, combo.model) in self.planned:
+            if key in self.ref_set:  # it calibrated nothing: its refusal is its status there
+                self.ref_status[key] = refusal["status"]
+            if key in self.planned:
                 bar.advance(self.counts)
 
     def _take_candidate(self, record: Record, data: bytes | None) -> bool:
@@ -416,7 +425,10 @@ class Runner:
         return True
 
     async def _probe_machine(self, machine: str, models: list[str], bar: Progress) -> None:
-        calibrated = [m for m in models if self.model_state.get(m, (ERROR,))[0] == OK]
+        # Models QEMU refuses to realize are read from their expansions: with the run's flags.
+        calibrated = [
+            m for m in models if self.model_state.get(m, (ERROR,))[0] == OK or m in self.refused
+        ]
         own = self._machine_read(machine, calibrated)
         tries = await self._retrying(
             lambda: probe_machine(
@@ -607,6 +619,9 @@ class Runner:
     def _read_summary(self) -> dict[str, Any]:
         """How the cells were read (manifest `read`)."""
         read: dict[str, Any] = {"method": self._method()}
+        if self.arch.expand_unrealizable:
+            # Combos read from their expansion because QEMU would not realize the model.
+            read["unrealized"] = sum(1 for r in self.records.values() if r.get("unrealized"))
         if self.flags.words and self._method() != READ_LIST_GET:
             read["from_feature_words"] = sorted(self.flags.words)
         if self._calibrates() or self.options.mode == EXPAND:
@@ -666,13 +681,14 @@ class Runner:
 
 
 def refused(record: Record) -> bool:
-    """Whether QEMU refused to start with the combo (it exited on its own before any answer:
-    `Some features requested in the CPU model are not available`), not crashed or stalled."""
+    """Whether QEMU refused to start with the combo: it exited on its own with an error before
+    its QMP greeting (`Some features requested in the CPU model are not available`), not
+    crashed, stalled or ended mid-QMP."""
     return (
         record["status"] == ERROR
+        and bool(record.get("ungreeted"))
         and not record.get("environment")
-        and not record.get("answers")
-        and record.get("exit") is not None
+        and record.get("exit") not in (None, 0)
         and record.get("signal") is None
     )
 

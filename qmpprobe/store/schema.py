@@ -646,6 +646,7 @@ RECORD_SHAPE = obj(
         "realize_decided": NAMES,
         "decided_by": obj({"machine": NAMES, "model": NAMES}),
         "unrealized": STR,
+        "ungreeted": BOOL,
         "stalled": BOOL,
         "environment": STR,
         "malformed": BOOL,
