@@ -369,3 +369,39 @@ def test_fetch_qemu_refuses_an_unknown_target(tmp_path: Path) -> None:
     proc = cli("fetch-qemu", "10.0", "riscv64", "--into", str(tmp_path))
     assert proc.returncode == 2
     assert "riscv64" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@needs_s390x
+@needs_aarch64
+def test_two_architectures_are_not_compared(s390_run: Path, arm_run: Path, tmp_path: Path) -> None:
+    """diff of an s390x and an aarch64 run, and check of the two QEMUs: exit 2, one line,
+    before anything is probed."""
+    proc = cli("diff", str(s390_run), str(arm_run), "--out", str(tmp_path / "d"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "qmpprobe: cannot compare an s390x run with an aarch64 run"
+    ]
+    assert S390X and AARCH64
+    out = tmp_path / "ck"
+    proc = cli("check", "--baseline", S390X, "--candidate", AARCH64, "--out", str(out))
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "cannot compare" in line and "(s390x)" in line and "(aarch64)" in line
+    assert not (out / "baseline").exists()
+
+
+def test_only_a_refused_start_is_read_from_its_expansion() -> None:
+    """`refused`: QEMU exited with an error before its greeting; not a crash, a timeout, an
+    end mid-QMP, or the machine's fault."""
+    from qmpprobe.run.runner import refused
+
+    base: dict[str, Any] = {"status": "error", "ungreeted": True, "exit": 1, "signal": None}
+    assert refused(base)  # type: ignore[arg-type]
+    for change in (
+        {"ungreeted": False},
+        {"exit": None, "signal": 6},
+        {"exit": 0},
+        {"status": "timeout"},
+        {"environment": "killed from outside (SIGKILL)"},
+    ):
+        assert not refused({**base, **change}), change  # type: ignore[arg-type]
