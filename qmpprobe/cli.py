@@ -612,42 +612,23 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             print(f"  round trip: equal to {args.machine}")
     if args.as_globals:
         print(f"round trip: {len(trips) - failed}/{len(trips)} model(s) equal")
-    for c in compared:
-        print(_compared_line(c, args.machine, newest))
+    if compared:
+        from qmpprobe.run.compare import lines
+
+        print("\n".join(lines(compared, args.machine, newest)))
     return code
 
 
 def _qemu_compare(
     args: argparse.Namespace, manifest: Any, cells: Any, newest: str, timeout: float
 ) -> list[Any]:
-    """`explain --qemu-compare`: QEMU's comparison per model explained (none without it); a
-    QEMU that compares no model at all is refused (exit 2) with what it said."""
+    """`explain --qemu-compare`: QEMU's comparison per model explained (none without it)."""
     if not args.qemu_compare:
         return []
     from qmpprobe.run import lifecycle
-    from qmpprobe.run.compare import compare
+    from qmpprobe.run.compare import explained
 
-    # Models with cells on both machine types: the others have nothing to compare with.
-    on = cells.groupby(cells["model"].astype(str), observed=True)["machine"].nunique()
-    models = sorted(str(m) for m, n in on.items() if n == 2)
-    found = lifecycle.run_sync(
-        lambda: compare(manifest, cells, args.machine, newest, models, timeout)
-    )
-    if found and all(c.error for c in found):
-        raise InputError(
-            f"--qemu-compare: {manifest.qemu.path} compares no model: {found[0].error}"
-        )
-    return found
-
-
-def _compared_line(c: Any, machine: str, newest: str) -> str:
-    """One model's QEMU comparison beside the cells' verdict."""
-    head = f"{c.model}: QEMU compares {machine} with {newest}: "
-    if c.error:
-        return head + f"not compared ({c.error})"
-    named = " ".join(p for p in c.responsible) or "none"
-    cells = "agree" if c.agrees else f"say {c.cells} on {' '.join(c.differ) or 'nothing'}"
-    return head + f"{c.qemu} (responsible: {named}); the cells {cells}"
+    return lifecycle.run_sync(lambda: explained(manifest, cells, args.machine, newest, timeout))
 
 
 def _cmd_pin(args: argparse.Namespace) -> int:

@@ -37,6 +37,12 @@ class MachineRead:
         return replace(options, globals=(*options.globals, *self.globals)).argv(machine, model)
 
 
+def expansions_of(models: Sequence[str], static: bool) -> list[tuple[str, dict[str, Any] | None]]:
+    """Each model's full expansion, then (with `static`) each one's static expansion."""
+    full = [("query-cpu-model-expansion", expansion_args(m)) for m in models]
+    return full + [("query-cpu-model-expansion", static_args(m)) for m in models if static]
+
+
 async def probe_machine(
     options: LaunchOptions,
     machine: str,
@@ -58,9 +64,11 @@ async def probe_machine(
             return
         try:
             cpus, defs, *got = await qemu.answers(
-                [("query-cpus-fast", None), ("query-cpu-definitions", None)]
-                + [("query-cpu-model-expansion", expansion_args(m)) for m in models]
-                + [("query-cpu-model-expansion", static_args(m)) for m in models if own.static]
+                [
+                    ("query-cpus-fast", None),
+                    ("query-cpu-definitions", None),
+                    *expansions_of(models, own.static),
+                ]
             )
             got, static = got[: len(models)], got[len(models) :]
             record["answers"] = {"query-cpus-fast": cpus, "query-cpu-definitions": defs}
@@ -203,10 +211,10 @@ async def probe_unrealized(
     async def work(qemu: QemuProcess, record: Record) -> None:
         if not await connect(qemu, record):
             return
-        asked = [("query-cpu-model-expansion", expansion_args(m)) for m in models]
-        asked += [("query-cpu-model-expansion", static_args(m)) for m in models if own.static]
         try:
-            defs, *got = await qemu.answers([("query-cpu-definitions", None), *asked])
+            defs, *got = await qemu.answers(
+                [("query-cpu-definitions", None), *expansions_of(models, own.static)]
+            )
         except QMP_FAILED as e:
             await qmp_failed(qemu, record, e)
             return

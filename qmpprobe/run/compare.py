@@ -19,6 +19,7 @@ from qmpprobe.analysis.explain import relation
 from qmpprobe.core import cpuflags
 from qmpprobe.core.record import Record
 from qmpprobe.core.vocab import OK
+from qmpprobe.errors import InputError
 from qmpprobe.probe.qemu import LaunchOptions, QemuProcess
 from qmpprobe.probe.read import static_args
 from qmpprobe.probe.session import QMP_FAILED, connect, qmp_failed, session
@@ -128,3 +129,33 @@ async def compare(
         c.qemu = str(answer["return"]["result"])
         c.responsible = sorted(map(str, answer["return"].get("responsible-properties", [])))
     return list(out.values())
+
+
+async def explained(
+    manifest: Manifest, cells: pd.DataFrame, machine: str, newest: str, timeout: float
+) -> list[Comparison]:
+    """`explain --qemu-compare`: every model with cells on both machine types compared; a
+    QEMU that compares none is refused (InputError) with what it said."""
+    pair = cells[cells["machine"].isin([machine, newest])]
+    on = pair.groupby(pair["model"].astype(str), observed=True)["machine"].nunique()
+    models = sorted(str(m) for m, n in on.items() if n == 2)
+    found = await compare(manifest, cells, machine, newest, models, timeout)
+    if found and all(c.error for c in found):
+        raise InputError(
+            f"--qemu-compare: {manifest.qemu.path} compares no model: {found[0].error}"
+        )
+    return found
+
+
+def lines(compared: Sequence[Comparison], machine: str, newest: str) -> list[str]:
+    """Each model's QEMU comparison beside the cells' verdict, one line each."""
+    return [_line(c, machine, newest) for c in compared]
+
+
+def _line(c: Comparison, machine: str, newest: str) -> str:
+    head = f"{c.model}: QEMU compares {machine} with {newest}: "
+    if c.error:
+        return head + f"not compared ({c.error})"
+    named = " ".join(c.responsible) or "none"
+    cells = "agree" if c.agrees else f"say {c.cells} on {' '.join(c.differ) or 'nothing'}"
+    return head + f"{c.qemu} (responsible: {named}); the cells {cells}"

@@ -62,5 +62,6 @@ def fetch(version: str, into: str | None, verbose: bool, target: str = "x86_64")
         )
         # The script's 1 (apt or a check failed) and 3 (no mirror served it) are, for
         # qmpprobe's exit codes, what could not be done here: 2, with its line.
-        raise InputError(f"fetch-qemu {version} {target}: {why}")
+        what = version if target == "x86_64" else f"{version} {target}"
+        raise InputError(f"fetch-qemu {what}: {why}")
     return lines[-1]
