@@ -544,6 +544,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from qmpprobe.analysis import explain
     from qmpprobe.run import lifecycle
+    from qmpprobe.run.compare import comparisons
     from qmpprobe.run.preflight import capped_jobs
     from qmpprobe.run.verify import records, verify
     from qmpprobe.store.folder import RunFolder
@@ -586,7 +587,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         doc = explain.document(manifest, args.machine, newest, diffs)
         doc["probed"] = probed
         doc["round_trips"] = records(trips) if args.as_globals else None
-        doc["qemu_compare"] = [c.record() for c in compared] if args.qemu_compare else None
+        doc["qemu_compare"] = comparisons(compared) if args.qemu_compare else None
         print(json.dumps(doc, indent=1))
         return code
     print(

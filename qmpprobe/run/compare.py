@@ -147,6 +147,11 @@ async def explained(
     return found
 
 
+def comparisons(compared: Sequence[Comparison]) -> list[dict[str, Any]]:
+    """Each comparison as `explain --json` prints it."""
+    return [c.record() for c in compared]
+
+
 def lines(compared: Sequence[Comparison], machine: str, newest: str) -> list[str]:
     """Each model's QEMU comparison beside the cells' verdict, one line each."""
     return [_line(c, machine, newest) for c in compared]
