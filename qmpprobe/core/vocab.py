@@ -42,6 +42,13 @@ def is_edge(qom_type: str) -> bool:
     return qom_type.startswith(EDGES)
 
 
+def expanded_props(returned: Mapping[str, Any]) -> dict[str, Any]:
+    """The properties of a `query-cpu-model-expansion` answer's `return` (QMP's
+    `CpuModelInfo.props` is optional: aarch64 expands most models to a name alone)."""
+    props: dict[str, Any] = returned["model"].get("props", {})
+    return props
+
+
 def cpus_of(answers: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The CPUs in a `query-cpus-fast` answer, first CPU first (none when it failed)."""
     cpus: list[dict[str, Any]] = answers["query-cpus-fast"].get("return") or []

@@ -23,7 +23,7 @@ from qmpprobe.core.arch import ARCHES, Arch, arch_of
 from qmpprobe.core.cpuid import feature_bits
 from qmpprobe.core.discovery import Discovery, Machine, Model
 from qmpprobe.core.host import kvm_usable, qemu_fingerprint
-from qmpprobe.core.vocab import is_edge
+from qmpprobe.core.vocab import expanded_props, is_edge
 from qmpprobe.discover.learn import learn_aliases, learn_bits
 from qmpprobe.errors import InputError
 from qmpprobe.probe.qemu import (
@@ -135,18 +135,16 @@ def _features(static: dict[str, Any]) -> list[str]:
     """Canonical CPUID feature-flag names: the boolean properties of a static expansion."""
     if "return" not in static:
         return []
-    return sorted(
-        p for p, v in static["return"]["model"].get("props", {}).items() if isinstance(v, bool)
-    )
+    return sorted(p for p, v in expanded_props(static["return"]).items() if isinstance(v, bool))
 
 
 async def _learn_bits(
-    qemu: str, accel: str, machines: list[Machine], models: list[Model], features: list[str]
+    qemu: str, accel: str, machines: list[Machine], base: str, features: list[str]
 ) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """CPUID bits of every feature flag, on the default machine type (if it hot-plugs CPUs)."""
+    """CPUID bits of every feature flag, on the default machine type (if it hot-plugs CPUs),
+    from CPUs of the base model's type `base`."""
     hot = [m for m in machines if m.hotpluggable_cpus and m.cpu_max > 1]
-    base = next((m.typename for m in models if m.name == "base"), None)
-    if not hot or base is None:
+    if not hot or not base:
         return {}, {}
     machine = next((m for m in hot if m.is_default), hot[0])
     return await learn_bits(
@@ -308,6 +306,49 @@ async def _plumbing(proc: QemuProcess, models: list[Model], answers: dict[str, A
     return sorted({p["name"] for p in device.get("return", [])} | set(edges))
 
 
+async def _feature_facts(
+    proc: QemuProcess,
+    qemu_path: str,
+    accel: str,
+    arch: Arch,
+    fingerprint: str,
+    machines: list[Machine],
+    models: list[Model],
+    learned: Learned | None,
+    step: _Step,
+    answers: dict[str, Any],
+) -> tuple[list[str], dict[str, Any]]:
+    """CPUID feature flags (the base model's static expansion) and their aliases and bits,
+    learned or from the cache (keyed by the QEMU files); none on an architecture without CPUID."""
+    if not arch.cpuid:
+        return [], {"aliases": {}, "bits": {}, "crashed": {}, "answers": {}}
+    step.what = f"query-cpu-model-expansion of {arch.base_model}"
+    static = (await proc.answers([("query-cpu-model-expansion", _static(arch))]))[0]
+    answers["static-base"] = static
+    features = _features(static)
+    key = f"{fingerprint}-{accel}-{__version__}"
+    # Missing, damaged or of another shape (cache.load checks it): learned again.
+    known = learned.load(key) if learned else None
+    if known is not None:
+        known["answers"]["cached"] = key
+        return features, known
+    base_type = next((m.typename for m in models if m.name == arch.base_model), "")
+    # Independent QEMUs: both learn at once.
+    step.what, step.own = (
+        "learning feature aliases and CPUID bits (in it, in a second -machine none QEMU, "
+        "and in QEMUs of the default machine type with CPUs hot-plugged)",
+        False,
+    )
+    (aliases, alias_answers), (bits, crashed) = await together(
+        learn_aliases(proc, LaunchOptions(qemu_path, accel), base_type),
+        _learn_bits(qemu_path, accel, machines, base_type, features),
+    )
+    known = {"aliases": aliases, "bits": bits, "crashed": crashed, "answers": alias_answers}
+    if learned:
+        learned.save(key, known)
+    return features, known
+
+
 async def _ask(
     proc: QemuProcess, qemu_path: str, accel: str, learned: Learned | None, step: _Step
 ) -> Discovery:
@@ -337,33 +378,9 @@ async def _ask(
     fingerprint = qemu_fingerprint(qemu_path, proc.pid or 0)
     machines = parse_machines(_ret(answers["query-machines"], "query-machines"))
     models = parse_models(_ret(answers["query-cpu-definitions"], "query-cpu-definitions"))
-    features: list[str] = []
-    known: dict[str, Any] | None = {"aliases": {}, "bits": {}, "crashed": {}, "answers": {}}
-    if arch.cpuid:
-        step.what = f"query-cpu-model-expansion of {arch.base_model}"
-        static = (await proc.answers([("query-cpu-model-expansion", _static(arch))]))[0]
-        answers["static-base"] = static
-        features = _features(static)
-        key = f"{fingerprint['id']}-{accel}-{__version__}"
-        # Missing, damaged or of another shape (cache.load checks it): learned again.
-        known = learned.load(key) if learned else None
-    if known is None:
-        base_type = next((m.typename for m in models if m.name == "base"), "")
-        # Independent QEMUs: both learn at once.
-        step.what, step.own = (
-            "learning feature aliases and CPUID bits (in it, in a second -machine none QEMU, "
-            "and in QEMUs of the default machine type with CPUs hot-plugged)",
-            False,
-        )
-        (aliases, alias_answers), (bits, crashed) = await together(
-            learn_aliases(proc, LaunchOptions(qemu_path, accel), base_type),
-            _learn_bits(qemu_path, accel, machines, models, features),
-        )
-        known = {"aliases": aliases, "bits": bits, "crashed": crashed, "answers": alias_answers}
-        if learned:
-            learned.save(key, known)
-    elif arch.cpuid:
-        known["answers"]["cached"] = key
+    features, known = await _feature_facts(
+        proc, qemu_path, accel, arch, fingerprint["id"], machines, models, learned, step, answers
+    )
     answers["aliases"] = known["answers"]
     answers["feature-bits"] = {"bits": known["bits"], "crashed": known["crashed"]}
     step.what, step.own = "query-machines with compat-props, then qom-list-types", True

@@ -18,6 +18,7 @@ from typing import Any
 from qemu.qmp import QMPError
 
 from qmpprobe.core.cpuid import alias_groups, word_bits
+from qmpprobe.core.vocab import expanded_props
 from qmpprobe.errors import InputError
 from qmpprobe.probe.qemu import LaunchOptions, QemuProcess, qemu_message, together
 
@@ -35,7 +36,7 @@ def _expansion(props: dict[str, bool]) -> tuple[str, dict[str, Any]]:
 def _on(answer: dict[str, Any], flags: list[str]) -> set[str] | None:
     if "return" not in answer:
         return None
-    props = answer["return"]["model"].get("props", {})
+    props = expanded_props(answer["return"])
     return {q for q in flags if props.get(q) is True}
 
 
@@ -54,7 +55,7 @@ async def learn_aliases(
     base_answer = (await qemu.answers([_expansion({})]))[0]
     if "error" in base_answer:
         return {}, {"base": base_answer}
-    base = base_answer["return"]["model"].get("props", {})
+    base = expanded_props(base_answer["return"])
     flags = sorted(p for p, v in base.items() if v is False)
     pass1 = await qemu.answers([_expansion({p: True}) for p in flags])
     turned_on = {

@@ -11,7 +11,15 @@ from typing import Any
 
 from qmpprobe.core.record import Record
 from qmpprobe.core.values import json_text
-from qmpprobe.core.vocab import ERROR, EXPAND, NO_CPU, OK, READ_EXPAND_CALIBRATION, cpus_of
+from qmpprobe.core.vocab import (
+    ERROR,
+    EXPAND,
+    NO_CPU,
+    OK,
+    READ_EXPAND_CALIBRATION,
+    cpus_of,
+    expanded_props,
+)
 from qmpprobe.probe.qemu import LaunchOptions, QemuProcess
 from qmpprobe.probe.read import expansion_args, qom_gets, read_all, static_args
 from qmpprobe.probe.session import QMP_FAILED, connect, qmp_failed, session
@@ -148,7 +156,7 @@ def _differing(
 ) -> list[str]:
     """What to read of a realized model: every property (but `skip`) whose expansion value
     differs from the machine type's own model's, and the feature words."""
-    a, b = mine["return"]["model"].get("props", {}), theirs["return"]["model"].get("props", {})
+    a, b = expanded_props(mine["return"]), expanded_props(theirs["return"])
     asked = [
         p for p, v in a.items() if p not in skip and (p not in b or json_text(b[p]) != json_text(v))
     ]

@@ -24,6 +24,7 @@ from qmpprobe.core.vocab import (
     READ_LIST_GET,
     READ_QOM_GET,
     cpus_of,
+    expanded_props,
     is_edge,
 )
 from qmpprobe.probe.guest import guest_result, run_guest
@@ -144,7 +145,7 @@ async def _read_expansion(
     named = path.rsplit("/", 1)[-1] == read.cpu_name
     again = [p for p in read.gets if not named or "error" in qom[p]]
     again += [p for p in read.topology if p not in slot]
-    expanded = got[1]["return"]["model"].get("props", {})
+    expanded = expanded_props(got[1]["return"])
     mapped = {
         p: w for p, (v, w) in read.mapped.items() if p in expanded and json_text(expanded[p]) == v
     }

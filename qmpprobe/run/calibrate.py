@@ -27,7 +27,7 @@ from typing import Any
 
 from qmpprobe.core.host import digest
 from qmpprobe.core.values import json_text
-from qmpprobe.core.vocab import READ_EXPANSION, READ_QOM_GET, cpus_of, is_edge
+from qmpprobe.core.vocab import READ_EXPANSION, READ_QOM_GET, cpus_of, expanded_props, is_edge
 from qmpprobe.probe.read import ReadPlan
 from qmpprobe.store.cells import FlagReader, clear_unavailable, realized_values
 
@@ -74,7 +74,7 @@ def facts(
     if record["read"] != READ_QOM_GET or "return" not in expansion or not complete:
         return None
     truth = realized_values(record, aliases, plumbing, flags)
-    expanded = expansion["return"]["model"].get("props", {})
+    expanded = expanded_props(expansion["return"])
     rebuilt = dict(expanded)
     clear_unavailable(rebuilt, truth.get("unavailable-features", []), aliases)
     changed, seen, mapped = set(), {}, {}
@@ -196,7 +196,7 @@ def realize_decided(own: Mapping[str, Any], flags: FlagReader) -> list[str]:
     expansion = own.get("query-cpu-model-expansion", {})
     if "return" not in expansion or "qom-get" not in own:
         return []
-    expanded = expansion["return"]["model"].get("props", {})
+    expanded = expanded_props(expansion["return"])
     got = {p: a["return"] for p, a in own["qom-get"].items() if "return" in a}
     decided = {
         p for p, v in got.items() if p in expanded and json_text(v) != json_text(expanded[p])

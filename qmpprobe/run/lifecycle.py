@@ -148,13 +148,14 @@ def x86_only(options: RunOptions, discovery: Discovery) -> None:
         )
 
 
-async def run(options: RunOptions) -> Outcome:
-    """Discover, plan and probe a new run; returns where it went and what came of it."""
+async def run(options: RunOptions, found: Discovery | None = None) -> Outcome:
+    """Discover (unless `found` is this QEMU's discovery already), plan and probe a new run;
+    returns where it went and what came of it."""
     started = time.monotonic()
     if options.out:  # refused before any QEMU starts (and nothing written yet)
         _check_new(Path(options.out))
     launch = launch_options(options)
-    discovery = await discover_qemu(launch, options.cache)
+    discovery = found or await discover_qemu(launch, options.cache)
     log.info(
         "QEMU %s at %s: %d machine types, %d CPU models, accelerators %s",
         discovery.version,
@@ -336,14 +337,16 @@ def check(sides: Sequence[RunOptions], done: Callable[[Outcome], None]) -> None:
     input is refused before the first side probes anything (a refusal must not come after a
     whole baseline run)."""
     later = [run_sync(partial(acceptable, s)) for s in sides[1:]]
-    if later:
-        first = run_sync(partial(discover_qemu, launch_options(sides[0], False), sides[0].cache))
-        other = next((d for d in later if d.arch != first.arch), None)
-        if other is not None:
-            raise InputError(
-                f"cannot compare {first.qemu} ({first.target}) with {other.qemu} ({other.target})"
-            )
-    for options in sides:
+    first = run_sync(partial(discover_qemu, launch_options(sides[0], False), sides[0].cache))
+    other = next((d for d in later if d.arch != first.arch), None)
+    if other is not None:
+        raise InputError(
+            f"cannot compare {first.qemu} ({first.target}) with {other.qemu} ({other.target})"
+        )
+    # The baseline's discovery serves its run, which follows at once; a later side is
+    # discovered again when its turn comes (its files may have changed in the meantime).
+    done(run_sync(partial(run, sides[0], first)))
+    for options in sides[1:]:
         done(run_sync(partial(run, options)))
 
 

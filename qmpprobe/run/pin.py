@@ -23,7 +23,7 @@ from qmpprobe.core.cpuid import Dump, spelled_bits
 from qmpprobe.core.discovery import Discovery
 from qmpprobe.core.record import Record
 from qmpprobe.core.values import json_text
-from qmpprobe.core.vocab import EXACT, OK, is_edge
+from qmpprobe.core.vocab import EXACT, OK, expanded_props, is_edge
 from qmpprobe.discover import libvirt
 from qmpprobe.errors import InputError
 from qmpprobe.plan.plan import select, split_patterns
@@ -515,7 +515,7 @@ async def make(req: Request) -> pin.Pinned:
     if run is not None:
         _same_as_run(run.path, source, run.values(machine, model))
     definitions = _answer(record["answers"], "query-cpu-definitions")
-    expansion = _answer(record["answers"], "query-cpu-model-expansion")["model"].get("props", {})
+    expansion = expanded_props(_answer(record["answers"], "query-cpu-model-expansion"))
     d, tried = await p.choose(source, definitions, pin.requested(expansion, p.not_values(record)))
     if why := pin.expressible(d, req.form):
         raise InputError(why)
@@ -547,7 +547,7 @@ async def _other(
     record = await p.probe(theirs_launch, shared, model, True)
     if record["status"] != OK:
         raise InputError(f"{qemu}: {shared}/{model} does not run: {record['error']}")
-    expansion = _answer(record["answers"], "query-cpu-model-expansion")["model"].get("props", {})
+    expansion = expanded_props(_answer(record["answers"], "query-cpu-model-expansion"))
     carried = pin.carry(pinned.definition, expansion, p.not_values(record))
     d = carried.definition
     asked = await p.refusals(shared, d.base, d.props)
@@ -627,7 +627,7 @@ async def _expansions_of(
     for r in records:
         got = r["answers"].get("query-cpu-model-expansion", {})
         wanted[r["model"]] = (
-            pin.requested(got["return"]["model"].get("props", {}), set(d.plumbing))
+            pin.requested(expanded_props(got["return"]), set(d.plumbing))
             if "return" in got
             else f"QEMU does not expand it: {got.get('error', {}).get('desc', r['error'])}"
         )

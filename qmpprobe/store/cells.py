@@ -37,6 +37,7 @@ from qmpprobe.core.vocab import (
     SOURCE_EXPANSION,
     SOURCE_GUEST,
     cpus_of,
+    expanded_props,
     is_edge,
 )
 
@@ -92,7 +93,7 @@ def expansion_values(
 ) -> dict[str, Any]:
     """The realized CPU from the expansion, filtered features, feature words and qom-gets."""
     answers = record["answers"]
-    values = dict(answers["query-cpu-model-expansion"]["return"]["model"].get("props", {}))
+    values = dict(expanded_props(answers["query-cpu-model-expansion"]["return"]))
     asked = answers.get("qom-get", {})
     got = _returned(asked)
     clear_unavailable(values, got.get("unavailable-features", []), aliases)
@@ -159,9 +160,7 @@ def expanded_values(record: Mapping[str, Any]) -> dict[str, Any]:
     """Expand mode: the CPU the machine type asks for, before realize, without the values
     realize decides on this machine type (`realize_decided`, from its own realized CPU);
     `unavailable-features` as this machine type's `query-cpu-definitions` has it."""
-    values = dict(
-        record["answers"]["query-cpu-model-expansion"]["return"]["model"].get("props", {})
-    )
+    values = dict(expanded_props(record["answers"]["query-cpu-model-expansion"]["return"]))
     for p in record.get("realize_decided", ()):
         values.pop(p, None)
     definition = record["answers"].get("definition") or {}
@@ -252,7 +251,8 @@ def guest_cells(record: Mapping[str, Any], texts: Texts) -> CellBlock:
 
 
 #: The cell of a model's static base model (`Arch.static_base`): the `name` its static
-#: expansion answers with, in the combo's own QEMU.
+#: expansion answers with, in the QEMU that read the combo (for a model QEMU would not
+#: realize, the machine type's QEMU that expanded it).
 STATIC_BASE = "static-base"
 
 
